@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Debian packages the tests and the demo need: the OCI registry (CNCF distribution as packaged by
+# Debian), apache2-utils for htpasswd (registry basic auth), openssl, curl. Idempotent.
+set -euo pipefail
+need=()
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v htpasswd >/dev/null || need+=(apache2-utils)
+command -v openssl >/dev/null || need+=(openssl)
+command -v curl >/dev/null || need+=(curl)
+[ ${#need[@]} -eq 0 ] && exit 0
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+echo ">> installing ${need[*]}" >&2
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >&2

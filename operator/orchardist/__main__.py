@@ -1,0 +1,5 @@
+import sys
+
+from orchardist.cli import main
+
+sys.exit(main())
