@@ -1,0 +1,244 @@
+"""Process helpers for the local control plane: ports, start, readiness, stop.
+
+Processes are started in their own session (so one signal reaches the whole group and a dying
+parent shell does not take them along) with output to a log file. A :class:`ProcRecord` keeps the
+PID *and* the kernel's start time, so stopping from a stale record never signals an unrelated
+process that happens to have reused the PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from orchardist import log
+
+_log = log.get(__name__)
+
+#: Popen handles of children started by this Python process, so stop() can reap them (no zombies).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class ProcessError(RuntimeError):
+    """A managed process failed to start, died early or did not become ready."""
+
+
+@dataclass(frozen=True)
+class ProcRecord:
+    """Enough to find a started process again, from another invocation, without guessing."""
+
+    name: str
+    pid: int
+    start_time: str
+    argv: list[str]
+    log: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ProcRecord:
+        data = json.loads(text)
+        return cls(
+            name=str(data["name"]),
+            pid=int(data["pid"]),
+            start_time=str(data["start_time"]),
+            argv=[str(a) for a in data["argv"]],
+            log=str(data["log"]),
+        )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the kernel's pick); races are possible but rare."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (opaque string), or None when no live process has it.
+
+    Linux: field 22 of /proc/<pid>/stat (clock ticks since boot); zombies count as gone. Elsewhere
+    (macOS): ``ps -o lstart=``.
+    """
+    stat = Path(f"/proc/{pid}/stat")
+    if Path("/proc/self/stat").exists():
+        try:
+            text = stat.read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return None
+        fields = text[text.rindex(")") + 2 :].split()
+        if fields[0] in ("Z", "X"):
+            return None
+        return fields[19]
+    out = subprocess.run(["ps", "-o", "stat=,lstart=", "-p", str(pid)], capture_output=True, text=True)
+    line = out.stdout.strip()
+    if out.returncode != 0 or not line or line.startswith("Z"):
+        return None
+    return line.split(None, 1)[1]
+
+
+def is_running(rec: ProcRecord) -> bool:
+    """True when the recorded process is still the same live process."""
+    _reap(rec.pid)
+    return start_time(rec.pid) == rec.start_time
+
+
+def start(
+    name: str,
+    argv: Sequence[str],
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> ProcRecord:
+    """Start ``argv`` in a new session with stdout+stderr appended to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    _children[proc.pid] = proc
+    started = start_time(proc.pid)
+    if started is None:
+        proc.wait()
+        raise ProcessError(
+            f"{name} exited at once (code {proc.returncode}); log: {log_path}\n{tail(log_path)}"
+        )
+    rec = ProcRecord(name=name, pid=proc.pid, start_time=started, argv=list(argv), log=str(log_path))
+    _log.debug("started", proc=name, pid=proc.pid, log=str(log_path))
+    return rec
+
+
+def tail(path: Path | str, lines: int = 20) -> str:
+    """The last lines of a log file, for error messages."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_http(
+    url: str,
+    *,
+    timeout: float = 60.0,
+    proc: ProcRecord | None = None,
+    expect: str | None = None,
+    token: str | None = None,
+    ca_file: Path | None = None,
+) -> float:
+    """Poll ``url`` until it answers 200 (and contains ``expect``); returns the seconds waited.
+
+    HTTPS is verified against ``ca_file`` when given, else unverified (loopback readiness only).
+    Fails fast with the log tail when ``proc`` dies while waiting.
+    """
+    context: ssl.SSLContext | None = None
+    if url.startswith("https:"):
+        if ca_file is not None:
+            context = ssl.create_default_context(cafile=str(ca_file))
+        else:
+            context = ssl._create_unverified_context()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    t0 = time.monotonic()
+    last = "no answer yet"
+    delay = 0.05
+    while True:
+        if proc is not None and not is_running(proc):
+            raise ProcessError(
+                f"{proc.name} exited while waiting for {url}; log {proc.log}:\n{tail(proc.log)}"
+            )
+        try:
+            req = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(req, timeout=5, context=context) as resp:
+                body = resp.read().decode(errors="replace")
+                if resp.status == 200 and (expect is None or expect in body):
+                    return time.monotonic() - t0
+                last = f"HTTP {resp.status}: {body[:200]}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}: {exc.read()[:300].decode(errors='replace')}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        if time.monotonic() - t0 > timeout:
+            where = f"; log {proc.log}:\n{tail(proc.log)}" if proc else ""
+            raise ProcessError(f"{url} not ready after {timeout:.0f} s ({last}){where}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+
+
+def _reap(pid: int) -> None:
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        _children.pop(pid, None)
+
+
+def stop(rec: ProcRecord, *, grace: float = 10.0) -> bool:
+    """SIGTERM the record's process group, SIGKILL after ``grace`` s. False if it was already gone.
+
+    Every signal is preceded by a start-time check, so a reused PID is never signalled.
+    """
+    if not is_running(rec):
+        return False
+    _signal(rec, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not is_running(rec):
+            return True
+        time.sleep(0.05)
+    _log.warning("did not stop on SIGTERM, killing", proc=rec.name, pid=rec.pid)
+    _signal(rec, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while is_running(rec) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
+
+
+def _signal(rec: ProcRecord, sig: signal.Signals) -> None:
+    if not is_running(rec):
+        return
+    try:
+        # The process leads its own group (start_new_session), so its pgid is its pid.
+        if os.getpgid(rec.pid) == rec.pid and sys.platform != "win32":
+            os.killpg(rec.pid, sig)
+        else:
+            os.kill(rec.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def save(records: Sequence[ProcRecord], directory: Path) -> None:
+    """Write one ``<name>.pid.json`` per record."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for rec in records:
+        (directory / f"{rec.name}.pid.json").write_text(rec.to_json())
+
+
+def load(directory: Path) -> list[ProcRecord]:
+    """Records saved by :func:`save`, in start order (oldest first)."""
+    recs = [ProcRecord.from_json(p.read_text()) for p in sorted(directory.glob("*.pid.json"))]
+    return sorted(recs, key=lambda r: (_start_key(r), r.name))
+
+
+def _start_key(rec: ProcRecord) -> float:
+    try:
+        return float(rec.start_time)
+    except ValueError:
+        return 0.0
