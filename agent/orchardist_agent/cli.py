@@ -1,0 +1,187 @@
+"""`orchardist agent run`: the node agent's main loop on one Mac.
+
+Joins the `orchardist` CLI through the `orchardist.commands` entry point. The loop: probe the
+host, register the MacNode, then run the heartbeat (node.py) and the replica loop (replicas.py)
+until SIGTERM/SIGINT. On exit the engines keep running unless `--stop-engines-on-exit`: the
+supervisor recorded them and the next agent adopts them, so an agent upgrade does not interrupt
+serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from orchardist import log
+
+from .config import (
+    AgentConfig,
+    default_node_name,
+    default_state_dir,
+    default_store,
+    parse_bytes,
+    parse_runtime,
+)
+
+LOG = log.get(__name__)
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="agent_command", metavar="COMMAND")
+    run_p = sub.add_parser("run", help="run the node agent on this Mac", description=__doc__)
+    run_p.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)"
+    )
+    run_p.add_argument("--node-name", default=None, help="this Mac's MacNode name (default: the hostname)")
+    run_p.add_argument("--simulate", metavar="PROFILE", help="pretend to be a Mac profile, e.g. m4-pro-64gb")
+    run_p.add_argument(
+        "--store", type=Path, default=None, help=f"model store directory (default: {default_store()})"
+    )
+    run_p.add_argument(
+        "--store-budget", type=parse_bytes, default=None, help="disk the store may use, e.g. 500Gi"
+    )
+    run_p.add_argument(
+        "--state-dir", type=Path, default=None, help=f"engine records and logs ({default_state_dir()})"
+    )
+    run_p.add_argument("--address", default=None, help="address engines are reached at (default: discovered)")
+    run_p.add_argument(
+        "--bind-address", default="0.0.0.0", help="address engines listen on (default: 0.0.0.0)"
+    )
+    run_p.add_argument("--heartbeat-interval", type=float, default=10.0, help="Lease renewal period, s (10)")
+    run_p.add_argument(
+        "--runtime",
+        action="append",
+        default=[],
+        type=parse_runtime,
+        metavar="ENGINE=PATH",
+        help="where an engine runs from (a venv or binary); repeatable, e.g. mlx-lm=~/venvs/mlx",
+    )
+    run_p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    run_p.add_argument("--log-level", default="INFO")
+    run_p.add_argument(
+        "--stop-engines-on-exit",
+        action="store_true",
+        help="stop the engines when the agent exits (default: leave them serving, to be adopted)",
+    )
+    run_p.set_defaults(func=run)
+    parser.set_defaults(_parser=parser)
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    return AgentConfig(
+        node_name=args.node_name or default_node_name(),
+        store=(args.store or default_store()).expanduser(),
+        state_dir=(args.state_dir or default_state_dir()).expanduser(),
+        kubeconfig=args.kubeconfig,
+        simulate=args.simulate,
+        store_budget=args.store_budget,
+        address=args.address,
+        bind_address=args.bind_address,
+        heartbeat_interval=args.heartbeat_interval,
+        runtimes=dict(args.runtime),
+        log_format=args.log_format,
+        log_level=args.log_level,
+        stop_engines_on_exit=args.stop_engines_on_exit,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    log.configure(cfg.log_level, cfg.log_format)  # type: ignore[arg-type]
+    try:
+        return asyncio.run(main(cfg))
+    except KeyboardInterrupt:
+        return 130
+
+
+def host_facts(cfg: AgentConfig) -> Callable[[], dict[str, Any]]:
+    """The MacNode status fields the host probe observes, as JSON (camelCase)."""
+    from .host import probe
+
+    def facts() -> dict[str, Any]:
+        found: Any = probe(cfg.store, cfg.simulate)
+        status: dict[str, Any] = (
+            found.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if hasattr(found, "model_dump")
+            else dict(found)
+        )
+        store = dict(status.get("modelStore") or {})
+        store.setdefault("path", str(cfg.store))
+        if cfg.store_budget is not None:
+            store["budgetBytes"] = cfg.store_budget
+        status["modelStore"] = store
+        return status
+
+    return facts
+
+
+async def main(cfg: AgentConfig) -> int:
+    from orchardist.kube import api_client
+
+    from .node import Kube, NodeAgent, discover_address
+
+    cfg.store.mkdir(parents=True, exist_ok=True)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    address = cfg.address or discover_address()
+    kube = Kube(api_client(cfg.kubeconfig))
+    node = NodeAgent(
+        kube, cfg.node_name, host_facts(cfg), address=address, heartbeat_interval=cfg.heartbeat_interval
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(node.register)
+            break
+        except Exception as exc:  # the API server may come up after the agent (launchd at boot)
+            LOG.warning("registration failed; retrying", node=cfg.node_name, error=str(exc), retry_in=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 30.0)
+    if stop.is_set():
+        return 0
+    LOG.info(
+        "agent running",
+        node=cfg.node_name,
+        address=address,
+        simulate=cfg.simulate,
+        store=str(cfg.store),
+        runtimes={k: str(v) for k, v in cfg.runtimes.items()},
+    )
+    from .replicas import ReplicaLoop
+
+    replicas = ReplicaLoop.create(kube, node, cfg, address)
+    tasks = [
+        asyncio.create_task(node.run(stop), name="heartbeat"),
+        asyncio.create_task(replicas.run(stop), name="replicas"),
+    ]
+    done, _ = await asyncio.wait(
+        [*tasks, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
+    code = 0
+    for task in done:
+        if task in tasks and not task.cancelled() and task.exception() is not None:
+            LOG.error("agent loop failed", task=task.get_name(), error=repr(task.exception()))
+            code = 1
+    stop.set()
+    for task in tasks:
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+    await replicas.shutdown(stop_engines=cfg.stop_engines_on_exit)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(node.mark_stopped), 5)
+    except Exception as exc:
+        LOG.warning("could not mark the node stopped", error=str(exc))
+    LOG.info("agent stopped", node=cfg.node_name, engines_left_running=not cfg.stop_engines_on_exit)
+    sys.stderr.flush()
+    return code

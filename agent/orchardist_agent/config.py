@@ -1,0 +1,74 @@
+"""The agent's settings: parsed once from the command line, then read-only.
+
+Defaults follow where each OS keeps caches (macOS `~/Library/Caches`, XDG elsewhere) so a model
+store survives agent upgrades and is skipped by backups.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)B?\s*$", re.IGNORECASE)
+_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+
+
+def parse_bytes(text: str) -> int:
+    """`500Gi`, `64G`, `1.5TiB`, `1048576` -> bytes (binary suffixes with `i`, decimal without)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (e.g. 500Gi, 64G, 1048576)")
+    number, unit, binary = m.groups()
+    base = 1024 if binary or unit == "" else 1000
+    return int(float(number) * base ** _UNITS[unit.upper()])
+
+
+def parse_runtime(text: str) -> tuple[str, Path]:
+    """`ENGINE=PATH` -> (engine, path): the venv or binary an engine runs from."""
+    engine, sep, path = text.partition("=")
+    if not sep or not engine or not path:
+        raise ValueError(f"--runtime wants ENGINE=PATH, got {text!r}")
+    return engine.strip(), Path(path).expanduser()
+
+
+def default_store() -> Path:
+    if sys.platform == "darwin":
+        return Path("~/Library/Caches/orchardist").expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "orchardist" / "store"
+
+
+def default_state_dir() -> Path:
+    if sys.platform == "darwin":
+        return Path("~/Library/Application Support/orchardist/agent").expanduser()
+    return Path(os.environ.get("XDG_STATE_HOME", "~/.local/state")).expanduser() / "orchardist" / "agent"
+
+
+def default_node_name() -> str:
+    """The hostname, lowercased and cut at the first dot (a valid Kubernetes object name)."""
+    name = socket.gethostname().split(".")[0].lower()
+    return re.sub(r"[^a-z0-9-]", "-", name).strip("-") or "mac"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str
+    store: Path
+    state_dir: Path
+    kubeconfig: str | None = None
+    simulate: str | None = None
+    store_budget: int | None = None
+    address: str | None = None  # None: discovered
+    bind_address: str = "0.0.0.0"
+    heartbeat_interval: float = 10.0
+    runtimes: dict[str, Path] = field(default_factory=dict)
+    log_format: str = "auto"
+    log_level: str = "INFO"
+    stop_engines_on_exit: bool = False
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"

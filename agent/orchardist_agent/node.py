@@ -1,0 +1,348 @@
+"""The agent's Kubernetes adapter: its MacNode, its Lease, and raw REST calls for the rest.
+
+Raw JSON over the official client's ApiClient (connection, auth, TLS from `orchardist.kube`)
+instead of the typed APIs: the agent touches five kinds of objects and reads them as plain
+dicts, and importing the typed core API alone costs ~20 MB of RSS on a Mac that should give its
+memory to models. Blocking calls run in threads (`asyncio.to_thread`).
+
+Ownership (docs/architecture.md): the agent writes only its MacNode's status (never spec or
+labels, which are the user's), its Lease, and the status of replicas bound to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from orchardist import __version__, log
+from orchardist.kube import GROUP, SYSTEM_NAMESPACE, VERSION
+
+from .reconcile import JSON, merge_conditions, node_conditions, now_iso
+
+LOG = log.get(__name__)
+
+LEASE_DURATION_S = 40
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class Kube:
+    """Blocking raw-JSON calls against the API server (call them through `asyncio.to_thread`)."""
+
+    def __init__(self, api: ApiClient, timeout: float = 30.0) -> None:
+        self.api = api
+        self.timeout = timeout
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str | int] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        stream: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        m, url, hdrs, data, _ = self.api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        resp = self.api.call_api(
+            m, url, header_params=hdrs, body=data, _request_timeout=timeout or self.timeout
+        )
+        if stream:
+            if not 200 <= resp.status <= 299:
+                resp.read()  # type: ignore[no-untyped-call]
+                raise ApiException(http_resp=resp)
+            return resp.response
+        raw = resp.read()  # type: ignore[no-untyped-call]
+        if not 200 <= resp.status <= 299:
+            raise ApiException(http_resp=resp)
+        return json.loads(raw) if raw else {}
+
+    def get(self, path: str, **query: str | int) -> JSON:
+        out: JSON = self.request("GET", path, query=query)
+        return out
+
+    def create(self, path: str, body: JSON) -> JSON:
+        out: JSON = self.request("POST", path, body=body)
+        return out
+
+    def merge_patch(self, path: str, body: JSON) -> JSON:
+        out: JSON = self.request("PATCH", path, body=body, content_type=MERGE_PATCH)
+        return out
+
+    def delete(self, path: str) -> None:
+        self.request("DELETE", path)
+
+    def watch(self, path: str, **query: str | int) -> Iterator[JSON]:
+        """Events of a watch (`ERROR` events included, as the server sent them)."""
+        timeout = float(query.get("timeoutSeconds", 300)) + 30
+        resp = self.request("GET", path, query={**query, "watch": "true"}, stream=True, timeout=timeout)
+        try:
+            buf = b""
+            for chunk in resp.stream(amt=None, decode_content=False):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            resp.release_conn()
+
+
+def macnode_path(name: str = "") -> str:
+    base = f"/apis/{GROUP}/{VERSION}/macnodes"
+    return f"{base}/{quote(name)}" if name else base
+
+
+def lease_path(namespace: str, name: str = "") -> str:
+    base = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+    return f"{base}/{quote(name)}" if name else base
+
+
+def micro_time(now: datetime | None = None) -> str:
+    """The MicroTime form Leases use."""
+    return (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def discover_address() -> str:
+    """The address other machines reach this Mac at: the source address of the default route.
+
+    A UDP connect sends nothing; it only asks the kernel for the route. Without a route (a
+    laptop offline, a CI box) the loopback address is the honest answer.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            addr = str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+    return addr if addr and not addr.startswith("0.") else "127.0.0.1"
+
+
+def is_status(exc: BaseException, *codes: int) -> bool:
+    return isinstance(exc, ApiException) and exc.status in codes
+
+
+@dataclass
+class NodeState:
+    """What the node loop reports beyond the host facts; the replica loop keeps it current."""
+
+    allocated_bytes: int = 0
+    cached_models: list[JSON] = field(default_factory=list)
+
+
+class NodeAgent:
+    """Registers the MacNode, keeps its status current and renews its Lease."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        name: str,
+        facts: Callable[[], JSON],
+        *,
+        address: str,
+        heartbeat_interval: float = 10.0,
+        facts_interval: float = 60.0,
+    ) -> None:
+        self.kube = kube
+        self.name = name
+        self.facts = facts
+        self.address = address
+        self.heartbeat_interval = heartbeat_interval
+        self.facts_interval = facts_interval
+        self.state = NodeState()
+        self._host: JSON = {}
+        self._status: JSON = {}  # as the server last returned it
+        self._sent: JSON = {}  # as this agent last wrote it
+        self._changed = asyncio.Event()
+        self._lease_ok = False
+
+    # -- MacNode ---------------------------------------------------------------------------
+
+    def _ensure_macnode(self) -> JSON:
+        try:
+            node = self.kube.get(macnode_path(self.name))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MacNode", "metadata": {"name": self.name}}
+            try:
+                node = self.kube.create(macnode_path(), body)
+                LOG.info("macnode created", node=self.name)
+            except ApiException as exc2:
+                if exc2.status != 409:
+                    raise
+                node = self.kube.get(macnode_path(self.name))
+        return node
+
+    def working_set(self) -> int:
+        return int((self._host.get("memory") or {}).get("gpuWorkingSetBytes") or 0)
+
+    def compose_status(self, current: JSON | None, now: str) -> JSON:
+        """The full status the agent owns, from host facts + what the replica loop reports."""
+        host = dict(self._host)
+        memory = dict(host.get("memory") or {})
+        memory["allocatedBytes"] = self.state.allocated_bytes
+        store = dict(host.get("modelStore") or {})
+        budget = store.get("budgetBytes")
+        conds = node_conditions(
+            working_set=int(memory.get("gpuWorkingSetBytes") or 0),
+            allocated=self.state.allocated_bytes,
+            store_free=int(store.get("freeBytes") or 0),
+            store_used=int(store.get("usedBytes") or 0),
+            store_budget=int(budget) if budget is not None else None,
+        )
+        status: JSON = {
+            **host,
+            "memory": memory,
+            "cachedModels": list(self.state.cached_models),
+            "address": self.address,
+            "agentVersion": __version__,
+        }
+        status["conditions"] = merge_conditions((current or {}).get("conditions"), conds, 0, now)
+        for c in status["conditions"]:
+            c.pop("observedGeneration", None)
+        return status
+
+    def _push_status(self, force: bool = False) -> None:
+        status = self.compose_status(self._status, now_iso())
+        if not force and _without_times(status) == _without_times(self._sent):
+            return
+        patch = dict(status)
+        # Fields set before and absent now are removed (merge patch: null).
+        for key in self._status:
+            if key not in patch:
+                patch[key] = None
+        node = self.kube.merge_patch(macnode_path(self.name) + "/status", {"status": patch})
+        self._status = dict(node.get("status") or status)
+        self._sent = status
+
+    def register(self) -> None:
+        """Create the MacNode if missing and write its whole status (blocking)."""
+        self._host = self.facts()
+        node = self._ensure_macnode()
+        self._status = dict(node.get("status") or {})
+        self._push_status(force=True)
+        LOG.info("macnode registered", node=self.name, address=self.address)
+
+    def changed(self) -> None:
+        """The replica loop changed allocated memory or cached models: patch soon."""
+        self._changed.set()
+
+    # -- Lease -----------------------------------------------------------------------------
+
+    def _ensure_namespace(self) -> None:
+        try:
+            self.kube.get(f"/api/v1/namespaces/{SYSTEM_NAMESPACE}")
+            return
+        except ApiException as exc:
+            if exc.status != 404:
+                if exc.status == 403:
+                    return  # not allowed to look: assume an administrator created it
+                raise
+        body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NAMESPACE}}
+        try:
+            self.kube.create("/api/v1/namespaces", body)
+            LOG.info("namespace created", namespace=SYSTEM_NAMESPACE)
+        except ApiException as exc:
+            if exc.status not in (403, 409):
+                raise
+
+    def renew_lease(self) -> None:
+        now = micro_time()
+        spec = {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_DURATION_S, "renewTime": now}
+        path = lease_path(SYSTEM_NAMESPACE, self.name)
+        if self._lease_ok:
+            try:
+                self.kube.merge_patch(path, {"spec": spec})
+                return
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                self._lease_ok = False
+        self._ensure_namespace()
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": self.name, "namespace": SYSTEM_NAMESPACE},
+            "spec": {**spec, "acquireTime": now},
+        }
+        try:
+            self.kube.create(lease_path(SYSTEM_NAMESPACE), body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.kube.merge_patch(path, {"spec": spec})
+        self._lease_ok = True
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Heartbeat until `stop`; refresh host facts now and then; patch status on changes."""
+        loop = asyncio.get_running_loop()
+        next_facts = loop.time() + self.facts_interval
+        next_beat = loop.time()
+        while not stop.is_set():
+            now = loop.time()
+            try:
+                if now >= next_beat:
+                    await asyncio.to_thread(self.renew_lease)
+                    next_beat = now + self.heartbeat_interval
+                if now >= next_facts:
+                    self._host = await asyncio.to_thread(self.facts)
+                    next_facts = now + self.facts_interval
+                self._changed.clear()
+                await asyncio.to_thread(self._push_status)
+            except Exception as exc:  # the API server may be away for a while: keep trying
+                LOG.warning("heartbeat failed", node=self.name, error=str(exc))
+                next_beat = min(next_beat, loop.time() + 2.0)
+            wake = min(next_beat, next_facts) - loop.time()
+            with contextlib.suppress(TimeoutError):
+                waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._changed.wait())]
+                try:
+                    await asyncio.wait(waiters, timeout=max(wake, 0.0), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waiters:
+                        w.cancel()
+
+    def mark_stopped(self) -> None:
+        """On a clean exit: say so in the Ready condition (the Lease will expire by itself)."""
+        status = self.compose_status(self._status, now_iso())
+        for c in status["conditions"]:
+            if c["type"] == "Ready":
+                c.update(
+                    status="False",
+                    reason="AgentStopped",
+                    message="the agent exited",
+                    lastTransitionTime=now_iso(),
+                )
+        self.kube.merge_patch(
+            macnode_path(self.name) + "/status", {"status": {"conditions": status["conditions"]}}
+        )
+
+
+def _without_times(status: Mapping[str, Any]) -> JSON:
+    out = dict(status)
+    out["conditions"] = [
+        {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions") or []
+    ]
+    return out

@@ -1,0 +1,78 @@
+"""The agent's command line: sizes, runtimes, defaults."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from orchardist_agent import cli
+from orchardist_agent.config import default_node_name, parse_bytes, parse_runtime
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("1048576", 2**20),
+        ("500Gi", 500 * 2**30),
+        ("64G", 64 * 10**9),
+        ("1.5TiB", int(1.5 * 2**40)),
+        ("2Mi", 2**21),
+    ],
+)
+def test_parse_bytes(text: str, want: int) -> None:
+    assert parse_bytes(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "lots", "5 parsecs", "-3Gi"])
+def test_parse_bytes_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        parse_bytes(text)
+
+
+def test_parse_runtime() -> None:
+    assert parse_runtime("mlx-lm=/opt/mlx") == ("mlx-lm", Path("/opt/mlx"))
+    with pytest.raises(ValueError, match="ENGINE=PATH"):
+        parse_runtime("mlx-lm")
+
+
+def test_node_name_is_a_valid_object_name() -> None:
+    name = default_node_name()
+    assert name == name.lower()
+    assert all(ch.isalnum() or ch == "-" for ch in name)
+
+
+def test_agent_run_options() -> None:
+    parser = argparse.ArgumentParser()
+    cli.register(parser)
+    args = parser.parse_args(
+        [
+            "run",
+            "--simulate",
+            "m4-pro-64gb",
+            "--node-name",
+            "mini-1",
+            "--store",
+            "/tmp/s",
+            "--store-budget",
+            "100Gi",
+            "--runtime",
+            "mlx-lm=/opt/mlx",
+            "--runtime",
+            "llama.cpp=/opt/llama",
+            "--heartbeat-interval",
+            "2",
+        ]
+    )
+    cfg = cli.config_from_args(args)
+    assert (cfg.node_name, cfg.simulate, cfg.store, cfg.store_budget) == (
+        "mini-1",
+        "m4-pro-64gb",
+        Path("/tmp/s"),
+        100 * 2**30,
+    )
+    assert cfg.runtimes == {"mlx-lm": Path("/opt/mlx"), "llama.cpp": Path("/opt/llama")}
+    assert cfg.heartbeat_interval == 2.0
+    assert cfg.bind_address == "0.0.0.0"
+    assert args.func is cli.run
