@@ -1,0 +1,115 @@
+"""The process helpers on real short-lived processes: records survive a round trip, stop() ends a
+process group, and a record whose PID now belongs to another process is never signalled."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from orchardist.dev import procs
+
+SLEEPER = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"]
+
+
+@pytest.fixture
+def sleeper(tmp_path: Path) -> Iterator[procs.ProcRecord]:
+    rec = procs.start("sleeper", SLEEPER, tmp_path / "logs" / "sleeper.log")
+    yield rec
+    procs.stop(rec, grace=1)
+
+
+def test_free_port_is_bindable() -> None:
+    port = procs.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+    assert 1024 <= port <= 65535
+
+
+def test_start_records_pid_and_start_time_in_own_group(sleeper: procs.ProcRecord) -> None:
+    assert procs.is_running(sleeper)
+    assert os.getpgid(sleeper.pid) == sleeper.pid
+    assert sleeper.start_time == procs.start_time(sleeper.pid)
+
+
+def test_records_round_trip_through_files(sleeper: procs.ProcRecord, tmp_path: Path) -> None:
+    procs.save([sleeper], tmp_path / "pids")
+    [loaded] = procs.load(tmp_path / "pids")
+    assert loaded == sleeper
+    assert procs.is_running(loaded)
+
+
+def test_stop_terminates_and_reports(sleeper: procs.ProcRecord) -> None:
+    assert procs.stop(sleeper, grace=5) is True
+    assert not procs.is_running(sleeper)
+    assert procs.stop(sleeper) is False  # already gone
+
+
+def test_stop_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> None:
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ok', flush=True); time.sleep(60)"
+    )
+    rec = procs.start("stubborn", [sys.executable, "-c", code], tmp_path / "stubborn.log")
+    deadline = time.monotonic() + 10
+    while "ok" not in Path(rec.log).read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    assert procs.stop(rec, grace=0.5) is True
+    assert not procs.is_running(rec)
+    assert time.monotonic() - t0 < 5
+
+
+def test_reused_pid_is_not_signalled(sleeper: procs.ProcRecord) -> None:
+    # Same PID, different start time: what a record looks like after the PID was reused.
+    stale = replace(
+        sleeper, start_time=str(int(sleeper.start_time) - 1) if sleeper.start_time.isdigit() else "x"
+    )
+    assert not procs.is_running(stale)
+    assert procs.stop(stale) is False
+    assert procs.is_running(sleeper)  # the live process was left alone
+
+
+def test_start_failure_is_reported_with_log(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        procs.start("missing", [str(tmp_path / "no-such-binary")], tmp_path / "m.log")
+
+
+def test_wait_http_fails_fast_when_the_process_dies(tmp_path: Path) -> None:
+    rec = procs.start("dies", [sys.executable, "-c", "print('bye')"], tmp_path / "dies.log")
+    t0 = time.monotonic()
+    with pytest.raises(procs.ProcessError, match="exited"):
+        procs.wait_http(f"http://127.0.0.1:{procs.free_port()}/", timeout=30, proc=rec)
+    assert time.monotonic() - t0 < 10
+
+
+def test_wait_http_times_out_and_then_succeeds_on_a_real_server() -> None:
+    port = procs.free_port()
+    with pytest.raises(procs.ProcessError, match="not ready"):
+        procs.wait_http(f"http://127.0.0.1:{port}/readyz", timeout=0.3)
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", port), Ready)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        waited = procs.wait_http(f"http://127.0.0.1:{port}/readyz", timeout=10, expect="ok")
+        assert waited < 10
+    finally:
+        server.shutdown()
