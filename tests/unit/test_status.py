@@ -1,0 +1,185 @@
+"""Status tables: the four conditions, the phase word and condition rendering."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchardist.controller.status import Cond, Facts, conditions, phase, render
+
+D = "sha256:" + "ab" * 32
+
+# (case, facts, Ready, Reconciling, Stalled, Degraded, phase) as (status, reason) pairs
+TABLE = [
+    (
+        "all ready",
+        Facts(desired=2, existing=2, ready=2, updated=2, updated_ready=2, digest=D),
+        (True, "Ready"),
+        (False, "AsExpected"),
+        (False, "AsExpected"),
+        (False, "AsExpected"),
+        "Ready",
+    ),
+    (
+        "just created, nothing placed yet",
+        Facts(desired=1, digest=D),
+        (False, "Scheduling"),
+        (True, "Scheduling"),
+        (False, "AsExpected"),
+        (False, "AsExpected"),
+        "Pending",
+    ),
+    (
+        "pulling",
+        Facts(desired=1, existing=1, updated=1, pulling=1, percent="42%", digest=D),
+        (False, "PullProgressing"),
+        (True, "PullProgressing"),
+        (False, "AsExpected"),
+        (False, "AsExpected"),
+        "Progressing",
+    ),
+    (
+        "starting",
+        Facts(desired=1, existing=1, updated=1, starting=1, digest=D),
+        (False, "Starting"),
+        (True, "Starting"),
+        (False, "AsExpected"),
+        (False, "AsExpected"),
+        "Progressing",
+    ),
+    (
+        "nothing fits",
+        Facts(desired=1, unschedulable="no Mac fits: ...", digest=D),
+        (False, "Unschedulable"),
+        (False, "AsExpected"),
+        (True, "Unschedulable"),
+        (False, "AsExpected"),
+        "Failed",
+    ),
+    (
+        "tag does not resolve",
+        Facts(desired=1, resolve_error="manifest unknown"),
+        (False, "ResolveFailed"),
+        (False, "AsExpected"),
+        (True, "ResolveFailed"),
+        (False, "AsExpected"),
+        "Failed",
+    ),
+    (
+        "rolling out, old still serving",
+        Facts(desired=1, existing=2, ready=1, updated=1, old=1, pulling=1, digest=D),
+        (False, "RollingOut"),
+        (True, "RollingOut"),
+        (False, "AsExpected"),
+        (False, "AsExpected"),
+        "Progressing",
+    ),
+    (
+        "one of two on a NotReady Mac",
+        Facts(desired=2, existing=2, ready=1, updated=2, updated_ready=1, lost=1, digest=D),
+        (False, "NodeNotReady"),
+        (True, "NodeNotReady"),
+        (False, "AsExpected"),
+        (True, "NodeNotReady"),
+        "Degraded",
+    ),
+    (
+        "one of two crash-looping",
+        Facts(
+            desired=2,
+            existing=2,
+            ready=1,
+            updated=2,
+            updated_ready=1,
+            failures=(("CrashLoop", "r2: exit 1"),),
+            digest=D,
+        ),
+        (False, "CrashLoop"),
+        (False, "AsExpected"),
+        (True, "CrashLoop"),
+        (True, "CrashLoop"),
+        "Degraded",
+    ),
+    (
+        "scaled to zero",
+        Facts(desired=0, digest=D),
+        (True, "ScaledDown"),
+        (False, "AsExpected"),
+        (False, "AsExpected"),
+        (False, "AsExpected"),
+        "Ready",
+    ),
+    (
+        "scaling down",
+        Facts(desired=1, existing=2, ready=2, updated=2, updated_ready=2, digest=D),
+        (True, "Ready"),
+        (True, "ScaledDown"),
+        (False, "AsExpected"),
+        (False, "AsExpected"),
+        "Ready",
+    ),
+    (
+        "some ready, the rest unschedulable",
+        Facts(
+            desired=3, existing=2, ready=2, updated=2, updated_ready=2, unschedulable="no Mac fits", digest=D
+        ),
+        (False, "Unschedulable"),
+        (False, "AsExpected"),
+        (True, "Unschedulable"),
+        (False, "AsExpected"),
+        "Degraded",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "facts", "ready", "reconciling", "stalled", "degraded", "word"), TABLE, ids=[t[0] for t in TABLE]
+)
+def test_conditions(
+    case: str,
+    facts: Facts,
+    ready: tuple[bool, str],
+    reconciling: tuple[bool, str],
+    stalled: tuple[bool, str],
+    degraded: tuple[bool, str],
+    word: str,
+) -> None:
+    """Each situation gives one honest set of conditions and one phase word."""
+    got = conditions(facts)
+    assert {k: (c.status, c.reason) for k, c in got.items()} == {
+        "Ready": ready,
+        "Reconciling": reconciling,
+        "Stalled": stalled,
+        "Degraded": degraded,
+    }
+    assert phase(got, facts) == word
+
+
+def test_ready_message_names_counts_and_digest() -> None:
+    """Ready says how many replicas serve and which digest."""
+    c = conditions(Facts(desired=2, existing=2, ready=2, updated=2, updated_ready=2, digest=D))["Ready"]
+    assert c.message == f"2/2 replicas ready at {D[:19]}"
+
+
+def test_render_keeps_transition_time_while_status_holds() -> None:
+    """lastTransitionTime moves only when a condition's status changes; observedGeneration is set."""
+    conds = {
+        "Ready": Cond(True, "Ready", "1/1"),
+        "Reconciling": Cond(False, "AsExpected", ""),
+        "Stalled": Cond(False, "AsExpected", ""),
+        "Degraded": Cond(False, "AsExpected", ""),
+    }
+    previous = [
+        {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+        {"type": "Stalled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+    ]
+    out = {c["type"]: c for c in render(conds, 7, previous, "2026-02-02T00:00:00Z")}
+    assert out["Ready"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    assert out["Stalled"]["lastTransitionTime"] == "2026-02-02T00:00:00Z"
+    assert out["Reconciling"]["lastTransitionTime"] == "2026-02-02T00:00:00Z"
+    assert {c["observedGeneration"] for c in out.values()} == {7}
+    assert [c["type"] for c in render(conds, 7, previous, "x")] == [
+        "Ready",
+        "Reconciling",
+        "Stalled",
+        "Degraded",
+    ]
