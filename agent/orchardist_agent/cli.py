@@ -105,7 +105,7 @@ def host_facts(cfg: AgentConfig) -> Callable[[], dict[str, Any]]:
     from .host import probe
 
     def facts() -> dict[str, Any]:
-        found: Any = probe(cfg.store, cfg.simulate)
+        found: Any = probe(cfg.store, cfg.simulate, address=cfg.address)
         status: dict[str, Any] = (
             found.model_dump(mode="json", by_alias=True, exclude_none=True)
             if hasattr(found, "model_dump")
@@ -128,11 +128,10 @@ async def main(cfg: AgentConfig) -> int:
 
     cfg.store.mkdir(parents=True, exist_ok=True)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    address = cfg.address or discover_address()
+    facts = host_facts(cfg)
+    address = cfg.address or str(facts().get("address") or "") or discover_address()
     kube = Kube(api_client(cfg.kubeconfig))
-    node = NodeAgent(
-        kube, cfg.node_name, host_facts(cfg), address=address, heartbeat_interval=cfg.heartbeat_interval
-    )
+    node = NodeAgent(kube, cfg.node_name, facts, address=address, heartbeat_interval=cfg.heartbeat_interval)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -148,6 +148,7 @@ class NodeState:
 
     allocated_bytes: int = 0
     cached_models: list[JSON] = field(default_factory=list)
+    store: JSON = field(default_factory=dict)  # usedBytes/freeBytes/budgetBytes from the content store
 
 
 class NodeAgent:
@@ -202,7 +203,7 @@ class NodeAgent:
         host = dict(self._host)
         memory = dict(host.get("memory") or {})
         memory["allocatedBytes"] = self.state.allocated_bytes
-        store = dict(host.get("modelStore") or {})
+        store = {**(host.get("modelStore") or {}), **self.state.store}
         budget = store.get("budgetBytes")
         conds = node_conditions(
             working_set=int(memory.get("gpuWorkingSetBytes") or 0),
@@ -214,6 +215,7 @@ class NodeAgent:
         status: JSON = {
             **host,
             "memory": memory,
+            "modelStore": store,
             "cachedModels": list(self.state.cached_models),
             "address": self.address,
             "agentVersion": __version__,
@@ -243,6 +245,10 @@ class NodeAgent:
         self._status = dict(node.get("status") or {})
         self._push_status(force=True)
         LOG.info("macnode registered", node=self.name, address=self.address)
+
+    def set_store(self, *, used: int, free: int, budget: int) -> None:
+        """The content store's own numbers (more exact than the probe's disk view)."""
+        self.state.store = {"usedBytes": used, "freeBytes": free, "budgetBytes": budget}
 
     def changed(self) -> None:
         """The replica loop changed allocated memory or cached models: patch soon."""

@@ -193,6 +193,14 @@ class Cond:
     message: str = ""
 
 
+#: The API caps condition and lastError messages at 4096 characters; log tails keep their end.
+MESSAGE_LIMIT = 4000
+
+
+def clip(message: str) -> str:
+    return message if len(message) <= MESSAGE_LIMIT else "..." + message[-(MESSAGE_LIMIT - 3) :]
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
@@ -202,7 +210,7 @@ def _progress(pull: PullView | None) -> JSON | None:
         return None
     rate = max(pull.bytes_per_second, 0.0)
     remaining = max(pull.bytes_total - pull.bytes_done, 0)
-    eta = int(math.ceil(remaining / rate)) if rate > 0 else None
+    eta = math.ceil(remaining / rate) if rate > 0 else None
     pct = min(100, int(100 * pull.bytes_done / pull.bytes_total))
     out: JSON = {
         "bytesDone": pull.bytes_done,
@@ -258,9 +266,10 @@ def desired_status(replica: ReplicaView, observed: Observed) -> tuple[str, list[
     if not observed.cached:
         pull = observed.pull
         if pull is not None and pull.error is not None:
-            extra["lastError"] = {"reason": "PullFailed", "message": pull.error}
-            conds += [Cond("Pulled", False, "PullFailed", pull.error)]
-            conds += [Cond("Ready", False, "PullFailed", pull.error)]
+            err = clip(pull.error)
+            extra["lastError"] = {"reason": "PullFailed", "message": err}
+            conds += [Cond("Pulled", False, "PullFailed", err)]
+            conds += [Cond("Ready", False, "PullFailed", err)]
             return "Pulling", conds, extra
         extra["progress"] = _progress(pull)
         conds += [Cond("Pulled", False, "PullProgressing", f"pulling {replica.digest or replica.model}")]
@@ -278,7 +287,7 @@ def desired_status(replica: ReplicaView, observed: Observed) -> tuple[str, list[
     if engine.measured:
         extra["measured"] = dict(engine.measured)
     if engine.state in (EngineState.BACKOFF, EngineState.FAILED):
-        msg = engine.message or f"{replica.engine} exited"
+        msg = clip(engine.message or f"{replica.engine} exited")
         extra["lastError"] = {"reason": "CrashLoop", "message": msg}
         conds += [Cond("Started", False, "CrashLoop", msg), Cond("Ready", False, "CrashLoop", msg)]
         return ("Failed" if engine.state == EngineState.FAILED else "Starting"), conds, extra

@@ -10,20 +10,25 @@ CRD lists it in `selectableFields`), resumes from its resourceVersion and relist
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubernetes.client.exceptions import ApiException
 
 from orchardist import log
 from orchardist.kube import GROUP, VERSION
+from orchardist.oci.progress import PullProgress
+from orchardist.oci.store import ContentStore
 
 from .reconcile import (
     JSON,
     Act,
+    EngineView,
     Observed,
     ProgressThrottle,
     PullView,
@@ -50,6 +55,12 @@ PULL_RETRY_MAX_S = 300.0
 WATCH_TIMEOUT_S = 240
 
 Key = tuple[str, str]
+
+
+def default_budget(store: Path) -> int:
+    """Without --store-budget: 80 % of the store's file system, leaving room for the OS and swap."""
+    store.mkdir(parents=True, exist_ok=True)
+    return int(shutil.disk_usage(store).total * 0.8)
 
 
 def replicas_path(namespace: str | None = None, name: str = "") -> str:
@@ -86,7 +97,7 @@ class ReplicaLoop:
     """Converges every ModelReplica bound to this node; owns the node's memory reservations."""
 
     def __init__(
-        self, kube: Kube, node: NodeAgent, cfg: AgentConfig, address: str, store: Any, engines: Any
+        self, kube: Kube, node: NodeAgent, cfg: AgentConfig, address: str, store: ContentStore, engines: Any
     ) -> None:
         self.kube = kube
         self.node = node
@@ -98,15 +109,16 @@ class ReplicaLoop:
         self.objects: dict[Key, JSON] = {}
         self.reservations: dict[Key, int] = {}
         self.pulls: dict[Key, PullState] = {}
+        self.pinned: dict[Key, str] = {}  # the digest each replica holds a store pin on
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._listed = False
         self._stop_thread = threading.Event()
 
     @classmethod
     def create(cls, kube: Kube, node: NodeAgent, cfg: AgentConfig, address: str) -> ReplicaLoop:
-        from .adapters import EngineAdapter, StoreAdapter
-
-        return cls(kube, node, cfg, address, StoreAdapter(cfg), EngineAdapter(cfg))
+        budget = cfg.store_budget if cfg.store_budget is not None else default_budget(cfg.store)
+        store = ContentStore(cfg.store, budget)
+        return cls(kube, node, cfg, address, store, EngineAdapter(cfg))
 
     # -- the watch (a daemon thread: the kubernetes client blocks) --------------------------
 
@@ -156,8 +168,7 @@ class ReplicaLoop:
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         await self.engines.start(lambda key: self._put(loop, ("engine", key)))
-        self.node.state.cached_models = await self.store.cached_models()
-        self.node.changed()
+        self._publish_cache()
         threading.Thread(target=self._watch_thread, args=(loop,), name="replica-watch", daemon=True).start()
         stopper = asyncio.ensure_future(stop.wait())
         try:
@@ -221,7 +232,7 @@ class ReplicaLoop:
             if key not in self.objects:
                 LOG.info("stopping the engine of a vanished replica", replica="/".join(key))
                 await self.engines.stop(key)
-                await self.store.unpin(key)
+                self._unpin(key)
                 self.reservations.pop(key, None)
         self._publish_memory()
 
@@ -231,7 +242,7 @@ class ReplicaLoop:
         key = replica.key
         pull = self.pulls.get(key)
         now = time.monotonic()
-        cached = self.store.is_cached(replica.digest)
+        cached = bool(replica.digest) and self.store.get(replica.digest) is not None
         return Observed(
             free_bytes=free_bytes(self.node.working_set(), self.reservations, key),
             reserved=key in self.reservations,
@@ -291,9 +302,12 @@ class ReplicaLoop:
         elif act is Act.PULL:
             await self._start_pull(view)
         elif act is Act.START:
-            model_dir = await self.store.model_dir(view.digest)
+            model = self.store.get(view.digest)
+            if model is None:
+                return  # evicted meanwhile: the next pass pulls again
+            self._pin(key, view.digest)
             api_key = await self._api_key(view)
-            await self.engines.ensure(key, self.objects.get(key) or {}, model_dir, api_key)
+            await self.engines.ensure(key, self.objects.get(key) or {}, model.path, api_key)
             LOG.info("engine started", replica=f"{key[0]}/{key[1]}", engine=view.engine)
         elif act is Act.STOP:
             await self.engines.stop(key)
@@ -302,13 +316,33 @@ class ReplicaLoop:
             pull = self.pulls.pop(key, None)
             if pull is not None and pull.task is not None:
                 pull.task.cancel()
-            await self.store.unpin(key)
+            self._unpin(key)
             self.reservations.pop(key, None)
             self._publish_memory()
         elif act is Act.FORGET:
+            self._unpin(key)
             self.pulls.pop(key, None)
             self.reservations.pop(key, None)
             self._publish_memory()
+
+    def _pin(self, key: Key, digest: str) -> None:
+        if self.pinned.get(key) == digest:
+            return
+        self._unpin(key)
+        self.store.pin(digest)
+        self.pinned[key] = digest
+
+    def _unpin(self, key: Key) -> None:
+        digest = self.pinned.pop(key, None)
+        if digest is not None:
+            self.store.unpin(digest)
+
+    def _publish_cache(self) -> None:
+        cached = [{"digest": d, "sizeBytes": n} for d, n in self.store.cached()]
+        usage = self.store.usage()
+        self.node.set_store(used=usage.used_bytes, free=usage.free_bytes, budget=usage.budget_bytes)
+        self.node.state.cached_models = cached
+        self.node.changed()
 
     def _publish_memory(self) -> None:
         total = sum(self.reservations.values())
@@ -327,24 +361,21 @@ class ReplicaLoop:
         self.pulls[key] = state
         loop = asyncio.get_running_loop()
 
-        def progress(done: int, total: int) -> None:
+        def progress(p: PullProgress) -> None:
             now = time.monotonic()
-            state.bytes_done, state.bytes_total = done, total
-            elapsed = now - state.started
-            state.rate = done / elapsed if elapsed > 0 else 0.0
-            if state.throttle.due(now, done, total):
+            state.bytes_done, state.bytes_total, state.rate = p.bytes_done, p.bytes_total, p.bytes_per_second
+            if state.throttle.due(now, p.bytes_done, p.bytes_total):
                 state.progress_due = True
                 loop.call_soon_threadsafe(self.queue.put_nowait, ("progress", key))
 
         async def pull() -> None:
             try:
                 auth = await self._pull_auth(view)
-                await self.store.pin(key, view.digest)
-                await self.store.pull(view.model, auth, progress)
+                self._pin(key, view.digest)
+                await self.store.pull(view.model, auth=auth, progress=progress)
                 state.failures = 0
                 LOG.info("pulled", replica=f"{key[0]}/{key[1]}", digest=view.digest, bytes=state.bytes_total)
-                self.node.state.cached_models = await self.store.cached_models()
-                self.node.changed()
+                self._publish_cache()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -414,3 +445,44 @@ def _deleting(view: ReplicaView) -> ReplicaView:
     from dataclasses import replace
 
     return replace(view, deleting=True)
+
+
+class EngineAdapter:
+    """The replica loop's view of the engine supervisor and the installed runtimes."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        from .engines.runtimes import RuntimeRegistry
+
+        self.cfg = cfg
+        self.registry = RuntimeRegistry(configured=cfg.runtimes)
+        self._installed = {name for name, _ in self.registry.installed()}
+        self.supervisor: Any = None
+
+    async def start(self, notify: Any) -> None:
+        try:
+            from .supervisor import Supervisor  # type: ignore[attr-defined]
+        except ImportError as exc:  # TEMPORARY while the supervisor is being written
+            LOG.warning("supervisor missing", error=str(exc))
+            return
+        self.supervisor = Supervisor(self.cfg.state_dir, self.cfg.log_dir)
+
+    def installed(self, engine: str) -> bool:
+        return engine in self._installed
+
+    def keys(self) -> list[Key]:
+        return []
+
+    def key_of(self, payload: Any) -> Key | None:
+        return payload if isinstance(payload, tuple) else None
+
+    def view(self, key: Key) -> EngineView | None:
+        return None
+
+    async def ensure(self, key: Key, replica: JSON, model_dir: Path, api_key: str | None) -> None:
+        raise NotImplementedError
+
+    async def stop(self, key: Key) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

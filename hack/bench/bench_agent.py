@@ -1,0 +1,121 @@
+"""The node agent's idle cost: RSS and CPU over 60 s of heartbeats (goal: <= 80 MB, <= 1 % of a core).
+
+Starts a real local control plane (orchardist.dev.cluster) and `orchardist agent run --simulate
+m4-pro-64gb` as a subprocess, waits for its MacNode to be Ready, then samples /proc/<pid> once a
+second: resident memory (VmRSS) and CPU time (utime + stime, all threads). A bare Python
+interpreter is measured the same way, in the same run, as the floor the agent is built on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GOAL_RSS_MB = 80.0
+GOAL_CPU_PCT = 1.0
+WINDOW_S = 60.0
+HEARTBEAT_S = 10.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # after the command: state(0) ... utime(11) stime(12), in clock ticks
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sample(pid: int, seconds: float) -> tuple[float, float, float]:
+    """(peak RSS MB, mean RSS MB, CPU % of one core) over `seconds`."""
+    t0, c0 = time.monotonic(), cpu_seconds(pid)
+    rss: list[float] = []
+    while time.monotonic() - t0 < seconds:
+        rss.append(rss_mb(pid))
+        time.sleep(1.0)
+    c1, t1 = cpu_seconds(pid), time.monotonic()
+    return max(rss), sum(rss) / len(rss), 100.0 * (c1 - c0) / (t1 - t0)
+
+
+def bare_python_rss() -> float:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(1.0)
+        return rss_mb(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def run() -> list[str]:
+    from orchardist.dev.cluster import Cluster, find_kubebins
+
+    work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
+    cluster = Cluster.start(work / "cluster", bin_dir=find_kubebins())
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        for crd in sorted((REPO / "crds").glob("*.yaml")):
+            cluster.kubectl("apply", "--server-side", "-f", str(crd))
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+        node = "bench-mac"
+        argv = [str(Path(sys.executable).with_name("orchardist")), "agent", "run"]
+        argv += ["--kubeconfig", str(cluster.kubeconfig), "--node-name", node, "--simulate", "m4-pro-64gb"]
+        argv += ["--store", str(work / "store"), "--state-dir", str(work / "state")]
+        argv += ["--address", "127.0.0.1", "--heartbeat-interval", str(HEARTBEAT_S), "--log-format", "json"]
+        with (work / "agent.log").open("wb") as log:
+            agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            out = cluster.kubectl("get", "macnode", node, "-o", "json", check=False)
+            if out.returncode == 0:
+                conds = json.loads(out.stdout).get("status", {}).get("conditions", [])
+                if any(c["type"] == "Ready" and c["status"] == "True" for c in conds):
+                    break
+            if agent.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"agent did not register:\n{(work / 'agent.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        time.sleep(2.0)  # let start-up settle (first status patch, watch established)
+        lease0 = json.loads(
+            cluster.kubectl("get", "lease", "-n", "orchardist-system", node, "-o", "json").stdout
+        )
+        peak, mean, cpu = sample(agent.pid, WINDOW_S)
+        lease1 = json.loads(
+            cluster.kubectl("get", "lease", "-n", "orchardist-system", node, "-o", "json").stdout
+        )
+        renewed = lease0["spec"]["renewTime"] != lease1["spec"]["renewTime"]
+        if agent.poll() is not None:
+            raise RuntimeError("agent exited during the measurement")
+        floor = bare_python_rss()
+        return [
+            f"agent idle over {WINDOW_S:.0f} s, heartbeat every {HEARTBEAT_S:.0f} s"
+            f" (lease renewed: {renewed})",
+            f"RSS peak {peak:.1f} MB (mean {mean:.1f}); goal {GOAL_RSS_MB:.0f} MB"
+            f" -> {peak / GOAL_RSS_MB:.2f}x goal",
+            f"CPU {cpu:.3f} % of one core; goal {GOAL_CPU_PCT:.0f} % -> {cpu / GOAL_CPU_PCT:.2f}x goal",
+            f"bare Python interpreter RSS {floor:.1f} MB -> agent is {peak / floor:.1f}x the floor",
+        ]
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.terminate()
+            try:
+                agent.wait(20)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+        cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    for line in run():
+        print(line)
