@@ -44,6 +44,13 @@ CONTROLLERS = (
 ORDER = ("etcd", "kube-apiserver", "kube-controller-manager")
 
 
+class CommandError(subprocess.CalledProcessError):
+    """A kubectl/helm call failed; unlike its base class, the message carries stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.stderr}"
+
+
 class KubebinsMissingError(RuntimeError):
     """The control-plane binaries are not available (and could not be built)."""
 
@@ -143,7 +150,7 @@ class Cluster:
             argv, input=input, capture_output=True, text=True, env=self.env(), timeout=timeout
         )
         if check and out.returncode != 0:
-            raise subprocess.CalledProcessError(out.returncode, argv, out.stdout, out.stderr)
+            raise CommandError(out.returncode, argv, out.stdout, out.stderr)
         return out
 
     def api_client(self) -> ApiClient:
