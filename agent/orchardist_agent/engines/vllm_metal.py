@@ -1,0 +1,215 @@
+"""vllm-metal: vLLM's own server with the Metal platform plugin, started as `vllm serve`.
+
+Standard vLLM flags carry the memory plan because they survived every plugin version; the plugin's
+environment knobs changed between versions, so they are kept as data keyed by the plugin version.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from orchardist_agent.engines.base import (
+    EngineArgsError,
+    EngineSpec,
+    Launch,
+    Measured,
+    MemoryPlanLike,
+    completion_probe,
+    format_fraction,
+)
+from orchardist_agent.engines.owned import check_engine_args, check_env
+
+# Flags this driver writes itself; engineArgs may not repeat them.
+OWNED_FLAGS = frozenset(
+    {
+        "--host",
+        "--port",
+        "--model",
+        "--max-model-len",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--gpu-memory-utilization",
+        "--block-size",
+        "--served-model-name",
+        "--api-key",
+    }
+)
+
+_COMMON_KNOBS = frozenset(
+    {
+        "VLLM_MLX_DEVICE",
+        "VLLM_METAL_MULTIMODAL_MODE",
+        "VLLM_USE_MODELSCOPE",
+        "VLLM_METAL_MODELSCOPE_CACHE",
+        "VLLM_METAL_GDN_LAZY_KERNELS",
+        "VLLM_METAL_DECODE_PIPELINE",
+        "VLLM_METAL_COMPILED_MLP",
+        "VLLM_METAL_MLA_KERNEL",
+        "VLLM_METAL_DISABLE_NAX",
+        "VLLM_METAL_SPEC_VERIFY_WINDOW",
+        "VLLM_METAL_BUILD_FROM_SOURCE",
+        "VLLM_METAL_RING_BASE_PORT",
+    }
+)
+
+
+@dataclass(frozen=True)
+class KnobSet:
+    """The environment knobs one range of plugin versions reads (envs.py / docs/configuration.md)."""
+
+    since: tuple[int, int, int, int]  # (major, minor, patch, dev stamp or _FINAL)
+    knobs: frozenset[str]
+    memory_fraction: bool  # VLLM_METAL_MEMORY_FRACTION exists (numeric value = KV budget fraction)
+    note: str
+
+
+_FINAL = 99_999_999_999_999  # a final release sorts after all of its .devYYYYMMDDhhmmss builds
+
+# Oldest first. Sources: the 0.1.0 wheel's config.py; the 2026-08-22 snapshot's envs.py; later
+# upstream envs.py, which dropped VLLM_METAL_MEMORY_FRACTION / _USE_PAGED_ATTENTION (after Aug 2026;
+# the exact build is not known, so the boundary is the first build of September 2026).
+KNOB_SETS: tuple[KnobSet, ...] = (
+    KnobSet(
+        since=(0, 0, 0, 0),
+        knobs=frozenset(
+            {
+                "VLLM_METAL_MEMORY_FRACTION",
+                "VLLM_METAL_USE_MLX",
+                "VLLM_MLX_DEVICE",
+                "VLLM_METAL_BLOCK_SIZE",
+                "VLLM_METAL_DEBUG",
+            }
+        ),
+        memory_fraction=False,  # 0.1.0's fraction meant a share of RAM x 0.5, not the plan's fraction
+        note="0.1.0: psutil-RAM sizing",
+    ),
+    KnobSet(
+        since=(0, 2, 0, 0),
+        knobs=_COMMON_KNOBS | {"VLLM_METAL_MEMORY_FRACTION", "VLLM_METAL_USE_PAGED_ATTENTION"},
+        memory_fraction=True,
+        note="paged KV; --gpu-memory-utilization ignored until Jul 2026, so the fraction is also set",
+    ),
+    KnobSet(
+        since=(0, 3, 0, 20260901000000),
+        knobs=_COMMON_KNOBS
+        | {
+            "VLLM_METAL_NATIVE_SAMPLING",
+            "VLLM_METAL_SPEC_INGEST_CHUNK",
+            "VLLM_METAL_DISABLE_GQA_DECODE",
+            "VLLM_METAL_TQ_PREFILL",
+            "VLLM_METAL_TQ_PREFILL_MAX_MIB",
+            "VLLM_METAL_MM_PREFIX_PATH",
+            "VLLM_METAL_KV_COMMIT_PROBE",
+            "VLLM_METAL_BACKEND",
+            "VLLM_METAL_FUSED_MOE_DECODE",
+        },
+        memory_fraction=False,
+        note="fraction = --gpu-memory-utilization only; env validated at start",
+    ),
+)
+
+_VERSION = re.compile(r"^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:[.-]?dev(\d+))?")
+
+
+def version_key(version: str) -> tuple[int, int, int, int]:
+    """'0.3.0.dev20260826120000' -> (0, 3, 0, 20260826120000); '0.2.0' -> (0, 2, 0, _FINAL)."""
+    m = _VERSION.match(version.strip())
+    if not m:
+        raise EngineArgsError(f"unparseable vllm-metal version {version!r}")
+    major, minor, patch, dev = m.groups()
+    return (int(major), int(minor or 0), int(patch or 0), int(dev) if dev else _FINAL)
+
+
+def knob_set(version: str) -> KnobSet:
+    key = version_key(version)
+    return [k for k in KNOB_SETS if k.since <= key][-1]
+
+
+def check_knobs(version: str, env: dict[str, str] | None) -> None:
+    """Refuse VLLM_METAL_* variables this plugin version does not read (later versions fail on them)."""
+    known = knob_set(version).knobs
+    unknown = sorted(n for n in env or {} if n.startswith("VLLM_METAL_") and n not in known)
+    if unknown:
+        raise EngineArgsError(f"vllm-metal {version} does not read {', '.join(unknown)}")
+
+
+def serve_flags(spec: EngineSpec, port: int) -> list[str]:
+    """The vLLM flags both vLLM drivers share (vllm serve and the api_server module take the same)."""
+    plan: MemoryPlanLike = spec.plan
+    flags = [
+        "--host",
+        spec.host,
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(plan.max_model_len),
+        "--max-num-seqs",
+        str(plan.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(plan.max_num_batched_tokens),
+        "--gpu-memory-utilization",
+        format_fraction(plan.gpu_memory_utilization),
+        "--block-size",
+        str(plan.block_size),
+        "--served-model-name",
+        spec.served_model_name,
+    ]
+    if spec.api_key:
+        flags += ["--api-key", spec.api_key]
+    return flags
+
+
+def base_env() -> dict[str, str]:
+    # Serving from a local directory: never stall on hub checks. VLLM_HOST_IP is the internal
+    # rendezvous address (a VPN address could otherwise be picked), not the bind address.
+    return {"HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1"}
+
+
+def launch(spec: EngineSpec, port: int) -> Launch:
+    extra = check_engine_args(spec.engine_args, OWNED_FLAGS)
+    user_env = check_env(spec.env)
+    check_knobs(spec.runtime.version, user_env)
+    env = user_env | base_env()
+    if knob_set(spec.runtime.version).memory_fraction:
+        env["VLLM_METAL_MEMORY_FRACTION"] = format_fraction(spec.plan.gpu_memory_utilization)
+    argv = [str(spec.runtime.bin("vllm")), "serve", str(spec.model_dir), *serve_flags(spec, port), *extra]
+    return Launch(
+        argv=tuple(argv),
+        env=env,
+        host=spec.host,
+        port=port,
+        probe=completion_probe(spec.served_model_name),
+        api_key=spec.api_key,
+        parse_log=parse_memory_breakdown,
+    )
+
+
+_BREAKDOWN = re.compile(r"Paged attention memory breakdown:(?P<body>.*)")
+_PAIR = re.compile(r"(?P<key>[a-z_]+)=(?P<num>-?\d+(?:\.\d+)?)(?P<gb>GB)?")
+
+
+def parse_memory_breakdown(line: str) -> Measured | None:
+    """Parse the plugin's `Paged attention memory breakdown: ...` line (GB = 1e9 bytes).
+
+    Both spellings seen in the wild are read: metal_limit/usable_metal (Metal working set) and the
+    older total_ram/usable_ram (RAM sizing).
+    """
+    m = _BREAKDOWN.search(line)
+    if not m:
+        return None
+    details: dict[str, float] = {}
+    for p in _PAIR.finditer(m.group("body")):
+        value = float(p.group("num"))
+        details[p.group("key") + ("_bytes" if p.group("gb") else "")] = (
+            value * 1e9 if p.group("gb") else value
+        )
+    if not details:
+        return None
+    overhead = details.get("overhead_bytes")
+    blocks = details.get("num_blocks")
+    return Measured(
+        overhead_bytes=round(overhead) if overhead is not None else None,
+        num_blocks=int(blocks) if blocks is not None else None,
+        details=details,
+    )
