@@ -159,6 +159,18 @@ def test_cel_rules_have_messages_and_bounded_inputs() -> None:
     assert per_kind["ModelReplica"] >= 12
 
 
+def test_field_paths_point_into_the_schema() -> None:
+    """A rule's fieldPath must name a property of the node it sits on (the API server checks this)."""
+    for kind, path, node in _nodes():
+        for rule in node.get("x-kubernetes-validations", []):
+            if "fieldPath" not in rule:
+                continue
+            target = node
+            for part in rule["fieldPath"].lstrip(".").split("."):
+                assert part in target.get("properties", {}), f"{kind}{path}: fieldPath {rule['fieldPath']}"
+                target = target["properties"][part]
+
+
 def test_nearly_every_field_is_described() -> None:
     """`kubectl explain` teaches the API: at least 97% of properties carry a description."""
     props = [

@@ -393,7 +393,6 @@ class ModelDeployment(ApiModel):
             "metadata.name must be a DNS label (lowercase letters, digits and '-', starting with a letter, "
             "at most 63 characters); rename it or set spec.service.name",
             check=_service_name_ok,
-            field_path=".metadata.name",
         ),
     )
 
