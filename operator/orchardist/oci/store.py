@@ -165,7 +165,7 @@ class ContentStore:
         loaded: dict[str, Any] = {}
         index = self.root / "index.json"
         try:
-            raw = json.loads(index.read_text()) if index.exists() else {"version": INDEX_VERSION}
+            raw: dict[str, Any] = json.loads(index.read_text()) if index.exists() else {"version": INDEX_VERSION}
             if raw.get("version") == INDEX_VERSION:
                 loaded = raw.get("models") or {}
         except (OSError, ValueError, AttributeError):

@@ -1,0 +1,207 @@
+"""The content store against a real registry: resume after a cut, de-duplication, GC, restarts, auth."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchardist.oci.auth import Credentials, from_dockerconfig
+from orchardist.oci.errors import AuthRequiredError
+from orchardist.oci.progress import PullProgress
+from orchardist.oci.push import push
+from orchardist.oci.reference import parse
+from orchardist.oci.store import ContentStore
+from tests.fixtures.registry import AuthRegistry, CuttingProxy, make_safetensors_model
+
+pytestmark = pytest.mark.registry
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def _repo(name: str) -> str:
+    return f"test/{name}-{secrets.token_hex(3)}"
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+async def test_cut_mid_blob_resumes_with_range(
+    registry: str, registry_proxy: CuttingProxy, tmp_path: Path
+) -> None:
+    model = make_safetensors_model(tmp_path / "m", weight_bytes=6 * MiB)
+    repo = _repo("resume")
+    await push(model, f"oci://{registry}/{repo}:v1")
+    weights = (model / "model.safetensors").stat().st_size
+
+    registry_proxy.cut_after(2 * MiB)
+    events: list[PullProgress] = []
+    store = ContentStore(tmp_path / "store", GiB, max_parallel=1)
+    got = await store.pull(f"oci://{registry_proxy.host}/{repo}:v1", progress=events.append)
+
+    assert registry_proxy.cuts == 1
+    assert _files(got.path) == _files(model)
+    weight_digest = next(
+        d for d in set(registry_proxy.blob_gets) if store.blob_path(d).stat().st_size == weights
+    )
+    assert registry_proxy.blob_gets.count(weight_digest) == 2  # the cut request and one resumed request
+    assert registry_proxy.ranges and registry_proxy.ranges[-1] > 0  # the second asked for the rest only
+    assert events[-1].phase == "done" and events[-1].bytes_done == events[-1].bytes_total
+    assert not list((tmp_path / "store" / "tmp").iterdir())
+
+
+async def test_two_concurrent_pulls_download_once(
+    registry: str, registry_proxy: CuttingProxy, tmp_path: Path
+) -> None:
+    model = make_safetensors_model(tmp_path / "m", weight_bytes=2 * MiB)
+    repo = _repo("concurrent")
+    await push(model, f"oci://{registry}/{repo}:v1")
+    store = ContentStore(tmp_path / "store", GiB)
+    ref = f"oci://{registry_proxy.host}/{repo}:v1"
+
+    a, b = await asyncio.gather(store.pull(ref), store.pull(ref))
+
+    assert a.path == b.path and a.digest == b.digest
+    assert len(registry_proxy.blob_gets) == len(set(registry_proxy.blob_gets)) == 6  # config + 5 files
+    assert _files(a.path) == _files(model)
+
+
+async def test_shared_blob_is_stored_once(
+    registry: str, registry_proxy: CuttingProxy, tmp_path: Path
+) -> None:
+    one = make_safetensors_model(tmp_path / "one", weight_bytes=1 * MiB, seed=1)
+    two = make_safetensors_model(tmp_path / "two", weight_bytes=1 * MiB, seed=1)
+    (two / "tokenizer.json").write_text('{"different": true}')
+    repo = _repo("shared")
+    await push(one, f"oci://{registry}/{repo}:one")
+    await push(two, f"oci://{registry}/{repo}:two")
+    store = ContentStore(tmp_path / "store", GiB)
+
+    m1 = await store.pull(f"oci://{registry_proxy.host}/{repo}:one")
+    first = list(registry_proxy.blob_gets)
+    m2 = await store.pull(f"oci://{registry_proxy.host}/{repo}:two")
+    second = registry_proxy.blob_gets[len(first) :]
+
+    assert len(second) == 2  # only the new config blob and the changed tokenizer
+    weights = m1.path / "model.safetensors"
+    assert weights.stat().st_ino == (m2.path / "model.safetensors").stat().st_ino  # stored once
+    assert sum(1 for _ in (tmp_path / "store" / "blobs" / "sha256").iterdir()) == len(
+        set(first) | set(second)
+    )
+
+
+async def test_gc_under_budget_spares_pinned_models(registry: str, tmp_path: Path) -> None:
+    repo = _repo("gc")
+    refs = []
+    for i in range(3):
+        m = make_safetensors_model(tmp_path / f"m{i}", weight_bytes=3 * MiB, seed=10 + i)
+        refs.append(f"oci://{registry}/{repo}:m{i}")
+        await push(m, refs[-1])
+    store = ContentStore(tmp_path / "store", 7 * MiB)  # room for two of the three models
+
+    a = await store.pull(refs[0], keep_pinned=True)  # oldest, but running: pinned
+    b = await store.pull(refs[1])
+    c = await store.pull(refs[2])
+
+    cached = {d for d, _ in store.cached()}
+    assert cached == {a.digest, c.digest}  # b (unpinned, least recently used) was evicted
+    assert a.path.is_dir() and (a.path / "model.safetensors").is_file()
+    assert not b.path.exists()
+    assert store.usage().used_bytes <= store.budget_bytes
+
+    store.unpin(a.digest)
+    await store.pull(refs[1])  # now a is the LRU unpinned model
+    assert {d for d, _ in store.cached()} == {c.digest, b.digest}
+
+
+async def test_index_survives_restart_and_torn_write(registry: str, tmp_path: Path) -> None:
+    repo = _repo("restart")
+    m = make_safetensors_model(tmp_path / "m")
+    await push(m, f"oci://{registry}/{repo}:v1")
+    root = tmp_path / "store"
+    got = await ContentStore(root, GiB).pull(f"oci://{registry}/{repo}:v1")
+
+    reopened = ContentStore(root, GiB)
+    assert reopened.cached() == ContentStore(root, GiB).cached()
+    assert reopened.get(got.digest) is not None
+
+    (root / "index.json").write_bytes(b'{"version": 1, "models": {"sha256:ab')  # torn
+    rebuilt = ContentStore(root, GiB)
+    model = rebuilt.get(got.digest)
+    assert model is not None and sorted(model.files) == sorted(got.files)
+
+    # A pinned reference already in the store is served without the registry.
+    offline = await rebuilt.pull(f"oci://127.0.0.1:1/{repo}@{got.digest}")
+    assert offline.path == got.path
+
+    # A model directory deleted behind the store's back is dropped, its blobs become collectable.
+    import shutil
+
+    shutil.rmtree(got.path)
+    assert ContentStore(root, GiB).get(got.digest) is None
+
+
+async def test_basic_auth_registry(auth_registry: AuthRegistry, tmp_path: Path) -> None:
+    m = make_safetensors_model(tmp_path / "m")
+    ref = f"oci://{auth_registry.host}/{_repo('auth')}:v1"
+    creds = Credentials(auth_registry.username, auth_registry.password)
+
+    with pytest.raises(AuthRequiredError, match="authentication required"):
+        await push(m, ref)
+    await push(m, ref, auth=creds)
+
+    store = ContentStore(tmp_path / "store", GiB)
+    with pytest.raises(AuthRequiredError):
+        await store.pull(ref)
+    with pytest.raises(AuthRequiredError):
+        await store.pull(ref, auth=Credentials(auth_registry.username, "wrong"))
+
+    dockerconfig = {"auths": {auth_registry.host: {"username": creds.username, "password": creds.password}}}
+    from_secret = from_dockerconfig(dockerconfig, parse(ref))
+    got = await store.pull(ref, auth=from_secret)
+    assert _files(got.path) == _files(m)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchardist", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+def test_cli_push_pull_inspect(registry: str, tmp_path: Path) -> None:
+    m = make_safetensors_model(tmp_path / "m")
+    ref = f"oci://{registry}/{_repo('cli')}:v1"
+    env = {"ORCHARDIST_STORE": str(tmp_path / "store")}
+
+    pushed = _cli("push", str(m), ref, "--format", "docker", env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    assert pushed.stdout.strip().splitlines()[-1].startswith(f"pushed {ref} as oci://")
+
+    pulled = _cli("pull", ref, "--dest", str(tmp_path / "out"), env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    assert _files(tmp_path / "out") == _files(m)
+
+    shown = _cli("inspect", ref, "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    assert info["layout"] == "docker-model-runner"
+    assert info["profile"]["architecture"] == "LlamaForCausalLM"
+    assert info["profile"]["maxContext"] == 256
+    assert {f["path"] for f in info["files"]} == set(_files(m))
+
+    missing = _cli("pull", f"oci://{registry}/test/absent:v1", "--dest", str(tmp_path / "no"), env=env)
+    assert missing.returncode != 0
+    last = missing.stderr.strip().splitlines()[-1]
+    assert last.startswith("orchardist pull: ") and "not found" in last
+    assert not (tmp_path / "no").exists()
