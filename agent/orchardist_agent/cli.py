@@ -102,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
 
 def host_facts(cfg: AgentConfig) -> Callable[[], dict[str, Any]]:
     """The MacNode status fields the host probe observes, as JSON (camelCase)."""
+    from .engines.runtimes import RuntimeRegistry
     from .host import probe
+
+    registry = RuntimeRegistry(configured=cfg.runtimes)
 
     def facts() -> dict[str, Any]:
         found: Any = probe(cfg.store, cfg.simulate, address=cfg.address)
@@ -116,6 +119,7 @@ def host_facts(cfg: AgentConfig) -> Callable[[], dict[str, Any]]:
         if cfg.store_budget is not None:
             store["budgetBytes"] = cfg.store_budget
         status["modelStore"] = store
+        status["engines"] = [{"name": n, "version": v} for n, v in registry.installed()]
         return status
 
     return facts

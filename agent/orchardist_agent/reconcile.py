@@ -47,6 +47,7 @@ class ReplicaView:
     digest: str
     engine: str
     reserved_bytes: int
+    engine_version: str | None = None
     deleting: bool = False
     pull_secret: str | None = None
     api_key_secret: tuple[str, str] | None = None
@@ -71,7 +72,8 @@ class ReplicaView:
             node_name=str(spec.get("nodeName", "")),
             model=str(spec.get("model", "")),
             digest=str(spec.get("digest", "")),
-            engine=str(spec.get("engine", "")),
+            engine=str(spec.get("engine") or "vllm-metal"),
+            engine_version=str(spec["engineVersion"]) if spec.get("engineVersion") else None,
             reserved_bytes=int(plan.get("reservedBytes") or 0),
             deleting=bool(meta.get("deletionTimestamp")),
             pull_secret=str(pull) if pull else None,

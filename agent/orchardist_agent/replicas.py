@@ -10,11 +10,14 @@ CRD lists it in `selectableFields`), resumes from its resourceVersion and relist
 from __future__ import annotations
 
 import asyncio
+import math
 import shutil
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +28,11 @@ from orchardist.kube import GROUP, VERSION
 from orchardist.oci.progress import PullProgress
 from orchardist.oci.store import ContentStore
 
+from .engines import EngineArgsError, EngineSpec, Runtime
 from .reconcile import (
     JSON,
     Act,
+    EngineState,
     EngineView,
     Observed,
     ProgressThrottle,
@@ -42,6 +47,7 @@ from .reconcile import (
 if TYPE_CHECKING:
     from .config import AgentConfig
     from .node import Kube, NodeAgent
+    from .supervisor import Supervisor
 
 LOG = log.get(__name__)
 
@@ -209,8 +215,8 @@ class ReplicaLoop:
             self.objects.pop(key, None)
             await self._converge(key, gone=True, last=payload)
         elif kind in ("engine", "progress"):
-            key = payload if isinstance(payload, tuple) else self.engines.key_of(payload)
-            if key is not None and (key in self.objects or key in self.reservations):
+            key = payload
+            if key in self.objects or key in self.reservations:
                 await self._converge(key)
 
     async def _converge_all(self) -> None:
@@ -251,7 +257,7 @@ class ReplicaLoop:
             if cached or pull is None or (pull.task is None and pull.error is None)
             else pull.view(now),
             engine=self.engines.view(key),
-            engine_installed=self.engines.installed(replica.engine),
+            engine_installed=self.engines.installed(replica.engine, replica.engine_version),
             address=self.address,
         )
 
@@ -419,10 +425,7 @@ class ReplicaLoop:
         for pull in self.pulls.values():
             if pull.task is not None:
                 pull.task.cancel()
-        if stop_engines:
-            for key in list(self.engines.keys()):
-                await self.engines.stop(key)
-        await self.engines.close()
+        await self.engines.close(stop_engines=stop_engines)
 
 
 def _key(obj: Mapping[str, Any]) -> Key:
@@ -448,41 +451,129 @@ def _deleting(view: ReplicaView) -> ReplicaView:
 
 
 class EngineAdapter:
-    """The replica loop's view of the engine supervisor and the installed runtimes."""
+    """The replica loop's view of the engine supervisor and the installed runtimes.
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    Supervisor keys are `namespace/name`; its phases map onto `reconcile.EngineState`.
+    """
+
+    RUNTIMES_TTL_S = 30.0
+
+    def __init__(self, cfg: AgentConfig, supervisor: Supervisor | None = None) -> None:
         from .engines.runtimes import RuntimeRegistry
+        from .supervisor import Supervisor
 
         self.cfg = cfg
         self.registry = RuntimeRegistry(configured=cfg.runtimes)
-        self._installed = {name for name, _ in self.registry.installed()}
-        self.supervisor: Any = None
+        self.supervisor = supervisor or Supervisor(cfg.state_dir / "engines", cfg.log_dir)
+        self.failed: dict[Key, str] = {}  # replicas whose engine cannot even be composed
+        self._runtimes: list[Runtime] = []
+        self._runtimes_at = -math.inf
 
-    async def start(self, notify: Any) -> None:
-        try:
-            from .supervisor import Supervisor  # type: ignore[attr-defined]
-        except ImportError as exc:  # TEMPORARY while the supervisor is being written
-            LOG.warning("supervisor missing", error=str(exc))
-            return
-        self.supervisor = Supervisor(self.cfg.state_dir, self.cfg.log_dir)
+    async def start(self, notify: Callable[[Key], None]) -> None:
+        """Adopt the engines a previous agent left running, then report every change."""
+        self.supervisor.on_change = lambda st: notify(_split(st.key))
+        for st in await self.supervisor.adopt():
+            LOG.info("adopted engine", replica=st.key, pid=st.pid, phase=st.phase, endpoint=st.endpoint)
 
-    def installed(self, engine: str) -> bool:
-        return engine in self._installed
+    def runtimes(self) -> list[Runtime]:
+        now = time.monotonic()
+        if now - self._runtimes_at > self.RUNTIMES_TTL_S:
+            self._runtimes = self.registry.runtimes()
+            self._runtimes_at = now
+        return self._runtimes
+
+    def runtime(self, engine: str, version: str | None) -> Runtime | None:
+        found = [r for r in self.runtimes() if r.name == engine]
+        if version:
+            found = [r for r in found if r.version == version or r.version.startswith(version + "+")]
+        if not found:
+            return None
+        return self.registry.resolve(engine, version)
+
+    def installed(self, engine: str, version: str | None = None) -> bool:
+        return self.runtime(engine, version) is not None
 
     def keys(self) -> list[Key]:
-        return []
-
-    def key_of(self, payload: Any) -> Key | None:
-        return payload if isinstance(payload, tuple) else None
+        return [_split(k) for k in self.supervisor.statuses()]
 
     def view(self, key: Key) -> EngineView | None:
-        return None
+        if key in self.failed:
+            return EngineView(EngineState.FAILED, message=self.failed[key])
+        st = self.supervisor.status(_join(key))
+        if st is None:
+            return None
+        port = int(st.endpoint.rsplit(":", 1)[1]) if st.endpoint else None
+        measured: dict[str, int] = {}
+        if st.measured is not None:
+            if st.measured.overhead_bytes is not None:
+                measured["overheadBytes"] = int(st.measured.overhead_bytes)
+            if st.measured.num_blocks is not None:
+                measured["numBlocks"] = int(st.measured.num_blocks)
+        return EngineView(
+            state=_PHASES[st.phase],
+            port=port,
+            pid=st.pid,
+            restarts=st.restarts,
+            message=st.last_error.message if st.last_error else "",
+            started_at=st.start_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            if st.start_time
+            else None,
+            measured=measured,
+        )
+
+    def spec(self, replica: JSON, model_dir: Path, api_key: str | None) -> EngineSpec:
+        """The driver input for a replica (raises EngineArgsError or ValueError when it cannot run)."""
+        from orchardist.api.modelreplica import MemoryPlan
+
+        spec = replica.get("spec") or {}
+        engine = str(spec.get("engine") or "vllm-metal")
+        runtime = self.runtime(engine, spec.get("engineVersion"))
+        if runtime is None:
+            raise ValueError(f"engine {engine!r} is not installed")
+        return EngineSpec(
+            engine=engine,
+            runtime=runtime,
+            model_dir=model_dir,
+            plan=MemoryPlan.model_validate(spec.get("memoryPlan") or {}),
+            served_model_name=str(spec.get("servedModelName") or spec.get("deployment") or ""),
+            host=self.cfg.bind_address,
+            engine_args=tuple(str(a) for a in spec.get("engineArgs") or ()),
+            env={str(e["name"]): str(e.get("value", "")) for e in spec.get("env") or ()},
+            api_key=api_key,
+            device="metal" if sys.platform == "darwin" else "cpu",
+        )
 
     async def ensure(self, key: Key, replica: JSON, model_dir: Path, api_key: str | None) -> None:
-        raise NotImplementedError
+        try:
+            spec = self.spec(replica, model_dir, api_key)
+            await self.supervisor.ensure(_join(key), spec)
+        except (EngineArgsError, ValueError) as exc:
+            self.failed[key] = f"cannot start the engine: {exc}"
+            LOG.warning("engine refused", replica=_join(key), error=str(exc))
 
     async def stop(self, key: Key) -> None:
-        return None
+        self.failed.pop(key, None)
+        await self.supervisor.stop(_join(key))
 
-    async def close(self) -> None:
-        return None
+    async def close(self, *, stop_engines: bool) -> None:
+        if stop_engines:
+            await self.supervisor.shutdown()
+        else:
+            await self.supervisor.detach()
+
+
+_PHASES = {
+    "Starting": EngineState.STARTING,
+    "Ready": EngineState.READY,
+    "CrashLoop": EngineState.BACKOFF,
+    "Stopped": EngineState.STOPPED,
+}
+
+
+def _join(key: Key) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+def _split(text: str) -> Key:
+    ns, _, name = text.partition("/")
+    return (ns, name)

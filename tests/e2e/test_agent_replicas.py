@@ -1,0 +1,243 @@
+"""The agent converges ModelReplicas on the real control plane with a real registry and engine.
+
+A tiny random Llama is pushed to the registry fixture; replicas bound to the agent's node go
+Pulled -> Started -> Ready and answer a chat completion through `mlx_lm.server` (MLX on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchardist.dev.cluster import Cluster
+from orchardist.oci.push import push
+from orchardist_agent.engines import Runtime
+from tests.e2e.test_agent_node import Agent, kget, make_agent, registered, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.registry, pytest.mark.engine]
+
+MiB = 2**20
+GiB = 2**30
+
+
+@pytest.fixture(scope="session")
+async def tiny_ref(registry: str, tiny_model: Path) -> tuple[str, str]:
+    """(pinned oci:// reference, manifest digest) of the tiny model in the registry fixture."""
+    digest = await push(tiny_model, f"{registry}/agent-e2e/tiny-llama:v1")
+    return f"oci://{registry}/agent-e2e/tiny-llama@{digest}", digest
+
+
+def replica(
+    name: str, node: str, ref: tuple[str, str], *, reserved: int = 256 * MiB, **spec: Any
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "orchardist.io/v1alpha1",
+        "kind": "ModelReplica",
+        "metadata": {
+            "name": name,
+            "labels": {"orchardist.io/deployment": "tiny", "orchardist.io/node": node},
+        },
+        "spec": {
+            "nodeName": node,
+            "deployment": "tiny",
+            "model": ref[0],
+            "digest": ref[1],
+            "engine": "mlx-lm",
+            "servedModelName": "tiny",
+            "memoryPlan": {
+                "weightBytes": 4 * MiB,
+                "overheadBytes": 64 * MiB,
+                "kvBudgetBytes": 64 * MiB,
+                "kvBytesPerToken": 512,
+                "blockSize": 16,
+                "numBlocks": 8192,
+                "maxModelLen": 2048,
+                "maxNumSeqs": 2,
+                "maxNumBatchedTokens": 2048,
+                "gpuMemoryUtilization": 0.92,
+                "reservedBytes": reserved,
+            },
+            **spec,
+        },
+    }
+
+
+def apply(cluster: Cluster, namespace: str, obj: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
+
+
+def status_of(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    obj = kget(cluster, "modelreplica", "-n", namespace, name)
+    return dict((obj or {}).get("status") or {})
+
+
+def condition(status: dict[str, Any], ctype: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == ctype), {})
+
+
+def wait_phase(
+    cluster: Cluster, agent: Agent, namespace: str, name: str, phase: str, timeout: float = 120
+) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        assert agent.proc is not None and agent.proc.poll() is None, f"agent exited:\n{agent.tail()}"
+        st = status_of(cluster, namespace, name)
+        return st if st.get("phase") == phase else None
+
+    try:
+        result: dict[str, Any] = wait_for(f"{namespace}/{name} {phase}", probe, timeout=timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nagent log:\n{agent.tail(30)}") from None
+    return result
+
+
+def chat(endpoint: str) -> dict[str, Any]:
+    body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0})
+    req = urllib.request.Request(
+        f"http://{endpoint}/v1/chat/completions",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        answer: dict[str, Any] = json.loads(resp.read())
+    return answer
+
+
+def engine_pid(status: dict[str, Any]) -> int:
+    m = re.search(r"pid (\d+)", condition(status, "Started").get("message", ""))
+    assert m, status
+    return int(m.group(1))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def stop_recorded_engines(state_dir: Path) -> None:
+    """Safety net: engines outlive the agent by design, so a test stops what its agent recorded."""
+    for rec_path in (state_dir / "engines").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            pid = int(json.loads(rec_path.read_text())["pid"])
+            if "mlx_lm" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def engine_agent(cluster: Cluster, tmp_path: Path, mlx_runtime: Runtime) -> Iterator[Agent]:
+    a = make_agent(cluster, tmp_path / "agent", extra=("--runtime", f"mlx-lm={mlx_runtime.prefix}"))
+    try:
+        yield a
+    finally:
+        a.stop()
+        stop_recorded_engines(a.workdir / "state")
+        cluster.kubectl("delete", "macnode", a.node, "--ignore-not-found", "--wait=false", check=False)
+
+
+def test_replica_pulls_starts_serves_survives_an_agent_restart_and_stops_on_delete(
+    cluster: Cluster, namespace: str, engine_agent: Agent, tiny_ref: tuple[str, str]
+) -> None:
+    agent = engine_agent.start()
+    node = registered(cluster, agent)
+    assert {"name": "mlx-lm", "version": "0.32.2"} in node["status"]["engines"]
+    apply(cluster, namespace, replica("r1", agent.node, tiny_ref))
+
+    st = wait_phase(cluster, agent, namespace, "r1", "Ready", timeout=180)
+    for ctype in ("Scheduled", "Pulled", "Started", "Ready"):
+        assert condition(st, ctype)["status"] == "True", (ctype, st)
+        assert condition(st, ctype)["observedGeneration"] == 1
+    assert st["observedGeneration"] == 1
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", st["endpoint"]), st
+    assert st["restarts"] == 0
+    assert "progress" not in st
+    answer = chat(st["endpoint"])
+    assert answer["choices"][0]["message"]["role"] == "assistant"
+    pid = engine_pid(st)
+
+    node = kget(cluster, "macnode", agent.node)
+    assert node["status"]["memory"]["allocatedBytes"] == 256 * MiB
+    assert [m["digest"] for m in node["status"]["cachedModels"]] == [tiny_ref[1]]
+    assert node["status"]["modelStore"]["usedBytes"] > 0
+    ready_since = condition(st, "Ready")["lastTransitionTime"]
+
+    # The agent goes away (SIGTERM): the engine keeps serving, and the next agent adopts it.
+    assert agent.signal(signal.SIGTERM) == 0, agent.tail()
+    assert alive(pid)
+    assert chat(st["endpoint"])["choices"]
+    agent.start()
+    registered(cluster, agent)
+    wait_for("the adopted engine in the agent log", lambda: "adopted engine" in agent.tail(200), timeout=30)
+    st2 = wait_phase(cluster, agent, namespace, "r1", "Ready")
+    assert engine_pid(st2) == pid
+    assert st2["endpoint"] == st["endpoint"]
+    assert condition(st2, "Ready")["lastTransitionTime"] == ready_since
+    assert chat(st2["endpoint"])["choices"]
+    node = kget(cluster, "macnode", agent.node)
+    assert node["status"]["memory"]["allocatedBytes"] == 256 * MiB
+
+    # Deleting the replica stops the engine and gives the memory back.
+    cluster.kubectl("delete", "modelreplica", "-n", namespace, "r1", "--wait=true")
+    wait_for("the engine to exit", lambda: not alive(pid), timeout=60)
+    wait_for(
+        "allocated memory released",
+        lambda: kget(cluster, "macnode", agent.node)["status"]["memory"]["allocatedBytes"] == 0,
+        timeout=30,
+    )
+    assert not list((agent.workdir / "state" / "engines").glob("*.json"))
+
+
+def test_replica_that_does_not_fit_is_refused_and_never_started(
+    cluster: Cluster, namespace: str, engine_agent: Agent, tiny_ref: tuple[str, str]
+) -> None:
+    agent = engine_agent.start()
+    registered(cluster, agent)
+    apply(cluster, namespace, replica("huge", agent.node, tiny_ref, reserved=100 * GiB))
+    st = wait_phase(cluster, agent, namespace, "huge", "Failed")
+    sched = condition(st, "Scheduled")
+    assert (sched["status"], sched["reason"]) == ("False", "DoesNotFit")
+    assert "needs 100.0 GiB of the GPU working set" in sched["message"]
+    assert st["lastError"]["reason"] == "DoesNotFit"
+    time.sleep(2.0)  # a few more passes of the loop: still nothing pulled, started or reserved
+    node = kget(cluster, "macnode", agent.node)
+    assert node["status"]["memory"]["allocatedBytes"] == 0
+    assert node["status"]["cachedModels"] == []
+    assert not list((agent.workdir / "state" / "engines").glob("*.json"))
+    assert condition(status_of(cluster, namespace, "huge"), "Pulled") == {}
+
+
+def test_engine_that_exits_reports_crash_loop_with_its_last_log_lines(
+    cluster: Cluster, namespace: str, engine_agent: Agent, tiny_ref: tuple[str, str]
+) -> None:
+    agent = engine_agent.start()
+    registered(cluster, agent)
+    apply(cluster, namespace, replica("bad", agent.node, tiny_ref, engineArgs=["--no-such-flag"]))
+
+    def crash_looping() -> dict[str, Any] | None:
+        st = status_of(cluster, namespace, "bad")
+        return st if condition(st, "Started").get("reason") == "CrashLoop" else None
+
+    st = wait_for("CrashLoop", crash_looping, timeout=120)
+    assert condition(st, "Ready")["status"] == "False"
+    assert st["lastError"]["reason"] == "CrashLoop"
+    assert "--no-such-flag" in st["lastError"]["message"]  # argparse's complaint, from the engine log
+    assert st["restarts"] >= 1
+    cluster.kubectl("delete", "modelreplica", "-n", namespace, "bad", "--wait=true")
+    wait_for(
+        "the engine record removed",
+        lambda: not list((agent.workdir / "state" / "engines").glob("*.json")),
+        timeout=60,
+    )
