@@ -98,6 +98,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--model", metavar="oci://REF", help="an OCI model: manifest and config only, no weights"
     )
+    model.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="talk plain HTTP to this registry (repeatable), for --model",
+    )
     mac = parser.add_argument_group("Mac (neither: a table over the standard profiles)")
     where = mac.add_mutually_exclusive_group()
     where.add_argument(
@@ -182,25 +189,27 @@ def _read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def _oci_profile(reference: str) -> ModelProfile:
-    """Profile an OCI model through the OCI part (``orchardist.oci.profile.profile_reference``)."""
+def _oci_profile(reference: str, insecure: Sequence[str]) -> ModelProfile:
+    """Profile an OCI model (manifest and small blobs only) via ``orchardist.oci.profile.model_profile``."""
     try:
         module = importlib.import_module("orchardist.oci.profile")
     except ImportError:
         raise NotWiredError(
             "--model oci://... needs orchardist.oci.profile (issue 5), not in this install"
         ) from None
-    fetch = getattr(module, "profile_reference", None)
+    fetch = getattr(module, "model_profile", None)
     if fetch is None:
-        raise NotWiredError("--model oci://... needs orchardist.oci.profile.profile_reference(reference)")
-    found = fetch(reference)
-    if inspect.isawaitable(found):
-        found = asyncio.run(found)  # type: ignore[arg-type]
-    if not isinstance(found, ModelProfile):
-        raise NotWiredError(
-            f"orchardist.oci.profile.profile_reference returned {type(found).__name__}, not a ModelProfile"
-        )
-    return found
+        raise NotWiredError("--model oci://... needs orchardist.oci.profile.model_profile(reference)")
+    try:
+        found = fetch(reference, insecure=tuple(insecure))
+        if inspect.isawaitable(found):
+            found = asyncio.run(found)  # type: ignore[arg-type]
+    except Exception as exc:  # the OCI part's errors carry the reason in words
+        raise UsageError(f"{reference}: {exc}") from None
+    model = found[1] if isinstance(found, tuple) else found
+    if not isinstance(model, ModelProfile):
+        raise NotWiredError(f"orchardist.oci.profile.model_profile returned {type(found).__name__}")
+    return model
 
 
 class NotWiredError(Exception):
@@ -210,7 +219,7 @@ class NotWiredError(Exception):
 def load_profile(args: argparse.Namespace) -> ModelProfile:
     """The model profile from --model, or --model-config/--model-dir plus the weight bytes."""
     if args.model:
-        return _oci_profile(args.model)
+        return _oci_profile(args.model, args.insecure_registry)
     config_path = args.model_config or args.model_dir
     if config_path is None:
         raise UsageError(
