@@ -153,8 +153,6 @@ CASES = [
     ("ModelDeployment", ".spec.kvCache.gpuMemoryUtilization", "between 0.1 and 0.99", 0.92, True),
     ("ModelDeployment", ".spec.kvCache.gpuMemoryUtilization", "between 0.1 and 0.99", 1.0, False),
     ("ModelDeployment", ".spec.kvCache.gpuMemoryUtilization", "between 0.1 and 0.99", 0.05, False),
-    ("ModelDeployment", ".spec.kvCache.blockSize", "8, 16 or 32", 32, True),
-    ("ModelDeployment", ".spec.kvCache.blockSize", "8, 16 or 32", 64, False),
     (
         "ModelDeployment",
         ".spec.engineArgs",
@@ -268,8 +266,6 @@ CASES = [
     ("MacNode", ".spec.taints[].key", "qualified name", "a/b/c", False),
     ("MacNode", ".spec.taints[].value", "taint value", "", True),
     ("MacNode", ".spec.taints[].value", "taint value", "a b", False),
-    ("MacNode", ".spec.taints[].effect", "NoSchedule (no new replicas)", "NoExecute", True),
-    ("MacNode", ".spec.taints[].effect", "NoSchedule (no new replicas)", "Evict", False),
     ("MacNode", ".status.memory", "cannot be larger", {"totalBytes": 10, "gpuWorkingSetBytes": 8}, True),
     ("MacNode", ".status.memory", "cannot be larger", {"totalBytes": 10, "gpuWorkingSetBytes": 11}, False),
     ("MacNode", ".status.memory", "cannot be larger", {"gpuWorkingSetBytes": 11}, True),

@@ -44,15 +44,11 @@ class Taint(ApiModel):
             check=lambda v: re.search(LABEL_VALUE, v) is not None,
         ),
     ] = Field("", description="The taint's value (may be empty).")
-    effect: Annotated[
-        TaintEffect,
-        Rule(
-            rule="self in ['NoSchedule', 'PreferNoSchedule', 'NoExecute']",
-            message="a taint effect must be NoSchedule (no new replicas), PreferNoSchedule (avoid when "
-            "possible) or NoExecute (also move running replicas away)",
-            check=lambda v: v in ("NoSchedule", "PreferNoSchedule", "NoExecute"),
-        ),
-    ] = Field(description="NoSchedule, PreferNoSchedule or NoExecute.")
+    # An enum, not a CEL rule: the API server skips CEL once an enum fails.
+    effect: TaintEffect = Field(
+        description="NoSchedule (no new replicas), PreferNoSchedule (avoid this Mac when possible) or "
+        "NoExecute (also move running replicas away)."
+    )
 
 
 class MacNodeSpec(ApiModel):
