@@ -41,7 +41,7 @@ def parse_sysctl(text: str) -> dict[str, str]:
     for line in text.splitlines():
         for sep in (": ", " = "):
             key, hit, value = line.partition(sep)
-            if hit and key and " " not in key.strip():
+            if hit and "." in key and " " not in key.strip():  # sysctl names are dotted
                 found[key.strip()] = value.strip()
                 break
     return found
