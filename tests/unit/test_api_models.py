@@ -381,3 +381,20 @@ def test_owned_lists_cover_the_contract() -> None:
         assert flag in OPERATOR_OWNED_FLAGS
     for name in ("VLLM_HOST_IP", "HF_HUB_OFFLINE", "VLLM_PORT"):
         assert name in AGENT_OWNED_ENV
+
+
+def test_api_imports_nothing_else_of_ours() -> None:
+    """`orchardist.api` is the shared ground: it may import only itself (architecture.md, import rules)."""
+    import ast
+    from pathlib import Path
+
+    import orchardist.api
+
+    for path in Path(orchardist.api.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                ours = name.split(".")[0] in {"orchardist", "orchardist_agent"}
+                assert not ours or name.startswith("orchardist.api"), f"{path.name} imports {name}"
