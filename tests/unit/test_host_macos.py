@@ -214,6 +214,13 @@ def test_gather_runs_the_documented_commands() -> None:
     assert ("sw_vers", "-productVersion") in asked
     assert ("/opt/runtime/bin/python3", "-c", macos.MLX_PROBE) in asked
     assert got.memory.gpu_working_set_source == "mlx"
+    cache: dict[str, str | None] = {}
+    asked.clear()
+    macos.gather(recorded, "/opt/runtime/bin/python3", cache)
+    macos.gather(recorded, "/opt/runtime/bin/python3", cache)
+    assert [a[0] for a in asked].count("system_profiler") == 1  # the hardware report is asked once
+    assert [a[0] for a in asked].count("/opt/runtime/bin/python3") == 1  # MLX once per wired limit
+    assert [a[0] for a in asked].count("sysctl") == 2  # sysctl every time: the wired limit may change
     without_runtime = macos.gather(recorded, None)
     assert without_runtime.memory.gpu_working_set_source == "estimate"
     assert without_runtime.memory.gpu_working_set_bytes == int(64 * GiB * 0.75)

@@ -75,3 +75,21 @@ def test_simulated_big_mac_display() -> None:
 def test_unknown_simulated_profile_is_an_error() -> None:
     with pytest.raises(KeyError, match="unknown Mac profile"):
         probe("/tmp", "m9-1tb")
+
+
+def test_run_command_real_processes() -> None:
+    """Real subprocesses: stdout on success; None for a missing tool or a failed command."""
+    from orchardist_agent.host.probe import run_command
+
+    assert run_command([sys.executable, "-c", "print('hello')"]) == "hello\n"
+    assert run_command(["/nonexistent/tool"]) is None
+    assert run_command([sys.executable, "-c", "import sys; sys.exit(3)"]) is None
+
+
+def test_mlx_probe_in_a_runtime_without_mlx_gives_none() -> None:
+    """The MLX probe is valid Python; in a runtime without MLX it fails and the probe falls back."""
+    from orchardist_agent.host import macos
+    from orchardist_agent.host.probe import run_command
+
+    compile(macos.MLX_PROBE, "<mlx probe>", "exec")
+    assert run_command([sys.executable, "-c", macos.MLX_PROBE]) is None

@@ -31,8 +31,12 @@ SYSCTL_KEYS: Final = (
 SYSCTL: Final = ("sysctl", *SYSCTL_KEYS)
 SYSTEM_PROFILER: Final = ("system_profiler", "SPHardwareDataType", "SPDisplaysDataType", "-json")
 SW_VERS: Final = ("sw_vers", "-productVersion")
-#: Run in the engine runtime's python: the agent never imports MLX itself.
-MLX_PROBE: Final = "import json, mlx.core as mx; print(json.dumps(mx.device_info()))"
+#: Run in the engine runtime's python: the agent never imports MLX itself. ``mx.device_info`` is the
+#: current name; older MLX only has ``mx.metal.device_info`` (notes 4.2).
+MLX_PROBE: Final = (
+    "import json, mlx.core as mx; "
+    "info = getattr(mx, 'device_info', None) or mx.metal.device_info; print(json.dumps(info()))"
+)
 
 
 def parse_sysctl(text: str) -> dict[str, str]:
@@ -132,11 +136,25 @@ def facts_from_outputs(
     )
 
 
-def gather(run: Runner, engine_python: str | None) -> HostFacts:
-    """Run the commands (``run`` returns stdout, or None when a command failed) and parse them."""
+def gather(run: Runner, engine_python: str | None, cache: dict[str, str | None] | None = None) -> HostFacts:
+    """Run the commands (``run`` returns stdout, or None when a command failed) and parse them.
+
+    ``cache`` (kept by the caller across refreshes) spares the slow, unchanging outputs: the
+    hardware report, and the MLX working set until ``iogpu.wired_limit_mb`` or the runtime changes.
+    """
+    memo: dict[str, str | None] = cache if cache is not None else {}
+
+    def once(key: str, argv: Sequence[str]) -> str | None:
+        if memo.get(key) is None:
+            memo[key] = run(argv)
+        return memo[key]
+
     sysctl = run(SYSCTL) or ""
-    mlx = run((engine_python, "-c", MLX_PROBE)) if engine_python else None
-    return facts_from_outputs(sysctl, run(SYSTEM_PROFILER), run(SW_VERS), mlx)
+    mlx = None
+    if engine_python:
+        wired = parse_sysctl(sysctl).get("iogpu.wired_limit_mb", "")
+        mlx = once(f"mlx:{engine_python}:{wired}", (engine_python, "-c", MLX_PROBE))
+    return facts_from_outputs(sysctl, once("system_profiler", SYSTEM_PROFILER), once("sw_vers", SW_VERS), mlx)
 
 
 def parse_ifconfig(text: str) -> list[str]:

@@ -25,6 +25,8 @@ _log = log.get(__name__)
 #: The engine runtime's python, where MLX is importable (the agent itself never imports MLX).
 ENGINE_PYTHON_ENV = "ORCHARDIST_ENGINE_PYTHON"
 COMMAND_TIMEOUT_S = 20.0
+#: Outputs that do not change while the agent runs (see macos.gather); one per process.
+_CACHE: dict[str, str | None] = {}
 
 
 def run_command(argv: Sequence[str]) -> str | None:
@@ -82,7 +84,7 @@ def probe(
         facts = simulated(macs.get(simulate))
     elif sys.platform == "darwin":
         python = engine_python or os.environ.get(ENGINE_PYTHON_ENV)
-        facts = macos.gather(run_command, python)
+        facts = macos.gather(run_command, python, _CACHE)
     elif sys.platform.startswith("linux"):
         facts = linux.gather()
     else:
