@@ -1,0 +1,208 @@
+"""kopf wiring: thin handlers that feed indexes and trigger reconciles; nothing is decided here.
+
+- ModelDeployment: ``resume``/``create``/``update`` handlers and a ``timer`` (the level-based
+  resync that notices Leases running out) all call :meth:`Controller.trigger`.
+- ModelReplica: an ``event`` handler posts pull/start/failure Events on the owning deployment and
+  re-triggers its reconcile, so the EndpointSlice follows readiness within a reconcile (< 1 s).
+- MacNode: an ``event`` handler retries deployments still short of replicas when a Mac appears or
+  changes, and reconciles everything when one is deleted.
+- Indexes (MacNodes, Leases in ``orchardist-system``, ModelReplicas, ModelDeployments) are the
+  controller's view of the cluster; kopf holds handlers back until they are filled, so a restarted
+  operator never mistakes "not listed yet" for "absent".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from orchardist import kube as kube_setup
+from orchardist import log
+from orchardist.api.constants import GROUP, LABEL_DEPLOYMENT, VERSION
+from orchardist.controller import plan as P  # noqa: N812 - the plan module, read as a namespace
+from orchardist.controller.kube import ensure_peering
+from orchardist.controller.reconciler import Controller, deployment_ref
+
+LOG = log.get(__name__)
+SYSTEM_NAMESPACE = kube_setup.SYSTEM_NAMESPACE
+FINALIZER = f"{GROUP}/controller"
+
+
+@dataclass(frozen=True)
+class Options:
+    namespaces: Sequence[str] | None = None  # None: every namespace
+    kubeconfig: str | Path | None = None
+    peering: str | None = "orchardist"  # None: standalone
+    priority: int = 0
+    peering_lifetime: int = 30
+    resync_seconds: float = 10.0
+
+
+def settings(opts: Options, identity: str) -> kopf.OperatorSettings:
+    """kopf settings; each non-default says why."""
+    s = kopf.OperatorSettings()
+    # Our own Events only (kopf.event with our reasons); log records stay logs, rendered by structlog.
+    s.posting.loggers = False
+    s.posting.level = logging.WARNING
+    s.posting.reporting_component = "orchardist-controller"
+    s.posting.reporting_instance = identity[:128]
+    s.posting.event_name_prefix = "orchardist-"
+    # State kopf keeps on our objects carries our group, not kopf's (as crate-operator does).
+    s.persistence.finalizer = FINALIZER
+    s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Only the heartbeat Leases of the Macs, not every Lease of the cluster (leader elections etc.).
+    s.watching.field_selectors["coordination.k8s.io", "leases"] = f"metadata.namespace={SYSTEM_NAMESPACE}"
+    # Leader election: one operator acts; a standby takes over when the leader's record expires.
+    if opts.peering:
+        s.peering.name = opts.peering
+        s.peering.priority = opts.priority
+        s.peering.lifetime = opts.peering_lifetime
+        s.peering.stealth = True
+    else:
+        s.peering.standalone = True
+    return s
+
+
+def connection_info(kubeconfig: str | Path | None) -> kopf.ConnectionInfo:
+    """kopf's credentials from the same place every Orchardist process reads them (orchardist.kube)."""
+    cfg = kube_setup.api_client(kubeconfig).configuration
+    keys = dict(cfg.api_key or {})
+    auth = keys.get("authorization") or keys.get("BearerToken")
+    token = auth.split(" ", 1)[1] if auth and " " in auth else auth
+    return kopf.ConnectionInfo(
+        server=str(cfg.host),
+        ca_path=cfg.ssl_ca_cert or None,
+        insecure=not cfg.verify_ssl,
+        scheme="Bearer" if token else None,
+        token=token or None,
+        certificate_path=cfg.cert_file or None,
+        private_key_path=cfg.key_file or None,
+        username=cfg.username or None,
+        password=cfg.password or None,
+    )
+
+
+def _snapshot(body: kopf.Body) -> dict[str, Any]:
+    return copy.deepcopy(dict(body))
+
+
+def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) -> None:
+    """Declare every handler on ``registry`` (no import-time side effects)."""
+    served = set(opts.namespaces) if opts.namespaces is not None else None
+
+    def serves(namespace: str | None, **_: Any) -> bool:
+        return served is None or namespace in served
+
+    def in_system(namespace: str | None, **_: Any) -> bool:
+        return namespace == SYSTEM_NAMESPACE
+
+    md = (GROUP, VERSION, "modeldeployments")
+    mr = (GROUP, VERSION, "modelreplicas")
+    mn = (GROUP, VERSION, "macnodes")
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return connection_info(opts.kubeconfig)
+
+    @kopf.index(*md, id="md_index", when=serves, registry=registry)
+    def md_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): _snapshot(body)}
+
+    @kopf.index(*mr, id="mr_index", registry=registry)
+    def mr_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, labels.get(LABEL_DEPLOYMENT, "")): _snapshot(body)}
+
+    @kopf.index(*mn, id="mn_index", registry=registry)
+    def mn_index(name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {name: _snapshot(body)}
+
+    @kopf.index("coordination.k8s.io", "v1", "leases", id="lease_index", when=in_system, registry=registry)
+    def lease_index(name: str, spec: kopf.Spec, **_: Any) -> dict[Any, Any]:
+        return {name: {"spec": dict(spec)}}
+
+    @kopf.on.startup(registry=registry)
+    async def startup(**kwargs: Any) -> None:
+        # The indexes are live: kopf keeps filling these objects for the operator's lifetime.
+        ctl.deployments, ctl.replicas = kwargs["md_index"], kwargs["mr_index"]
+        ctl.macnodes, ctl.leases = kwargs["mn_index"], kwargs["lease_index"]
+        if opts.peering:
+            peering_namespaces = None if served is None else sorted({*served, SYSTEM_NAMESPACE})
+            await ensure_peering(ctl.adapter.kube, opts.peering, peering_namespaces)
+        LOG.info(
+            "controller started",
+            namespaces=sorted(served) if served else "all",
+            peering=opts.peering,
+            priority=opts.priority,
+            lease_grace=ctl.config.lease_grace,
+        )
+
+    @kopf.on.resume(*md, id="reconcile-resume", when=serves, backoff=2, registry=registry)
+    @kopf.on.create(*md, id="reconcile-create", when=serves, backoff=2, registry=registry)
+    async def reconcile(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+        await ctl.trigger(str(namespace), name, _snapshot(body))
+
+    @kopf.on.update(*md, id="reconcile-update", when=serves, backoff=2, registry=registry)
+    async def reconcile_update(
+        namespace: str | None, name: str, body: kopf.Body, diff: kopf.Diff, **_: Any
+    ) -> None:
+        model_changed = any(tuple(d[1])[:2] == ("spec", "model") or tuple(d[1]) == ("spec",) for d in diff)
+        await ctl.trigger(str(namespace), name, _snapshot(body), force_resolve=model_changed)
+
+    @kopf.on.timer(*md, id="resync", interval=opts.resync_seconds, when=serves, registry=registry)
+    async def resync(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+        await ctl.trigger(str(namespace), name, _snapshot(body))
+
+    @kopf.on.event(*mr, id="replica-changed", registry=registry)
+    async def replica_changed(
+        event: kopf.RawEvent, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+    ) -> None:
+        owner = labels.get(LABEL_DEPLOYMENT)
+        if not owner or namespace is None or not serves(namespace):
+            return
+        etype = event.get("type")
+        if etype == "DELETED":
+            ctl.forget_replica(body)
+        else:
+            ev = ctl.replica_phase_event(body, initial=etype is None)
+            if ev is not None:
+                uid = next(
+                    (o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or ()), None
+                )
+                kopf.event(deployment_ref(namespace, owner, uid), type=ev[0], reason=ev[1], message=ev[2])
+        if etype is None:
+            return  # the initial listing: resume handlers reconcile every deployment anyway
+        await _quietly(ctl.trigger(namespace, owner))
+
+    @kopf.on.event(*mn, id="macnode-changed", registry=registry)
+    async def macnode_changed(event: kopf.RawEvent, **_: Any) -> None:
+        etype = event.get("type")
+        if etype is None:
+            return
+        if etype == "DELETED":
+            keys = [k for k in (ctl.deployments or {}) if serves(k[0])]
+        else:
+            keys = ctl.needs_placement()
+        await asyncio.gather(*(_quietly(ctl.trigger(ns, name)) for ns, name in keys))
+
+
+async def _quietly(coro: Any) -> None:
+    """A reconcile triggered by another object's event: failures are logged; the timer retries."""
+    try:
+        await coro
+    except (kopf.TemporaryError, kopf.PermanentError) as exc:
+        LOG.info("reconcile deferred", error=str(exc))
+    except Exception as exc:  # the owner's own handlers and the timer retry; one log line is enough
+        LOG.warning("reconcile failed", error=f"{type(exc).__name__}: {exc}")
+
+
+__all__ = ["FINALIZER", "Options", "P", "connection_info", "register", "settings"]
