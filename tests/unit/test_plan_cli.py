@@ -206,3 +206,32 @@ def test_installed_command_prints_json() -> None:
     assert out["predicted_decode_tokens_per_s"] == round(
         200e9 / (16_060_556_376 + out["max_model_len"] // 2 * 131_072), 1
     )
+
+
+def test_gguf_model_dir_is_profiled_from_its_header(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory with only a GGUF file (written by the gguf library): the header gives the profile."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "tiny-Q8_0.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(4)
+    writer.add_context_length(2048)
+    writer.add_embedding_length(256)
+    writer.add_head_count(8)
+    writer.add_head_count_kv(2)
+    writer.add_file_type(7)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 256), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    code = main(["plan", "--model-dir", str(tmp_path), "--chip", "m1-8gb", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["weight_bytes"] == path.stat().st_size
+    assert out["kv_bytes_per_token"] == 2 * 4 * 2 * (256 // 8) * 2  # f16 cache
+    assert out["max_model_len"] == 2048

@@ -32,7 +32,7 @@ from orchardist.planning.memory import (
     gib,
     plan,
 )
-from orchardist.planning.profile import ModelProfile, ProfileError, from_config
+from orchardist.planning.profile import ModelProfile, ProfileError, from_config, from_gguf_metadata
 
 _UNITS = {
     "": 1,
@@ -168,11 +168,46 @@ class UsageError(Exception):
     """Input the planner cannot use; exit 2 with the message."""
 
 
+def _weight_files(directory: Path) -> list[Path]:
+    """The weight shards of a model directory (a vision projector ``mmproj`` is not the model)."""
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and p.suffix in (".safetensors", ".gguf") and "mmproj" not in p.name.lower()
+    )
+
+
 def _weights_in(directory: Path) -> int:
-    files = [p for p in directory.iterdir() if p.is_file() and p.suffix in (".safetensors", ".gguf")]
+    files = _weight_files(directory)
     if not files:
         raise UsageError(f"{directory} holds no *.safetensors or *.gguf files; give --weights-bytes")
     return sum(p.stat().st_size for p in files)
+
+
+def _gguf_profile(path: Path, weights: int) -> ModelProfile:
+    """A GGUF-only directory: the header of its first shard (parsed by the OCI part's reader)."""
+    try:
+        gguf = importlib.import_module("orchardist.oci.gguf")
+    except ImportError:
+        raise NotWiredError("a GGUF model directory needs orchardist.oci.gguf (issue 5)") from None
+    size = 4 << 20
+    with path.open("rb") as f:
+        while True:
+            f.seek(0)
+            data = f.read(size)
+            try:
+                meta = gguf.parse_header(data)
+                break
+            except gguf.NeedMoreError:
+                if len(data) < size or size >= 128 << 20:
+                    raise UsageError(f"{path}: GGUF header is cut short or larger than 128 MiB") from None
+                size *= 4
+            except ValueError as exc:
+                raise UsageError(f"{path}: {exc}") from None
+    try:
+        return from_gguf_metadata(meta, weights)
+    except ProfileError as exc:
+        raise UsageError(f"{path}: {exc}") from None
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -230,6 +265,10 @@ def load_profile(args: argparse.Namespace) -> ModelProfile:
         if args.model_dir is None:
             raise UsageError("--weights-bytes N is required unless --model-dir DIR is given")
         weights = _weights_in(args.model_dir)
+    if args.model_config is None and not (args.model_dir / "config.json").exists():
+        ggufs = [p for p in _weight_files(args.model_dir) if p.suffix == ".gguf"]
+        if ggufs:
+            return _gguf_profile(ggufs[0], weights)
     try:
         return from_config(_read_config(config_path), weights)
     except ProfileError as exc:
