@@ -1,0 +1,221 @@
+"""The Helm chart: lint and template clean, a values schema that refuses unknown keys, CRDs that are
+the repo's own, least-privilege RBAC with a reason on every rule, and `helm install` on a fresh
+real apiserver (no kubelet: the operator pod stays Pending, which is fine here)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchardist.dev.cluster import Cluster, find_kubebins
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "orchardist"
+NODES = "agents.nodes={mac-a,mac-b}"
+SYSTEM_NS = "orchardist-system"
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A fresh control plane without our CRDs, so the chart installs them itself."""
+    cl = Cluster.start(
+        tmp_path_factory.mktemp("chart") / "state", bin_dir=find_kubebins(), controller_manager=False
+    )
+    try:
+        yield cl
+    finally:
+        cl.stop()
+
+
+def render(cluster: Cluster, *sets: str) -> list[dict[str, Any]]:
+    args = [a for s in sets for a in ("--set", s)]
+    out = cluster.helm("template", "orchardist", str(CHART), "-n", SYSTEM_NS, *args)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_chart_crds_are_the_repos_crds() -> None:
+    """One source: the chart's copies (templated so upgrades reach them) equal crds/ byte for byte."""
+    ours = {p.name: p.read_bytes() for p in (REPO / "crds").glob("*.yaml")}
+    copies = {p.name: p.read_bytes() for p in (CHART / "files" / "crds").glob("*.yaml")}
+    assert ours, "crds/ is empty"
+    assert copies == ours, (
+        "charts/orchardist/files/crds/ is stale: cp crds/*.yaml charts/orchardist/files/crds/"
+    )
+
+
+@pytest.mark.parametrize("sets", [(), (NODES,), (NODES, "crds.enabled=false", "systemNamespace.create=true")])
+def test_helm_lint_is_clean(bare: Cluster, sets: tuple[str, ...]) -> None:
+    args = [a for s in sets for a in ("--set", s)]
+    out = bare.helm("lint", "--strict", str(CHART), *args, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[WARNING]" not in out.stdout and "[ERROR]" not in out.stdout, out.stdout
+
+
+def test_template_renders_crds_from_the_repo_with_keep(bare: Cluster) -> None:
+    docs = render(bare, NODES)
+    kinds = [d["kind"] for d in docs]
+    for kind in ("Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
+                 "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"):  # fmt: skip
+        assert kind in kinds, kind
+    crds = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
+    for path in (REPO / "crds").glob("*.yaml"):
+        source = yaml.safe_load(path.read_text())
+        rendered = crds.pop(source["metadata"]["name"])
+        assert rendered["spec"] == source["spec"]
+        assert rendered["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert set(crds) == {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+
+    no_keep = render(bare, "crds.keep=false")
+    assert all("annotations" not in d["metadata"] for d in no_keep if d["kind"] == "CustomResourceDefinition")
+    assert not [d for d in render(bare, "crds.enabled=false") if d["kind"] == "CustomResourceDefinition"]
+
+
+def test_operator_deployment_image_is_configurable(bare: Cluster) -> None:
+    docs = render(
+        bare, "image.repository=example.invalid/orchardist", "image.tag=1.2.3", "image.pullPolicy=Always"
+    )
+    [dep] = [d for d in docs if d["kind"] == "Deployment"]
+    [container] = dep["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "example.invalid/orchardist:1.2.3"
+    assert container["imagePullPolicy"] == "Always"
+    assert container["command"] == ["orchardist", "operator", "run"]
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["bogus", "image.bogus", "operator.bogus", "operator.resources.bogus", "operator.resources.limits.bogus",
+     "serviceAccount.bogus", "rbac.bogus", "crds.bogus", "systemNamespace.bogus", "agents.bogus",
+     "agents.admissionPolicy.bogus"],
+)  # fmt: skip
+def test_values_schema_refuses_unknown_keys(bare: Cluster, key: str) -> None:
+    out = bare.helm("template", "orchardist", str(CHART), "--set", f"{key}=1", check=False)
+    assert out.returncode != 0
+    assert "additional properties 'bogus' not allowed" in out.stderr
+
+
+def test_values_schema_closes_every_object() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    open_objects: list[str] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if "properties" in node and node.get("additionalProperties") is not False:
+                open_objects.append(where)
+            for key, value in node.items():
+                walk(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}/{i}")
+
+    walk(schema, "")
+    assert not open_objects
+
+
+@pytest.mark.parametrize("template", ["operator-rbac.yaml", "agents.yaml"])
+def test_every_rbac_rule_says_why(template: str) -> None:
+    lines = (CHART / "templates" / template).read_text().splitlines()
+    rules = [i for i, line in enumerate(lines) if line.strip().startswith("- apiGroups:")]
+    assert rules
+    for i in rules:
+        assert lines[i - 1].strip().startswith("#"), f"{template}:{i + 1}: a rule without a comment"
+
+
+def _rules(docs: list[dict[str, Any]], kind: str, suffix: str) -> list[dict[str, Any]]:
+    [role] = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+    rules: list[dict[str, Any]] = role["rules"]
+    return rules
+
+
+def test_rbac_is_least_privilege(bare: Cluster) -> None:
+    docs = render(bare, NODES)
+    for kind, suffix in [("ClusterRole", "-operator"), ("ClusterRole", "-agent"), ("Role", "-operator"),
+                         ("Role", "-agent")]:  # fmt: skip
+        for rule in _rules(docs, kind, suffix):
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+    operator = _rules(docs, "ClusterRole", "-operator")
+    writes = {
+        r
+        for rule in operator
+        for r in rule["resources"]
+        if {"create", "patch", "update"} & set(rule["verbs"])
+    }
+    assert (
+        "macnodes" not in writes and "macnodes/status" not in writes and "modelreplicas/status" not in writes
+    )
+    agent = _rules(docs, "ClusterRole", "-agent")
+    assert not [r for r in agent if "delete" in r["verbs"]]
+    agent_writes = {
+        r for rule in agent for r in rule["resources"] if {"create", "patch", "update"} & set(rule["verbs"])
+    }
+    assert agent_writes == {"macnodes", "macnodes/status", "modelreplicas/status", "events"}
+
+
+def test_helm_install_on_the_real_apiserver(bare: Cluster) -> None:
+    out = bare.helm(
+        "install",
+        "orchardist",
+        str(CHART),
+        "-n",
+        SYSTEM_NS,
+        "--create-namespace",
+        "--set",
+        NODES,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    status = json.loads(bare.helm("status", "orchardist", "-n", SYSTEM_NS, "-o", "json").stdout)
+    assert status["info"]["status"] == "deployed"
+    bare.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s",
+        "crd/modeldeployments.orchardist.io", "crd/modelreplicas.orchardist.io", "crd/macnodes.orchardist.io",
+        "crd/clusterkopfpeerings.kopf.dev", "crd/kopfpeerings.kopf.dev",
+    )  # fmt: skip
+    dep = json.loads(
+        bare.kubectl("get", "deploy", "orchardist-operator", "-n", SYSTEM_NS, "-o", "json").stdout
+    )
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "orchardist-operator"
+    for sa in ("orchardist-operator", "orchardist-agent-mac-a", "orchardist-agent-mac-b"):
+        bare.kubectl("get", "serviceaccount", sa, "-n", SYSTEM_NS)
+    bare.kubectl("get", "validatingadmissionpolicy", "orchardist-agent-identity")
+    bare.kubectl("get", "validatingadmissionpolicybinding", "orchardist-agent-identity")
+
+    # The granted permissions, as the real RBAC authorizer sees them.
+    op = f"--as=system:serviceaccount:{SYSTEM_NS}:orchardist-operator"
+    agent = f"--as=system:serviceaccount:{SYSTEM_NS}:orchardist-agent-mac-a"
+    expect = [
+        (op, ["create", "modelreplicas.orchardist.io", "-n", "default"], True),
+        (op, ["patch", "modeldeployments.orchardist.io", "--subresource=status", "-n", "default"], True),
+        (op, ["create", "endpointslices.discovery.k8s.io", "-n", "default"], True),
+        (op, ["watch", "leases.coordination.k8s.io", "-n", SYSTEM_NS], True),
+        (op, ["watch", "leases.coordination.k8s.io", "-n", "default"], False),
+        (op, ["patch", "macnodes.orchardist.io", "--subresource=status"], False),
+        (op, ["patch", "modelreplicas.orchardist.io", "--subresource=status", "-n", "default"], False),
+        (op, ["create", "pods", "-n", "default"], False),
+        (agent, ["patch", "macnodes.orchardist.io", "--subresource=status"], True),
+        (agent, ["update", "leases.coordination.k8s.io", "-n", SYSTEM_NS], True),
+        (agent, ["create", "leases.coordination.k8s.io", "-n", "default"], False),
+        (agent, ["watch", "modelreplicas.orchardist.io", "-n", "default"], True),
+        (agent, ["patch", "modelreplicas.orchardist.io", "--subresource=status", "-n", "default"], True),
+        (agent, ["create", "modelreplicas.orchardist.io", "-n", "default"], False),
+        (agent, ["delete", "macnodes.orchardist.io"], False),
+        (agent, ["patch", "modeldeployments.orchardist.io", "-n", "default"], False),
+        (agent, ["list", "secrets", "-n", "default"], False),
+    ]
+    wrong = []
+    for who, args, allowed in expect:
+        got = bare.kubectl("auth", "can-i", who, *args, check=False).stdout.strip() == "yes"
+        if got != allowed:
+            wrong.append((who, args, got))
+    assert not wrong
+
+    # Uninstall keeps the CRDs (crds.keep), so ModelDeployments survive a mistaken uninstall.
+    bare.helm("uninstall", "orchardist", "-n", SYSTEM_NS)
+    assert bare.kubectl("get", "crd", "modeldeployments.orchardist.io", check=False).returncode == 0
+    assert bare.kubectl("get", "clusterrole", "orchardist-operator", check=False).returncode != 0
