@@ -346,6 +346,7 @@ class Supervisor:
                 with contextlib.suppress(OSError):
                     if entry.log_path.stat().st_size > cfg.log_max_bytes:
                         logs.copy_truncate(entry.log_path, cfg.log_backups)
+                        entry.follower.reset()
             if now < next_probe:
                 continue
             if not ready:

@@ -55,6 +55,10 @@ class Follower:
         self._offset = path.stat().st_size if from_end and path.exists() else 0
         self._partial = b""
 
+    def reset(self) -> None:
+        """Read from the start again (after the supervisor truncated the file itself)."""
+        self._offset, self._partial = 0, b""
+
     def read(self, max_bytes: int = 1 << 20) -> list[str]:
         try:
             with self.path.open("rb") as f:
