@@ -370,7 +370,8 @@ def plan(profile: ModelProfile, node: NodeCapacity, request: PlanRequest | None 
     )
     reason = (
         f"fits: KV pool {gib(num_blocks * per_block)} = {num_blocks:,} blocks = {max_tokens:,} tokens; "
-        f"max context {max_model_len:,} ({at_full} at full length){window}; {seqs} sequences{shared}"
+        f"max context {max_model_len:,} ({at_full} at full length){window}; "
+        f"max {seqs} sequence{'' if seqs == 1 else 's'} at once{shared}"
     )
     return MemoryPlan(
         weight_bytes=weights,
