@@ -179,14 +179,17 @@ class RegistryClient:
                 f"{what}: unsupported auth challenge from {self.registry}: {challenge.scheme}"
             )
         async with self._token_lock:
-            params = {"service": challenge.params.get("service", ""), "scope": scope}
+            # Ask for the scope this request needs (and the challenge's, when it names another).
+            params: list[tuple[str, str]] = [("scope", scope)]
             wanted = challenge.params.get("scope")
             if wanted and wanted != scope:
-                params["scope"] = wanted
+                params.append(("scope", wanted))
+            if challenge.params.get("service"):
+                params.insert(0, ("service", challenge.params["service"]))
             headers = {"Authorization": self.credentials.basic_header()} if self.credentials else {}
             try:
                 async with self.session.get(
-                    challenge.params["realm"], params={k: v for k, v in params.items() if v}, headers=headers
+                    challenge.params["realm"], params=params, headers=headers
                 ) as resp:
                     if resp.status in (401, 403):
                         raise AuthRequiredError(
