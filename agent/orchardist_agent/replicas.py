@@ -304,6 +304,8 @@ class ReplicaLoop:
         key = view.key
         if act is Act.RESERVE:
             self.reservations[key] = view.reserved_bytes
+            if view.digest and self.store.get(view.digest) is not None:
+                self._pin(key, view.digest)  # an adopted engine's model: pins do not survive a restart
             self._publish_memory()
         elif act is Act.PULL:
             await self._start_pull(view)
@@ -378,7 +380,11 @@ class ReplicaLoop:
             try:
                 auth = await self._pull_auth(view)
                 self._pin(key, view.digest)
-                await self.store.pull(view.model, auth=auth, progress=progress)
+                model = await self.store.pull(view.model, auth=auth, progress=progress)
+                if view.digest and model.digest != view.digest:
+                    raise ValueError(
+                        f"{view.model} resolved to {model.digest}, not spec.digest {view.digest}"
+                    )
                 state.failures = 0
                 LOG.info("pulled", replica=f"{key[0]}/{key[1]}", digest=view.digest, bytes=state.bytes_total)
                 self._publish_cache()
