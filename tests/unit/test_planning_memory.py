@@ -358,3 +358,31 @@ def test_unknown_bandwidth_gives_no_prediction() -> None:
 def test_invalid_requests_raise(request_: PlanRequest) -> None:
     with pytest.raises(ValueError):
         plan(model("qwen3-8b", W_QWEN3_8B_BF16), NodeCapacity(48 * GiB), request_)
+
+
+def test_linear_attention_state_is_charged_per_sequence() -> None:
+    """Qwen3-Coder-Next 4-bit (≈ 45 GB) on 128 GB: each sequence costs 73.7 MiB of state + its KV blocks."""
+    weights = 44_900_000_000
+    ws = int(107.52 * GiB)
+    budget = int(ws * 0.92) - weights - OVERHEAD_8192
+    per_block = 16 * (2 * 12 * 2 * 256 * 2)
+    state = 77_266_944
+    blocks_per_sequence = 262144 // 16  # the model's whole context fits one sequence
+    seqs = min(256, budget // (state + blocks_per_sequence * per_block))
+    result = plan(model("qwen3-coder-next", weights), on("m4-max-128gb"))
+    assert result.fits, result.reason
+    assert result.max_model_len == 262144
+    assert result.max_num_seqs == seqs
+    assert result.linear_state_bytes == seqs * state
+    assert result.num_blocks == (budget - seqs * state) // per_block
+    assert result.kv_budget_bytes == budget  # the engine's own budget; it reserves the state itself
+
+
+def test_too_many_requested_sequences_of_linear_state_is_refused() -> None:
+    result = plan(
+        model("qwen3-coder-next", 44_900_000_000), on("m4-max-128gb"), PlanRequest(max_num_seqs=2000)
+    )
+    assert not result.fits
+    assert result.reason.startswith(
+        "linear-attention state for 2000 sequences (143.9 GiB) leaves 0.0 GiB of KV"
+    )

@@ -244,3 +244,13 @@ def test_status_fields() -> None:
         "parameters": 16_381_470_720 // 2,
         "quantization": None,
     }
+
+
+def test_real_linear_attention_config() -> None:
+    """Qwen3-Coder-Next: 48 layers, every 4th full attention (2 KV heads x 256), 36 gated-delta-net layers."""
+    p = profile("qwen3-coder-next")
+    assert (p.full_attention_layers, p.sliding_attention_layers, p.linear_attention_layers) == (12, 0, 36)
+    assert p.kv_bytes_per_token == 2 * 12 * 2 * 256 * BF16
+    conv_dim = 2 * 16 * 128 + 32 * 128  # 2 x key heads x key dim + value heads x value dim
+    assert p.linear_state_bytes_per_sequence == 36 * ((4 - 1) * conv_dim * BF16 + 32 * 128 * 128 * 4)
+    assert p.linear_state_bytes_per_sequence == 77_266_944  # ≈ 73.7 MiB per sequence

@@ -290,46 +290,41 @@ def plan(profile: ModelProfile, node: NodeCapacity, request: PlanRequest | None 
             f"by {gib(-budget)}"
         )
 
-    # Linear-attention state is per sequence and comes off the budget before the paged pool
-    # (vllm-metal's hybrid cushion, notes 1.6 item 7). Without a requested max_num_seqs, half the
-    # budget at most goes to state.
+    # Linear-attention layers (Qwen3-Next, Qwen3.5) keep a constant state per sequence, charged per
+    # concurrent sequence before the paged pool (vllm-metal's hybrid reservation, notes 1.6 item 7,
+    # 5.1). The context is sized with room for one sequence's state; the concurrency then takes
+    # state + a full-length sequence's blocks each. Pure-attention models have state 0.
     state = profile.linear_state_bytes_per_sequence
-    seq_cap = request.max_num_seqs or DEFAULT_MAX_NUM_SEQS
-    if state:
-        seq_cap = min(seq_cap, max(1, budget // 2 // state)) if request.max_num_seqs is None else seq_cap
-    linear_reserve = state * seq_cap
-    kv_budget = budget - linear_reserve
-    if kv_budget <= 0:
-        return refuse(
-            f"linear-attention state for {seq_cap} sequences ({gib(linear_reserve)}) exceeds "
-            f"the {gib(budget)} left after weights and overhead"
-        )
-
     per_block = bs * profile.kv_bytes_per_token
-    available = kv_budget // per_block if per_block else PAGED_ATTENTION_MIN_BLOCKS
-    if available < PAGED_ATTENTION_MIN_BLOCKS:
+    if budget - state <= 0:
         return refuse(
-            f"KV budget {gib(kv_budget)} holds {available} blocks of {bs} tokens; "
+            f"one sequence's linear-attention state ({gib(state)}) exceeds the {gib(budget)} "
+            "left after weights and overhead"
+        )
+    one = (budget - state) // per_block if per_block else PAGED_ATTENTION_MIN_BLOCKS
+    if one < PAGED_ATTENTION_MIN_BLOCKS:
+        return refuse(
+            f"KV budget {gib(budget - state)} holds {one} blocks of {bs} tokens; "
             f"vllm-metal needs at least {PAGED_ATTENTION_MIN_BLOCKS}",
-            num_blocks=available,
+            num_blocks=one,
         )
 
-    fitting = largest_context(profile, available, bs)
+    fitting = largest_context(profile, one, bs)
     limit = profile.max_position_embeddings
     if request.context_length is not None:
         if request.context_length > limit:
             return refuse(
                 f"context {request.context_length:,} exceeds the model's maximum {limit:,}",
-                num_blocks=available,
+                num_blocks=one,
                 max_model_len=fitting,
             )
         need = blocks_for_sequence(profile, request.context_length, bs)
-        if need > available:
+        if need > one:
             return refuse(
                 f"one {request.context_length:,}-token sequence needs {gib(need * per_block)} of KV; "
-                f"the budget holds {gib(available * per_block)} ({available * bs:,} tokens), "
+                f"the budget holds {gib(one * per_block)} ({one * bs:,} tokens), "
                 f"so the longest context that fits is {fitting:,}",
-                num_blocks=available,
+                num_blocks=one,
                 max_model_len=fitting,
             )
         max_model_len = request.context_length
@@ -339,8 +334,17 @@ def plan(profile: ModelProfile, node: NodeCapacity, request: PlanRequest | None 
     per_sequence = max(blocks_for_sequence(profile, max_model_len, bs), 1)
     if request.max_num_seqs is not None:
         seqs = request.max_num_seqs
-    else:
-        seqs = max(1, min(seq_cap, available // per_sequence))
+    else:  # as many full-length sequences as fit at once, within vLLM's default cap
+        seqs = max(1, min(DEFAULT_MAX_NUM_SEQS, budget // (state + per_sequence * per_block)))
+    linear_reserve = state * seqs
+    available = (budget - linear_reserve) // per_block if per_block else PAGED_ATTENTION_MIN_BLOCKS
+    if available < max(per_sequence, PAGED_ATTENTION_MIN_BLOCKS):
+        return refuse(
+            f"linear-attention state for {seqs} sequences ({gib(linear_reserve)}) leaves "
+            f"{gib(max(budget - linear_reserve, 0))} of KV, less than one {max_model_len:,}-token sequence",
+            num_blocks=max(available, 0),
+            max_model_len=fitting,
+        )
 
     # Partition: a replica with a pinned context and concurrency reserves only what it can use, and
     # any replica sharing the Mac runs with its own fraction of the working set.
