@@ -1,0 +1,214 @@
+"""Per-Mac agent identities from the chart: each agent's token may write its own MacNode, Lease and
+the status of replicas bound to its node, and the ValidatingAdmissionPolicy refuses the same writes
+to another node's objects, with its message, on the real apiserver."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchardist.dev.cluster import Cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "orchardist"
+SYSTEM_NS = "orchardist-system"
+A, B = "mac-id-a", "mac-id-b"
+DIGEST = "sha256:" + "cd" * 32
+
+pytestmark = pytest.mark.cluster
+
+
+class Agent:
+    """kubectl with one agent ServiceAccount's token (a kubeconfig of its own)."""
+
+    def __init__(self, cluster: Cluster, node: str, directory: Path) -> None:
+        token = cluster.kubectl("create", "token", f"orchardist-agent-{node}", "-n", SYSTEM_NS).stdout.strip()
+        self.kubeconfig = directory / f"{node}.kubeconfig"
+        self.kubeconfig.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "c", "cluster": {"server": cluster.server,
+                                                            "certificate-authority": str(cluster.ca_file)}}],
+                    "users": [{"name": node, "user": {"token": token}}],
+                    "contexts": [{"name": "c", "context": {"cluster": "c", "user": node}}],
+                    "current-context": "c",
+                }
+            )
+        )  # fmt: skip
+        self.bin = cluster.bin("kubectl")
+
+    def kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.bin), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def agents(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Agent]]:
+    """The chart installed (CRDs already there) with two agent identities."""
+    cluster.helm(
+        "install", "identity", str(CHART), "-n", SYSTEM_NS, "--create-namespace",
+        "--set", "crds.enabled=false", "--set", f"agents.nodes={{{A},{B}}}",
+    )  # fmt: skip
+    try:
+        directory = tmp_path_factory.mktemp("agents")
+        found = {node: Agent(cluster, node, directory) for node in (A, B)}
+        _wait_for_policy(found[A])
+        yield found
+    finally:
+        cluster.helm("uninstall", "identity", "-n", SYSTEM_NS, check=False)
+        cluster.kubectl("delete", "macnode", A, B, "mac-id-c", "--ignore-not-found", check=False)
+        cluster.kubectl("delete", "lease", A, B, "-n", SYSTEM_NS, "--ignore-not-found", check=False)
+
+
+def _wait_for_policy(agent: Agent, timeout: float = 30) -> None:
+    """A new policy reaches the admission plugin within seconds: probe with a server-side dry run
+    (admission runs, nothing is stored) until it refuses."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = agent.kubectl("create", "--dry-run=server", "-f", "-", input=_macnode("mac-id-probe"))
+        if out.returncode != 0 and "may only write its own MacNode" in out.stderr:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the agent identity policy is not enforced after {timeout} s: {out.stderr}")
+        time.sleep(0.3)
+
+
+def _macnode(name: str) -> str:
+    return json.dumps({"apiVersion": "orchardist.io/v1alpha1", "kind": "MacNode", "metadata": {"name": name}})
+
+
+def _lease(name: str) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "namespace": SYSTEM_NS},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": 40},
+        }
+    )
+
+
+def _replica(name: str, node: str, namespace: str) -> str:
+    obj: dict[str, Any] = {
+        "apiVersion": "orchardist.io/v1alpha1",
+        "kind": "ModelReplica",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"orchardist.io/node": node}},
+        "spec": {
+            "nodeName": node,
+            "deployment": "qwen",
+            "model": f"oci://registry.example.com/models/qwen@{DIGEST}",
+            "digest": DIGEST,
+            "servedModelName": "qwen",
+            "memoryPlan": {
+                "weightBytes": 1 << 30, "overheadBytes": 1 << 29, "kvBudgetBytes": 1 << 31,
+                "kvBytesPerToken": 114688, "blockSize": 16, "numBlocks": 2048, "maxModelLen": 32768,
+                "maxNumSeqs": 8, "maxNumBatchedTokens": 4096, "gpuMemoryUtilization": 0.92,
+                "reservedBytes": 4 << 30,
+            },
+        },
+    }  # fmt: skip
+    return json.dumps(obj)
+
+
+STATUS = json.dumps({"status": {"agentVersion": "0.1.0", "address": "192.0.2.10"}})
+
+
+def refused(out: subprocess.CompletedProcess[str], message: str) -> str:
+    assert out.returncode != 0, f"allowed, expected a refusal with {message!r}: {out.stdout}"
+    assert message in out.stderr, out.stderr
+    return out.stderr
+
+
+def test_agent_writes_its_own_macnode_and_is_refused_on_another(
+    cluster: Cluster, agents: dict[str, Agent]
+) -> None:
+    a = agents[A]
+    created = a.kubectl("create", "-f", "-", input=_macnode(A))
+    assert created.returncode == 0, created.stderr
+    cluster.kubectl("create", "-f", "-", input=_macnode(B))  # node B registered by someone else
+
+    err = refused(
+        a.kubectl("patch", "macnode", B, "--subresource=status", "--type=merge", "-p", STATUS),
+        f"orchardist agent {A} may only write its own MacNode, not MacNode {B}",
+    )
+    assert "ValidatingAdmissionPolicy" in err and "denied request" in err
+
+    own = a.kubectl("patch", "macnode", A, "--subresource=status", "--type=merge", "-p", STATUS)
+    assert own.returncode == 0, own.stderr
+    status = json.loads(cluster.kubectl("get", "macnode", A, "-o", "json").stdout)["status"]
+    assert status["address"] == "192.0.2.10"
+    # B's own agent may do what A may not.
+    theirs = agents[B].kubectl("patch", "macnode", B, "--subresource=status", "--type=merge", "-p", STATUS)
+    assert theirs.returncode == 0, theirs.stderr
+
+    impostor = a.kubectl("create", "-f", "-", input=_macnode("mac-id-c"))
+    assert impostor.returncode != 0
+    assert "may only write its own MacNode, not MacNode mac-id-c" in impostor.stderr
+    relabel = a.kubectl("label", "macnode", B, "stolen=yes")
+    assert relabel.returncode != 0 and "may only write its own MacNode" in relabel.stderr
+    # RBAC still bounds what an agent can do at all.
+    delete = a.kubectl("delete", "macnode", A)
+    assert delete.returncode != 0 and "forbidden" in delete.stderr.lower()
+
+
+def test_agent_keeps_its_own_lease_only(agents: dict[str, Agent]) -> None:
+    a = agents[A]
+    refused(
+        a.kubectl("create", "-f", "-", input=_lease(B)),
+        f"orchardist agent {A} may only write its own Lease ({SYSTEM_NS}/{A}), not {SYSTEM_NS}/{B}",
+    )
+    own = a.kubectl("create", "-f", "-", input=_lease(A))
+    assert own.returncode == 0, own.stderr
+    renew = a.kubectl("patch", "lease", A, "-n", SYSTEM_NS, "--type=merge", "-p",
+                      json.dumps({"spec": {"renewTime": "2026-11-26T12:00:00.000000Z"}}))  # fmt: skip
+    assert renew.returncode == 0, renew.stderr
+    replaced = a.kubectl("replace", "-f", "-", input=_lease(A))
+    assert replaced.returncode == 0, replaced.stderr
+    elsewhere = a.kubectl("create", "-n", "default", "-f", "-", input=_lease(A).replace(SYSTEM_NS, "default"))
+    assert elsewhere.returncode != 0 and "forbidden" in elsewhere.stderr.lower()
+
+
+def test_agent_reports_status_only_for_replicas_on_its_node(
+    cluster: Cluster, agents: dict[str, Agent], namespace: str
+) -> None:
+    cluster.kubectl("create", "-f", "-", input=_replica("on-a", A, namespace))
+    cluster.kubectl("create", "-f", "-", input=_replica("on-b", B, namespace))
+    a = agents[A]
+    progress = json.dumps({"status": {"phase": "Pulling", "restarts": 0}})
+    patch = ["--subresource=status", "--type=merge", "-p", progress]
+    refused(
+        a.kubectl("patch", "mr", "on-b", "-n", namespace, *patch),
+        f"orchardist agent {A} may only write ModelReplicas bound to its own node, not on-b on node {B}",
+    )
+    own = a.kubectl(
+        "patch", "mr", "on-a", "-n", namespace, "--subresource=status", "--type=merge", "-p", progress
+    )
+    assert own.returncode == 0, own.stderr
+    assert (
+        json.loads(cluster.kubectl("get", "mr", "on-a", "-n", namespace, "-o", "json").stdout)["status"][
+            "phase"
+        ]
+        == "Pulling"
+    )
+    # The agent sees the replicas (list/watch) but cannot create or change their spec (RBAC).
+    listed = a.kubectl("get", "mr", "-n", namespace, f"--field-selector=spec.nodeName={A}", "-o", "name")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split() == ["modelreplica.orchardist.io/on-a"]
+    create = a.kubectl("create", "-f", "-", input=_replica("forged", A, namespace))
+    assert create.returncode != 0 and "forbidden" in create.stderr.lower()
+
+
+def test_other_identities_pass_the_policy(cluster: Cluster, agents: dict[str, Agent]) -> None:
+    """The policy judges agent identities only: the admin writes any MacNode's status."""
+    cluster.kubectl("apply", "-f", "-", input=_macnode(B))
+    cluster.kubectl("patch", "macnode", B, "--subresource=status", "--type=merge", "-p", STATUS)
