@@ -6,6 +6,7 @@ Pulled -> Started -> Ready and answer a chat completion through `mlx_lm.server` 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -20,9 +21,11 @@ from typing import Any
 import pytest
 
 from orchardist.dev.cluster import Cluster
+from orchardist.oci.auth import Credentials
 from orchardist.oci.push import push
 from orchardist_agent.engines import Runtime
 from tests.e2e.test_agent_node import Agent, kget, make_agent, registered, wait_for
+from tests.fixtures.registry import AuthRegistry
 
 pytestmark = [pytest.mark.cluster, pytest.mark.registry, pytest.mark.engine]
 
@@ -240,4 +243,71 @@ def test_engine_that_exits_reports_crash_loop_with_its_last_log_lines(
         "the engine record removed",
         lambda: not list((agent.workdir / "state" / "engines").glob("*.json")),
         timeout=60,
+    )
+
+
+@pytest.fixture(scope="session")
+async def private_ref(auth_registry: AuthRegistry, tiny_model: Path) -> tuple[str, str]:
+    """The tiny model in a registry that wants basic auth."""
+    creds = Credentials(auth_registry.username, auth_registry.password)
+    digest = await push(tiny_model, f"{auth_registry.host}/private/tiny:v1", auth=creds)
+    return f"oci://{auth_registry.host}/private/tiny@{digest}", digest
+
+
+def test_pull_secret_from_the_replicas_namespace_is_used(
+    cluster: Cluster,
+    namespace: str,
+    engine_agent: Agent,
+    auth_registry: AuthRegistry,
+    private_ref: tuple[str, str],
+) -> None:
+    agent = engine_agent.start()
+    registered(cluster, agent)
+    # Without credentials the registry refuses: PullFailed, and the agent keeps the reason.
+    apply(cluster, namespace, replica("anon", agent.node, private_ref))
+
+    def pull_failed() -> dict[str, Any] | None:
+        st = status_of(cluster, namespace, "anon")
+        return st if condition(st, "Pulled").get("reason") == "PullFailed" else None
+
+    st = wait_for("PullFailed", pull_failed, timeout=60)
+    assert st["lastError"]["reason"] == "PullFailed"
+    cluster.kubectl("delete", "modelreplica", "-n", namespace, "anon")
+
+    token = base64.b64encode(f"{auth_registry.username}:{auth_registry.password}".encode()).decode()
+    dockerconfig = json.dumps({"auths": {auth_registry.host: {"auth": token}}})
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "regcred"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64.b64encode(dockerconfig.encode()).decode()},
+    }
+    apply(cluster, namespace, secret)
+    apply(cluster, namespace, replica("private", agent.node, private_ref, pullSecretRef={"name": "regcred"}))
+    st = wait_phase(cluster, agent, namespace, "private", "Ready", timeout=180)
+    assert condition(st, "Pulled")["status"] == "True"
+    assert chat(st["endpoint"])["choices"]
+    pid = engine_pid(st)
+    cluster.kubectl("delete", "modelreplica", "-n", namespace, "private", "--wait=true")
+    wait_for("the engine to exit", lambda: not alive(pid), timeout=60)
+
+
+def test_replica_deleted_while_the_agent_was_away_has_its_engine_stopped(
+    cluster: Cluster, namespace: str, engine_agent: Agent, tiny_ref: tuple[str, str]
+) -> None:
+    agent = engine_agent.start()
+    registered(cluster, agent)
+    apply(cluster, namespace, replica("orphan", agent.node, tiny_ref))
+    pid = engine_pid(wait_phase(cluster, agent, namespace, "orphan", "Ready", timeout=180))
+    assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
+    cluster.kubectl("delete", "modelreplica", "-n", namespace, "orphan", "--wait=true")
+    assert alive(pid)  # nobody stopped it yet
+    agent.start()
+    registered(cluster, agent)
+    wait_for("the orphaned engine to be stopped", lambda: not alive(pid), timeout=60)
+    wait_for(
+        "allocated memory zero",
+        lambda: kget(cluster, "macnode", agent.node)["status"]["memory"]["allocatedBytes"] == 0,
+        timeout=30,
     )
