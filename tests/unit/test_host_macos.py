@@ -234,3 +234,9 @@ def test_address_from_recorded_ifconfig() -> None:
     assert choose_address(addresses, override="mac-1.lan") == "mac-1.lan"
     assert choose_address(["127.0.0.1"]) == "127.0.0.1"
     assert choose_address([]) == "127.0.0.1"
+
+
+def test_garbled_hardware_report_still_gives_sysctl_facts() -> None:
+    got = macos.facts_from_outputs(read("m4-pro-mac-mini-64gb", "sysctl.txt") or "", "not json", None, None)
+    assert (got.chip.family, got.memory.total_bytes, got.gpu_cores) == ("M4 Pro", 64 * GiB, None)
+    assert got.memory_bandwidth_bytes_per_second == 273 * 10**9

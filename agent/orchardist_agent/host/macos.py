@@ -103,7 +103,10 @@ def facts_from_outputs(
 ) -> HostFacts:
     """HostFacts from the recorded/fresh outputs (address and model store are filled by the caller)."""
     ctl = parse_sysctl(sysctl)
-    prof = parse_system_profiler(system_profiler) if system_profiler else {}
+    try:
+        prof = parse_system_profiler(system_profiler) if system_profiler else {}
+    except (ValueError, AttributeError, IndexError, TypeError):  # a garbled report: sysctl still answers
+        prof = {}
     brand = ctl.get("machdep.cpu.brand_string") or prof.get("chip_type") or prof.get("gpu_model")
     family = macs.family_of(brand) if brand else None
     total = _int(ctl.get("hw.memsize"))
