@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from orchardist import log
 from orchardist.dev import cluster as cluster_mod
 
 DEFAULT_STATE = Path(".state") / "dev"
@@ -78,6 +79,7 @@ def _lazy(name: str) -> object:
 
 
 def run_cluster_up(args: argparse.Namespace) -> int:
+    log.configure("WARNING")  # the command prints what matters; details go to the logs dir
     where = _state(args)
     existing = cluster_mod.Cluster.load(where)
     if existing is not None and existing.healthy():
