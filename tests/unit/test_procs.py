@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from orchardist.dev import procs
+from orchardist.dev import cluster, procs
 
 SLEEPER = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"]
 
@@ -113,3 +113,34 @@ def test_wait_http_times_out_and_then_succeeds_on_a_real_server() -> None:
         assert waited < 10
     finally:
         server.shutdown()
+
+
+def test_missing_control_plane_binaries_are_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "etcd").write_text("#!/bin/sh\n")
+    (tmp_path / "etcd").chmod(0o755)
+    monkeypatch.setenv("ORCHARDIST_KUBEBINS", str(tmp_path))
+    with pytest.raises(cluster.KubebinsMissingError, match="lacks kube-apiserver, kube-controller-manager"):
+        cluster.find_kubebins()
+
+
+def test_cluster_start_refuses_a_foreign_non_empty_state_dir(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds no cluster record"):
+        cluster.Cluster.start(tmp_path, bin_dir=tmp_path)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_down_of_a_dead_recorded_cluster_removes_its_state(tmp_path: Path) -> None:
+    rec = procs.start("etcd", [sys.executable, "-c", "pass"], tmp_path / "state" / "logs" / "etcd.log")
+    state = tmp_path / "state"
+    procs.save([rec], state / "pids")
+    (state / "cluster.json").write_text(
+        '{"bin_dir": "/nonexistent", "api_port": 1, "etcd_port": 2, "token": "t", "order": ["etcd"]}'
+    )
+    deadline = time.monotonic() + 10
+    while procs.is_running(rec) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cluster.down(state) == []
+    assert not state.exists()
