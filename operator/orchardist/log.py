@@ -24,6 +24,20 @@ _SHARED: list[structlog.types.Processor] = [
 ]
 
 
+def _kopf_extras(
+    _logger: object, _method: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """kopf attaches its whole settings object and an object reference to every record: keep the
+    reference as one readable field and drop the rest, so a line stays a line."""
+    event.pop("settings", None)
+    event.pop("k8s_skip", None)
+    ref = event.pop("k8s_ref", None)
+    if isinstance(ref, dict):
+        where = "/".join(str(ref[k]) for k in ("namespace", "name") if ref.get(k))
+        event.setdefault("object", f"{ref.get('kind', '?')} {where}")
+    return event
+
+
 def configure(level: str = "INFO", fmt: LogFormat = "auto") -> None:
     """Configure structlog and route stdlib logging (kopf included) through it. Idempotent."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -43,7 +57,7 @@ def configure(level: str = "INFO", fmt: LogFormat = "auto") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*_SHARED, structlog.stdlib.ExtraAdder()],
+            foreign_pre_chain=[*_SHARED, structlog.stdlib.ExtraAdder(), _kopf_extras],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
