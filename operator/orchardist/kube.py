@@ -25,11 +25,13 @@ def api_client(kubeconfig: str | Path | None = None, context: str | None = None)
     path = str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG")
     if path or Path("~/.kube/config").expanduser().exists():
         cfg = client.Configuration()
-        config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=path, context=context, client_configuration=cfg
+        )
         return client.ApiClient(cfg)
     try:
         cfg = client.Configuration()
-        config.load_incluster_config(client_configuration=cfg)
+        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
     except ConfigException as exc:
         raise ConfigException(
             "no Kubernetes credentials: pass --kubeconfig, set KUBECONFIG, or run inside a cluster"
