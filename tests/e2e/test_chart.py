@@ -26,7 +26,10 @@ pytestmark = pytest.mark.cluster
 def bare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A fresh control plane without our CRDs, so the chart installs them itself."""
     cl = Cluster.start(
-        tmp_path_factory.mktemp("chart") / "state", bin_dir=find_kubebins(), controller_manager=False
+        tmp_path_factory.mktemp("chart") / "state",
+        bin_dir=find_kubebins(),
+        controller_manager=False,
+        die_with_parent=True,
     )
     try:
         yield cl

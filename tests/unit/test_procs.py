@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -144,3 +145,31 @@ def test_down_of_a_dead_recorded_cluster_removes_its_state(tmp_path: Path) -> No
         time.sleep(0.05)
     assert cluster.down(state) == []
     assert not state.exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is a Linux feature")
+def test_die_with_parent_stops_the_child_when_its_starter_is_killed(tmp_path: Path) -> None:
+    starter = (
+        "import sys; from pathlib import Path; from orchardist.dev import procs\n"
+        f"log = Path({str(tmp_path / 'child.log')!r})\n"
+        f"rec = procs.start('child', {SLEEPER!r}, log, die_with_parent=True)\n"
+        "print('RECORD', rec.to_json().replace(chr(10), ' '), flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    line = ""
+    while not line.startswith("RECORD "):  # other output (logging) may come first
+        line = parent.stdout.readline()
+        assert line, "the starter exited without starting its child"
+    child = procs.ProcRecord.from_json(line.removeprefix("RECORD "))
+    try:
+        assert procs.is_running(child)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while procs.is_running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not procs.is_running(child)
+    finally:
+        procs.stop(child, grace=1)

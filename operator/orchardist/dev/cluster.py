@@ -169,12 +169,13 @@ class Cluster:
         controller_manager: bool = True,
         crds: Path | None = None,
         timeout: float = 60.0,
+        die_with_parent: bool = False,
     ) -> Cluster:
         """Start etcd, kube-apiserver and (optionally) kube-controller-manager; wait for /readyz.
 
         ``crds`` (a dir of CRD files) are applied and Established *before* the controller-manager
         starts, so its garbage collector knows them from its first discovery (otherwise it notices
-        new resources only on its 30 s resync).
+        new resources only on its 30 s resync). ``die_with_parent``: see :func:`procs.start` (tests).
         """
         bin_dir = bin_dir or find_kubebins()
         state_dir = state_dir.resolve()
@@ -219,13 +220,17 @@ class Cluster:
                     "--log-level=warn",
                 ],
                 logs / "etcd.log",
+                die_with_parent=die_with_parent,
             )
             cluster._record(etcd)
             procs.wait_http(
                 f"http://127.0.0.1:{cluster.etcd_port}/health", timeout=timeout, proc=etcd, expect="true"
             )
             api = procs.start(
-                "kube-apiserver", cluster._apiserver_argv(controller_manager), logs / "kube-apiserver.log"
+                "kube-apiserver",
+                cluster._apiserver_argv(controller_manager),
+                logs / "kube-apiserver.log",
+                die_with_parent=die_with_parent,
             )
             cluster._record(api)
             procs.wait_http(f"{cluster.server}/readyz", timeout=timeout, proc=api, expect="ok")
@@ -235,7 +240,10 @@ class Cluster:
                 cluster.apply_crds(crds)
             if controller_manager:
                 kcm = procs.start(
-                    "kube-controller-manager", cluster._kcm_argv(), logs / "kube-controller-manager.log"
+                    "kube-controller-manager",
+                    cluster._kcm_argv(),
+                    logs / "kube-controller-manager.log",
+                    die_with_parent=die_with_parent,
                 )
                 cluster._record(kcm)
         except BaseException:

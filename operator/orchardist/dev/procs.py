@@ -103,8 +103,14 @@ def start(
     *,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    die_with_parent: bool = False,
 ) -> ProcRecord:
-    """Start ``argv`` in a new session with stdout+stderr appended to ``log_path``."""
+    """Start ``argv`` in a new session with stdout+stderr appended to ``log_path``.
+
+    ``die_with_parent`` (Linux): the kernel sends SIGTERM when this Python process dies, so a test
+    run killed by a timeout leaves no control plane behind on a shared machine. Off for
+    ``dev cluster up``, whose processes must outlive the command.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
@@ -115,6 +121,7 @@ def start(
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,
+            preexec_fn=_tie_to_parent if die_with_parent and sys.platform == "linux" else None,
         )
     _children[proc.pid] = proc
     started = start_time(proc.pid)
@@ -126,6 +133,13 @@ def start(
     rec = ProcRecord(name=name, pid=proc.pid, start_time=started, argv=list(argv), log=str(log_path))
     _log.debug("started", proc=name, pid=proc.pid, log=str(log_path))
     return rec
+
+
+def _tie_to_parent() -> None:  # runs in the child between fork and exec
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def tail(path: Path | str, lines: int = 20) -> str:
