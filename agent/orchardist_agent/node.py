@@ -162,14 +162,17 @@ class NodeAgent:
         *,
         address: str,
         heartbeat_interval: float = 10.0,
-        facts_interval: float = 60.0,
+        facts_interval: float | None = None,
     ) -> None:
         self.kube = kube
         self.name = name
         self.facts = facts
         self.address = address
         self.heartbeat_interval = heartbeat_interval
-        self.facts_interval = facts_interval
+        # Host facts (free disk, runtimes) move slowly: every 6 heartbeats, 60 s by default.
+        self.facts_interval = (
+            facts_interval if facts_interval is not None else max(6 * heartbeat_interval, 5.0)
+        )
         self.state = NodeState()
         self._host: JSON = {}
         self._status: JSON = {}  # as the server last returned it
@@ -234,7 +237,14 @@ class NodeAgent:
         for key in self._status:
             if key not in patch:
                 patch[key] = None
-        node = self.kube.merge_patch(macnode_path(self.name) + "/status", {"status": patch})
+        try:
+            node = self.kube.merge_patch(macnode_path(self.name) + "/status", {"status": patch})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            LOG.warning("macnode vanished; registering it again", node=self.name)
+            self._ensure_macnode()
+            node = self.kube.merge_patch(macnode_path(self.name) + "/status", {"status": status})
         self._status = dict(node.get("status") or status)
         self._sent = status
 
@@ -313,11 +323,15 @@ class NodeAgent:
                 if now >= next_beat:
                     await asyncio.to_thread(self.renew_lease)
                     next_beat = now + self.heartbeat_interval
+                force = False
                 if now >= next_facts:
+                    # Now and then the whole status is written even if unchanged: this repairs a
+                    # MacNode deleted (or edited) behind the agent's back.
                     self._host = await asyncio.to_thread(self.facts)
                     next_facts = now + self.facts_interval
+                    force = True
                 self._changed.clear()
-                await asyncio.to_thread(self._push_status)
+                await asyncio.to_thread(self._push_status, force)
             except Exception as exc:  # the API server may be away for a while: keep trying
                 LOG.warning("heartbeat failed", node=self.name, error=str(exc))
                 next_beat = min(next_beat, loop.time() + 2.0)

@@ -253,3 +253,19 @@ def test_agent_waits_for_an_unreachable_api_server_and_exits_on_sigterm(tmp_path
             proc.kill()
     assert proc.stderr is not None
     assert b"registration failed; retrying" in proc.stderr.read()
+
+
+def test_a_deleted_macnode_is_registered_again(cluster: Cluster, agent: Agent) -> None:
+    agent.start()
+    first = registered(cluster, agent)
+    cluster.kubectl("delete", "macnode", agent.node, "--wait=true")
+    agent_node = wait_for(
+        "the MacNode to come back",
+        lambda: (
+            (n := kget(cluster, "macnode", agent.node))
+            and n["metadata"]["uid"] != first["metadata"]["uid"]
+            and n
+        ),
+        timeout=30,  # host facts are refreshed (and the status rewritten) every 6 heartbeats
+    )
+    assert agent_node["status"]["chip"]["family"] == "M4 Pro"

@@ -11,7 +11,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
+import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -311,3 +314,89 @@ def test_replica_deleted_while_the_agent_was_away_has_its_engine_stopped(
         lambda: kget(cluster, "macnode", agent.node)["status"]["memory"]["allocatedBytes"] == 0,
         timeout=30,
     )
+
+
+class SlowProxy:
+    """A loopback TCP proxy that sends the registry's responses at `rate` bytes/s (threads: the
+    tests here block, so an asyncio proxy on the test loop would stall)."""
+
+    def __init__(self, upstream: str, rate: int) -> None:
+        host, _, port = upstream.rpartition(":")
+        self.upstream = (host, int(port))
+        self.rate = rate
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, self.rate), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, rate: int | None) -> None:
+        chunk = 16 * 1024
+        with contextlib.suppress(OSError):
+            while data := src.recv(chunk):
+                dst.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.closed.set()
+        self.server.close()
+
+
+@pytest.fixture(scope="session")
+async def padded_ref(
+    registry: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, str]:
+    """The tiny model plus 24 MiB of padding: the store reports progress per 4 MiB received."""
+    padded = tmp_path_factory.mktemp("padded") / "tiny-padded"
+    shutil.copytree(tiny_model, padded)
+    (padded / "padding.bin").write_bytes(os.urandom(24 * MiB))
+    digest = await push(padded, f"{registry}/agent-e2e/tiny-padded:v1")
+    return f"oci://{registry}/agent-e2e/tiny-padded@{digest}", digest
+
+
+def test_pull_progress_is_reported_at_most_about_once_a_second(
+    cluster: Cluster, namespace: str, engine_agent: Agent, registry: str, padded_ref: tuple[str, str]
+) -> None:
+    proxy = SlowProxy(registry, rate=4 * MiB)  # ~6 s for the padded model
+    try:
+        agent = engine_agent.start()
+        registered(cluster, agent)
+        slow = (padded_ref[0].replace(registry, proxy.host), padded_ref[1])
+        apply(cluster, namespace, replica("slow", agent.node, slow))
+        seen: list[dict[str, Any]] = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60:
+            st = status_of(cluster, namespace, "slow")
+            if st.get("progress") and st["progress"] not in seen:
+                seen.append(st["progress"])
+            if condition(st, "Pulled").get("status") == "True":
+                break
+            time.sleep(0.1)
+        pull_seconds = time.monotonic() - t0
+        assert condition(status_of(cluster, namespace, "slow"), "Pulled")["status"] == "True"
+    finally:
+        proxy.close()
+    assert pull_seconds > 2.0, "the proxy did not slow the pull down"
+    partial = [p for p in seen if 0 < p["bytesDone"] < p["bytesTotal"]]
+    assert partial, seen
+    for p in partial:
+        assert p["percent"] == f"{100 * p['bytesDone'] // p['bytesTotal']}%"
+        assert p["bytesPerSecond"] > 0
+        assert p["etaSeconds"] >= 0
+    assert len(seen) <= pull_seconds + 2, (len(seen), pull_seconds)  # throttled: ~1 patch per second
+    st = wait_phase(cluster, agent, namespace, "slow", "Ready", timeout=120)
+    assert "progress" not in st  # cleared once the model is in the store
+    cluster.kubectl("delete", "modelreplica", "-n", namespace, "slow", "--wait=true")
