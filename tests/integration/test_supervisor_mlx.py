@@ -269,3 +269,49 @@ async def test_a_stale_record_never_kills_another_process(tmp_path: Path) -> Non
     finally:
         other.kill()
         await other.wait()
+
+
+async def test_a_hung_engine_fails_liveness_and_is_replaced(
+    mlx_runtime: Runtime, tiny_model: Path, tmp_path: Path
+) -> None:
+    seen: list[EngineStatus] = []
+    cfg = SupervisorConfig(
+        backoff_base=0.5,
+        probe_interval=0.5,
+        probe_timeout=0.5,
+        liveness_failures=3,
+        stop_timeout=1.0,
+        tick=0.2,
+    )
+    sup = Supervisor(tmp_path / "state", tmp_path / "logs", config=cfg, on_change=seen.append)
+    try:
+        await sup.ensure("team/hung", mlx_spec(mlx_runtime, tiny_model))
+        ready = await sup.wait("team/hung", {"Ready"}, within=120)
+        assert ready.pid is not None
+        os.kill(ready.pid, signal.SIGSTOP)  # alive, but answers nothing
+        crashed = await sup.wait("team/hung", {"CrashLoop"}, within=30)
+        assert (
+            crashed.last_error is not None and "/health failed 3 times in a row" in crashed.last_error.message
+        )
+        again = await sup.wait("team/hung", {"Ready"}, within=120)
+        assert again.pid != ready.pid and again.restarts == 1
+        assert not procs.alive(ready.pid)  # the stopped process was killed, not left behind
+        phases = [s.phase for s in seen]
+        assert phases[:1] == ["Starting"] and "CrashLoop" in phases and phases[-1] == "Ready"
+    finally:
+        await sup.shutdown()
+
+
+async def test_a_changed_launch_replaces_the_engine(
+    sup: Supervisor, mlx_runtime: Runtime, tiny_model: Path
+) -> None:
+    spec = mlx_spec(mlx_runtime, tiny_model)
+    await sup.ensure("team/change", spec)
+    first = await sup.wait("team/change", {"Ready"}, within=120)
+    same = await sup.ensure("team/change", spec)
+    assert same.pid == first.pid  # an unchanged launch is left alone
+    changed = replace(spec, engine_args=("--temp", "0.5"))
+    await sup.ensure("team/change", changed)
+    second = await sup.wait("team/change", {"Ready"}, within=120)
+    assert second.pid != first.pid and first.pid is not None and not procs.alive(first.pid)
+    assert second.restarts == 0  # a replacement is not a crash

