@@ -16,6 +16,7 @@ re-pins what it runs after a restart. GC evicts least-recently-used unpinned mod
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -50,6 +51,7 @@ from orchardist.oci.safepath import check_tree, ensure_dir, extract_tar, prepare
 _log = log.get(__name__)
 
 INDEX_VERSION = 1
+SINK_BATCH = 4 << 20  # bytes handed to the hashing/writing thread at a time
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,9 @@ class ContentStore:
         loaded: dict[str, Any] = {}
         index = self.root / "index.json"
         try:
-            raw: dict[str, Any] = json.loads(index.read_text()) if index.exists() else {"version": INDEX_VERSION}
+            raw: dict[str, Any] = (
+                json.loads(index.read_text()) if index.exists() else {"version": INDEX_VERSION}
+            )
             if raw.get("version") == INDEX_VERSION:
                 loaded = raw.get("models") or {}
         except (OSError, ValueError, AttributeError):
@@ -496,22 +500,12 @@ class ContentStore:
                     with os.fdopen(fd, "wb") as f:
                         f.seek(offset)
                         f.truncate(offset)
-                        try:
-                            async for chunk in resp.content.iter_chunked(CHUNK):
-                                if offset + len(chunk) > layer.size:
-                                    raise DigestMismatchError(
-                                        f"blob {layer.digest}: the registry sent more than the {layer.size} "
-                                        "bytes the manifest declares; discarded"
-                                    )
-                                f.write(chunk)
-                                h.update(chunk)
-                                offset += len(chunk)
-                                tracker.add(len(chunk))
-                        finally:
-                            f.flush()
+                        offset = await _stream(resp, f, h, offset, layer, tracker)
                 if offset < layer.size:
                     raise RegistryUnreachableError(f"blob {layer.digest}: connection closed at byte {offset}")
             except (aiohttp.ClientError, TimeoutError, RegistryUnreachableError) as exc:
+                # Every byte in the partial file went through the hash too: resume right after it.
+                offset = partial.stat().st_size if partial.exists() else 0
                 failures += 1
                 if failures > self.retries:
                     raise RegistryUnreachableError(
@@ -590,6 +584,50 @@ def _export(src: Path, dest: Path) -> Path:
             if full.is_symlink():
                 prepare(dest, PurePosixPath(*(rel / d).parts), "file").symlink_to(full.readlink())
     return dest
+
+
+def _sink(f: Any, h: Any, pieces: list[bytes]) -> None:
+    for piece in pieces:  # hashlib and file writes release the GIL: this overlaps the receiving
+        h.update(piece)
+        f.write(piece)
+
+
+async def _stream(
+    resp: aiohttp.ClientResponse, f: Any, h: Any, offset: int, layer: Layer, tracker: Tracker
+) -> int:
+    """Receive into ``f`` and ``h`` from ``offset``: the event loop receives while one worker thread
+    hashes and writes the previous batch (double buffering, ordered). Returns the new offset."""
+    loop = asyncio.get_running_loop()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-sink")
+    pending: asyncio.Future[None] | None = None
+    batch: list[bytes] = []
+    batched = 0
+    try:
+        async for chunk in resp.content.iter_chunked(CHUNK):
+            if offset + batched + len(chunk) > layer.size:
+                raise DigestMismatchError(
+                    f"blob {layer.digest}: the registry sent more than the {layer.size} "
+                    "bytes the manifest declares; discarded"
+                )
+            batch.append(chunk)
+            batched += len(chunk)
+            if batched >= SINK_BATCH:
+                if pending is not None:
+                    await pending
+                pending = loop.run_in_executor(pool, _sink, f, h, batch)
+                offset += batched
+                tracker.add(batched)
+                batch, batched = [], 0
+    finally:
+        if pending is not None:
+            await asyncio.shield(pending)
+        if batch:
+            _sink(f, h, batch)
+            offset += batched
+            tracker.add(batched)
+        f.flush()
+        pool.shutdown(wait=True)
+    return offset
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
