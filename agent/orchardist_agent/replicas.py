@@ -188,7 +188,10 @@ class ReplicaLoop:
                     if not stop.is_set():
                         await self._converge_all()
                     continue
-                await self._handle(getter.result())
+                try:
+                    await self._handle(getter.result())
+                except Exception as exc:  # one bad event must not end the loop
+                    LOG.exception("replica event failed", error=repr(exc))
         finally:
             stopper.cancel()
             self._stop_thread.set()

@@ -400,3 +400,21 @@ def test_pull_progress_is_reported_at_most_about_once_a_second(
     st = wait_phase(cluster, agent, namespace, "slow", "Ready", timeout=120)
     assert "progress" not in st  # cleared once the model is in the store
     cluster.kubectl("delete", "modelreplica", "-n", namespace, "slow", "--wait=true")
+
+
+def test_stop_engines_on_exit_takes_the_engines_down_with_the_agent(
+    cluster: Cluster, namespace: str, tmp_path: Path, mlx_runtime: Runtime, tiny_ref: tuple[str, str]
+) -> None:
+    extra = ("--runtime", f"mlx-lm={mlx_runtime.prefix}", "--stop-engines-on-exit")
+    agent = make_agent(cluster, tmp_path / "agent", extra=extra)
+    try:
+        agent.start()
+        registered(cluster, agent)
+        apply(cluster, namespace, replica("r", agent.node, tiny_ref))
+        pid = engine_pid(wait_phase(cluster, agent, namespace, "r", "Ready", timeout=180))
+        assert agent.signal(signal.SIGTERM) == 0, agent.tail()
+        assert not alive(pid)
+        assert not list((agent.workdir / "state" / "engines").glob("*.json"))
+    finally:
+        agent.stop()
+        stop_recorded_engines(agent.workdir / "state")
