@@ -5,6 +5,7 @@ real apiserver (no kubelet: the operator pod stays Pending, which is fine here).
 from __future__ import annotations
 
 import json
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,24 @@ def render(cluster: Cluster, *sets: str) -> list[dict[str, Any]]:
 
 
 def test_chart_crds_are_the_repos_crds() -> None:
-    """One source: the chart's copies (templated so upgrades reach them) equal crds/ byte for byte."""
+    """One source: the chart's files/crds is a link to crds/ (templated, so upgrades reach them)."""
+    link = CHART / "files" / "crds"
+    assert link.is_symlink() and link.resolve() == (REPO / "crds").resolve()
     ours = {p.name: p.read_bytes() for p in (REPO / "crds").glob("*.yaml")}
-    copies = {p.name: p.read_bytes() for p in (CHART / "files" / "crds").glob("*.yaml")}
-    assert ours, "crds/ is empty"
-    assert copies == ours, (
-        "charts/orchardist/files/crds/ is stale: cp crds/*.yaml charts/orchardist/files/crds/"
-    )
+    assert len(ours) == 3
+
+
+def test_packaged_chart_carries_the_crds(bare: Cluster, tmp_path: Path) -> None:
+    """`helm package` resolves the link, so a published chart holds the same CRD bytes."""
+    bare.helm("package", str(CHART), "-d", str(tmp_path))
+    [tgz] = tmp_path.glob("orchardist-*.tgz")
+    with tarfile.open(tgz) as tar:
+        packed = {
+            Path(m.name).name: tar.extractfile(m).read()  # type: ignore[union-attr]
+            for m in tar.getmembers()
+            if m.name.startswith("orchardist/files/crds/")
+        }
+    assert packed == {p.name: p.read_bytes() for p in (REPO / "crds").glob("*.yaml")}
 
 
 @pytest.mark.parametrize("sets", [(), (NODES,), (NODES, "crds.enabled=false", "systemNamespace.create=true")])
