@@ -205,3 +205,34 @@ def test_cli_push_pull_inspect(registry: str, tmp_path: Path) -> None:
     last = missing.stderr.strip().splitlines()[-1]
     assert last.startswith("orchardist pull: ") and "not found" in last
     assert not (tmp_path / "no").exists()
+
+
+async def test_chunked_upload_and_cross_repo_mount(registry: str, tmp_path: Path) -> None:
+    from orchardist.oci.client import RegistryClient, sha256_digest
+
+    blob = tmp_path / "big.bin"
+    blob.write_bytes(os.urandom(3 * MiB + 12345))
+    digest = sha256_digest(blob.read_bytes())
+    src, dst = _repo("chunked"), _repo("mounted")
+    async with RegistryClient.for_ref(parse(f"oci://{registry}/{src}")) as client:
+        await client.upload_blob(src, digest, blob, chunk_size=1 * MiB)  # four PATCHes, then PUT
+        assert await client.get_blob(src, digest, limit=8 * MiB) == blob.read_bytes()
+        assert not await client.blob_exists(dst, digest)
+        assert await client.mount_blob(dst, digest, src)
+        assert await client.blob_exists(dst, digest)
+
+
+async def test_push_skips_blobs_the_registry_has(
+    registry: str, registry_proxy: CuttingProxy, tmp_path: Path
+) -> None:
+    m = make_safetensors_model(tmp_path / "m", weight_bytes=1 * MiB)
+    repo = _repo("skip")
+    await push(m, f"oci://{registry}/{repo}:a")
+    weights = (m / "model.safetensors").stat().st_size
+    events: list[PullProgress] = []
+    await push(m, f"oci://{registry_proxy.host}/{repo}:b", progress=events.append)
+    assert events[-1].phase == "done" and events[-1].bytes_done >= weights
+    assert registry_proxy.blob_gets == []
+    assert (
+        registry_proxy.uploads <= 1
+    )  # every file blob was found by HEAD; at most the new config blob went up

@@ -250,6 +250,7 @@ async def upload(
     *,
     tracker: Tracker | None = None,
     parallel: int = 2,
+    mount_from: str | None = None,
 ) -> str:
     """Upload missing blobs (HEAD first), then the manifest under the reference's tag. Returns its digest."""
     repo = ref.repository
@@ -259,7 +260,9 @@ async def upload(
     async def one(b: Blob) -> None:
         nonlocal skipped
         async with sem:
-            if await client.blob_exists(repo, b.digest):
+            if await client.blob_exists(repo, b.digest) or (
+                mount_from and await client.mount_blob(repo, b.digest, mount_from)
+            ):
                 skipped += 1
                 if tracker:
                     tracker.add(b.size)
@@ -282,8 +285,13 @@ async def push(
     auth: Credentials | None = None,
     insecure: Iterable[str] = (),
     progress: ProgressCallback | None = None,
+    mount_from: str | None = None,
 ) -> str:
-    """Push a model directory; returns the manifest digest."""
+    """Push a model directory; returns the manifest digest.
+
+    ``mount_from`` names a repository of the same registry that may hold some blobs already: they
+    are mounted (no upload) instead of uploaded.
+    """
     model_dir = Path(model_dir)
     r = parse(ref) if isinstance(ref, str) else ref
     if r.digest and not r.tag:
@@ -297,7 +305,7 @@ async def push(
     tracker = Tracker(progress, str(r))
     tracker.start("", sum(b.size for b in layers) + config.size, len(layers) + 1, phase="uploading")
     async with RegistryClient.for_ref(r, credentials=auth, insecure=insecure) as client:
-        digest = await upload(client, r, config, layers, manifest, tracker=tracker)
+        digest = await upload(client, r, config, layers, manifest, tracker=tracker, mount_from=mount_from)
     tracker.digest = digest
     tracker.set_phase("done")
     return digest

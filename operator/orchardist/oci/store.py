@@ -364,7 +364,7 @@ class ContentStore:
         r = parse(ref) if isinstance(ref, str) else ref
         tracker = Tracker(progress, str(r))
         tracker.emit(force=True)
-        if r.digest and r.digest in self._models:
+        if r.digest and self._has_model(r.digest):
             return self._finish_cached(r.digest, tracker, keep_pinned)
         async with RegistryClient.for_ref(r, credentials=auth, insecure=self.insecure) as client:
             manifest = await client.resolve(r)
@@ -372,7 +372,7 @@ class ContentStore:
             self.pin(digest)
             try:
                 async with self._lock("model:" + digest):
-                    if digest in self._models:
+                    if self._has_model(digest):
                         return self._finish_cached(digest, tracker, keep_pinned)
                     model = await self._pull_new(client, r, manifest, tracker)
                 if keep_pinned:
@@ -380,6 +380,16 @@ class ContentStore:
                 return model
             finally:
                 self.unpin(digest)
+
+    def _has_model(self, digest: str) -> bool:
+        """A recorded model whose directory is still there (one removed behind our back is forgotten)."""
+        if digest not in self._models:
+            return False
+        if (self.model_dir / _hex(digest)).is_dir():
+            return True
+        self._models.pop(digest)
+        self._save()
+        return False
 
     def _finish_cached(self, digest: str, tracker: Tracker, keep_pinned: bool) -> ModelDir:
         record = self._models[digest]
