@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -315,3 +316,27 @@ async def test_a_changed_launch_replaces_the_engine(
     second = await sup.wait("team/change", {"Ready"}, within=120)
     assert second.pid != first.pid and first.pid is not None and not procs.alive(first.pid)
     assert second.restarts == 0  # a replacement is not a crash
+
+
+async def test_a_restart_moves_when_its_port_was_taken(
+    mlx_runtime: Runtime, tiny_model: Path, tmp_path: Path
+) -> None:
+    cfg = SupervisorConfig(backoff_base=1.0, probe_interval=1.0, stop_timeout=5, tick=0.2)
+    sup = Supervisor(tmp_path / "state", tmp_path / "logs", config=cfg)
+    squatter = socket.socket()
+    try:
+        await sup.ensure("team/moved", mlx_spec(mlx_runtime, tiny_model))
+        first = await sup.wait("team/moved", {"Ready"}, within=120)
+        assert first.pid is not None and first.endpoint is not None
+        host, port = first.endpoint.rsplit(":", 1)
+        os.kill(first.pid, signal.SIGKILL)
+        await sup.wait("team/moved", {"CrashLoop"}, within=10)
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind((host, int(port)))
+        squatter.listen()
+        again = await sup.wait("team/moved", {"Ready"}, within=120)
+        assert again.endpoint is not None and again.endpoint != first.endpoint
+        assert (await chat(again.endpoint))["choices"]
+    finally:
+        squatter.close()
+        await sup.shutdown()

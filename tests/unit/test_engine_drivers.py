@@ -246,6 +246,8 @@ def test_driver_sets_fraction_only_where_it_means_the_plan() -> None:
     assert "VLLM_METAL_MEMORY_FRACTION" not in launch(spec("vllm-metal", "0.1.0"), 1).env
     assert launch(spec("vllm-metal", "0.2.0"), 1).env["VLLM_METAL_MEMORY_FRACTION"] == "0.9"
     assert "VLLM_METAL_MEMORY_FRACTION" not in launch(spec("vllm-metal", "0.4.0"), 1).env
+    legacy = spec("vllm-metal", "0.2.0", env={"VLLM_METAL_USE_PAGED_ATTENTION": "0"})
+    assert "VLLM_METAL_MEMORY_FRACTION" not in launch(legacy, 1).env  # the plugin refuses that pair
 
 
 def test_unknown_knob_for_the_version_is_refused() -> None:

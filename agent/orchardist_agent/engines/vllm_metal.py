@@ -171,7 +171,9 @@ def launch(spec: EngineSpec, port: int) -> Launch:
     user_env = check_env(spec.env)
     check_knobs(spec.runtime.version, user_env)
     env = user_env | base_env()
-    if knob_set(spec.runtime.version).memory_fraction:
+    # A numeric fraction with the legacy (non-paged) KV path is refused by the plugin.
+    legacy_kv = user_env.get("VLLM_METAL_USE_PAGED_ATTENTION") == "0"
+    if knob_set(spec.runtime.version).memory_fraction and not legacy_kv:
         env["VLLM_METAL_MEMORY_FRACTION"] = format_fraction(spec.plan.gpu_memory_utilization)
     argv = [str(spec.runtime.bin("vllm")), "serve", str(spec.model_dir), *serve_flags(spec, port), *extra]
     return Launch(

@@ -96,6 +96,18 @@ class _Entry:
     failures: int = 0
     follower: logs.Follower | None = None
     started_at: datetime | None = None
+    spec: Launchable | None = None  # to relaunch on another port when ours was taken meanwhile
+
+
+def port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port(host: str) -> int:
@@ -125,7 +137,7 @@ class Supervisor:
         self.log_dir = Path(log_dir)
         self.config = config or SupervisorConfig()
         self.on_change = on_change
-        self.events: asyncio.Queue[EngineStatus] = asyncio.Queue()
+        self.events: asyncio.Queue[EngineStatus] = asyncio.Queue(maxsize=1000)
         self._entries: dict[str, _Entry] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -145,6 +157,7 @@ class Supervisor:
             wanted = spec.launch(entry.launch.port)
             if wanted.fingerprint() == entry.launch.fingerprint():
                 entry.launch = wanted  # keeps the log parser and probe that a record cannot carry
+                entry.spec = spec
                 return entry.status
             _log.info("engine launch changed; replacing it", key=key)
             await self.stop(key)
@@ -157,6 +170,7 @@ class Supervisor:
             status=EngineStatus(
                 key=key, phase="Starting", endpoint=launch.endpoint, warnings=launch.warnings
             ),
+            spec=spec,
         )
         self._entries[key] = entry
         entry.task = asyncio.create_task(self._run(entry, spawn=True), name=f"engine:{key}")
@@ -270,6 +284,11 @@ class Supervisor:
                 delay = backoff_delay(entry.failures, base=cfg.backoff_base, cap=cfg.backoff_max)
                 if delay:
                     await asyncio.sleep(delay)
+                launch = entry.launch
+                if entry.spec is not None and not port_free(launch.host, launch.port):
+                    entry.launch = entry.spec.launch(free_port(launch.host))
+                    _log.info("engine port taken meanwhile; moving", key=entry.key, port=entry.launch.port)
+                    self._set(entry, endpoint=entry.launch.endpoint)
                 try:
                     await self._spawn(entry)
                 except OSError as e:
@@ -499,6 +518,8 @@ class Supervisor:
         self._emit(entry)
 
     def _emit(self, entry: _Entry) -> None:
+        if self.events.full():  # nobody reads the queue: keep the newest snapshots
+            self.events.get_nowait()
         self.events.put_nowait(entry.status)
         if self.on_change is not None:
             try:
