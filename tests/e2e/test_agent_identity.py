@@ -5,7 +5,9 @@ to another node's objects, with its message, on the real apiserver."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,3 +214,73 @@ def test_other_identities_pass_the_policy(cluster: Cluster, agents: dict[str, Ag
     """The policy judges agent identities only: the admin writes any MacNode's status."""
     cluster.kubectl("apply", "-f", "-", input=_macnode(B))
     cluster.kubectl("patch", "macnode", B, "--subresource=status", "--type=merge", "-p", STATUS)
+
+
+def _run_agent(agent: Agent, node: str, workdir: Path) -> subprocess.Popen[bytes]:
+    """`orchardist agent run` as a Mac runs it, with only that agent's token."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        str(Path(sys.executable).with_name("orchardist")), "agent", "run",
+        "--kubeconfig", str(agent.kubeconfig), "--node-name", node, "--simulate", "m4-pro-64gb",
+        "--store", str(workdir / "store"), "--state-dir", str(workdir / "state"),
+        "--address", "127.0.0.1", "--bind-address", "127.0.0.1", "--heartbeat-interval", "1",
+        "--log-format", "json",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    with (workdir / "agent.log").open("ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_the_real_agent_runs_with_only_its_own_credentials(
+    cluster: Cluster, agents: dict[str, Agent], tmp_path: Path
+) -> None:
+    """The chart's RBAC is enough for `orchardist agent run`: it registers and heartbeats as A."""
+    proc = _run_agent(agents[A], A, tmp_path / "a")
+    log = tmp_path / "a" / "agent.log"
+    try:
+        deadline = time.monotonic() + 60
+        ready = renewed = None
+        while time.monotonic() < deadline and not (ready and renewed):
+            assert proc.poll() is None, f"agent exited:\n{log.read_text()[-3000:]}"
+            node = cluster.kubectl("get", "macnode", A, "-o", "json", check=False)
+            if node.returncode == 0:
+                conditions = json.loads(node.stdout).get("status", {}).get("conditions", [])
+                ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+            lease = cluster.kubectl("get", "lease", A, "-n", SYSTEM_NS, "-o", "json", check=False)
+            if lease.returncode == 0:
+                spec = json.loads(lease.stdout)["spec"]
+                renewed = spec.get("holderIdentity") == A and spec.get("renewTime")
+            time.sleep(0.5)
+        assert ready, f"MacNode {A} not Ready with the agent's own token:\n{log.read_text()[-3000:]}"
+        assert renewed
+        assert "forbidden" not in log.read_text().lower(), log.read_text()[-3000:]
+    finally:
+        _stop(proc)
+
+
+def test_the_real_agent_cannot_pose_as_another_node(agents: dict[str, Agent], tmp_path: Path) -> None:
+    """A's token with another node name: the agent's first write (registration) is refused."""
+    proc = _run_agent(agents[A], "mac-id-impostor", tmp_path / "impostor")
+    log = tmp_path / "impostor" / "agent.log"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "may only write its own" not in log.read_text():
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert (
+            f"orchardist agent {A} may only write its own MacNode, not MacNode mac-id-impostor"
+            in log.read_text()
+        )
+    finally:
+        _stop(proc)
