@@ -131,9 +131,9 @@ class ReplicaLoop:
     def _put(self, loop: asyncio.AbstractEventLoop, item: tuple[str, Any]) -> None:
         loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    def _watch_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _watch_thread(self, loop: asyncio.AbstractEventLoop, rv: str | None = None) -> None:
+        """List, then watch from the list's resourceVersion; relist when the server says 410 Gone."""
         path = replicas_path()
-        rv: str | None = None
         while not self._stop_thread.is_set():
             try:
                 if rv is None:
