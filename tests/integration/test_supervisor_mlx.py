@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from orchardist_agent.engines import EngineSpec, Plan, Runtime
+from orchardist_agent.engines import EngineSpec, Launch, Plan, Probe, Runtime
 from orchardist_agent.supervisor import EngineStatus, Supervisor, SupervisorConfig, procs, records
 
 pytestmark = pytest.mark.engine
@@ -339,4 +339,39 @@ async def test_a_restart_moves_when_its_port_was_taken(
         assert (await chat(again.endpoint))["choices"]
     finally:
         squatter.close()
+        await sup.shutdown()
+
+
+class BadProbe:
+    """mlx-lm whose readiness completion names a model the server cannot load (offline)."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self.spec = spec
+        self.host = spec.host
+
+    def launch(self, port: int) -> Launch:
+        good = self.spec.launch(port)
+        return replace(
+            good, probe=Probe(path=good.probe.path, body={**good.probe.body, "model": "no/such-model"})
+        )
+
+
+async def test_healthy_but_not_generating_is_not_ready(
+    mlx_runtime: Runtime, tiny_model: Path, tmp_path: Path
+) -> None:
+    cfg = SupervisorConfig(backoff_base=30, ready_timeout=8, probe_interval=1.0, stop_timeout=5, tick=0.2)
+    sup = Supervisor(tmp_path / "state", tmp_path / "logs", config=cfg)
+    try:
+        await sup.ensure("team/mute", BadProbe(mlx_spec(mlx_runtime, tiny_model)))
+        for _ in range(100):
+            st = sup.status("team/mute")
+            if st is not None and st.last_error is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert st is not None and st.phase == "Starting"
+        assert st.last_error is not None and st.last_error.reason == "Starting"
+        assert "readiness completion failed: /v1/completions answered" in st.last_error.message
+        crashed = await sup.wait("team/mute", {"CrashLoop"}, within=30)
+        assert crashed.last_error is not None and "not ready after 8 s" in crashed.last_error.message
+    finally:
         await sup.shutdown()

@@ -385,12 +385,18 @@ class Supervisor:
                 )
                 if problem is not None:
                     _log.info("engine healthy but not generating yet", key=entry.key, problem=problem)
+                    error = LastError("Starting", f"healthy but the readiness completion failed: {problem}")
+                    if entry.status.last_error != error:
+                        self._set(entry, last_error=error)  # e.g. a 401 says the key is wrong
                     next_probe = loop.time() + 1.0
                     continue
                 ready = True
                 became_ready = loop.time()
                 _log.info("engine ready", key=entry.key, seconds=round(became_ready - begun, 2))
-                self._set(entry, phase="Ready", last_error=entry.status.last_error)
+                last = entry.status.last_error
+                self._set(
+                    entry, phase="Ready", last_error=None if last and last.reason == "Starting" else last
+                )
                 next_probe = became_ready + cfg.probe_interval
                 continue
             next_probe = now + cfg.probe_interval
