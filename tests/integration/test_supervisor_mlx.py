@@ -375,3 +375,21 @@ async def test_healthy_but_not_generating_is_not_ready(
         assert crashed.last_error is not None and "not ready after 8 s" in crashed.last_error.message
     finally:
         await sup.shutdown()
+
+
+async def test_a_missing_engine_binary_is_a_crashloop_not_a_dead_loop(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    cfg = SupervisorConfig(backoff_base=0.2, backoff_max=0.4, tick=0.2)
+    sup = Supervisor(tmp_path / "state", tmp_path / "logs", config=cfg)
+    try:
+        missing = Runtime("mlx-lm", "0.32.2", tmp_path / "no-venv")
+        await sup.ensure("team/missing", mlx_spec(missing, tiny_model))
+        st = await sup.wait("team/missing", {"CrashLoop"}, within=10)
+        assert st.last_error is not None and "cannot start" in st.last_error.message
+        assert "no-venv/bin/python" in st.last_error.message
+        await asyncio.sleep(1.0)
+        task = sup._entries["team/missing"].task
+        assert task is not None and not task.done()  # still retrying with backoff
+    finally:
+        await sup.shutdown()

@@ -291,14 +291,21 @@ class Supervisor:
                     self._set(entry, endpoint=entry.launch.endpoint)
                 try:
                     await self._spawn(entry)
-                except OSError as e:
+                except Exception as e:  # a missing binary, an unwritable log dir: retried with backoff
                     entry.failures += 1
+                    _log.warning("engine cannot start", key=entry.key, error=str(e))
                     self._set(
                         entry, phase="CrashLoop", last_error=LastError("CrashLoop", f"cannot start: {e}")
                     )
                     continue
             spawn = True
-            why = await self._watch(entry, ready=ready)
+            try:
+                why = await self._watch(entry, ready=ready)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # never let one engine's loop die silently with a stale status
+                _log.exception("engine watch failed", key=entry.key)
+                why = f"supervisor error: {e.__class__.__name__}: {e}"
             ready = False
             await self._terminate(entry)
             entry.failures += 1
