@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from orchardist import log
 from orchardist.kube import GROUP, VERSION
+from orchardist.oci.auth import Credentials
 from orchardist.oci.progress import PullProgress
 from orchardist.oci.store import ContentStore
 
@@ -103,7 +104,13 @@ class ReplicaLoop:
     """Converges every ModelReplica bound to this node; owns the node's memory reservations."""
 
     def __init__(
-        self, kube: Kube, node: NodeAgent, cfg: AgentConfig, address: str, store: ContentStore, engines: Any
+        self,
+        kube: Kube,
+        node: NodeAgent,
+        cfg: AgentConfig,
+        address: str,
+        store: ContentStore,
+        engines: EngineAdapter,
     ) -> None:
         self.kube = kube
         self.node = node
@@ -117,7 +124,6 @@ class ReplicaLoop:
         self.pulls: dict[Key, PullState] = {}
         self.pinned: dict[Key, str] = {}  # the digest each replica holds a store pin on
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._listed = False
         self._stop_thread = threading.Event()
 
     @classmethod
@@ -202,7 +208,6 @@ class ReplicaLoop:
             fresh = {_key(o): o for o in payload}
             gone = [k for k in self.objects if k not in fresh]
             self.objects = fresh
-            self._listed = True
             for key in gone:
                 await self._converge(key, gone=True)
             await self._forget_orphans()
@@ -298,7 +303,7 @@ class ReplicaLoop:
                 return  # deleted meanwhile; the watch says so next
             raise
         cur = self.objects.get(view.key)
-        if cur is None or _rv(updated) >= _rv(cur):
+        if cur is not None and _rv(updated) >= _rv(cur):
             self.objects[view.key] = updated
         if "phase" in patch:
             LOG.info("replica status", replica=f"{view.namespace}/{view.name}", phase=patch["phase"])
@@ -411,7 +416,7 @@ class ReplicaLoop:
         secret: JSON = await asyncio.to_thread(self.kube.get, path)
         return secret
 
-    async def _pull_auth(self, view: ReplicaView) -> Any:
+    async def _pull_auth(self, view: ReplicaView) -> Credentials | None:
         if not view.pull_secret:
             return None
         from orchardist.oci import auth, reference

@@ -6,7 +6,7 @@ import asyncio
 import json
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -64,7 +64,9 @@ async def test_watch_sees_only_this_node_and_relists_after_410(
     kube = Kube(cluster.api_client())
     cfg = AgentConfig(node_name="watch-node", store=tmp_path / "store", state_dir=tmp_path / "state")
     node = NodeAgent(kube, "watch-node", dict, address="127.0.0.1")
-    replicas = ReplicaLoop(kube, node, cfg, "127.0.0.1", ContentStore(cfg.store, 2**30), engines=None)
+    replicas = ReplicaLoop(
+        kube, node, cfg, "127.0.0.1", ContentStore(cfg.store, 2**30), engines=cast(Any, None)
+    )
     loop = asyncio.get_running_loop()
     # Start from a resourceVersion the server no longer has: it answers 410 Gone, the agent relists.
     thread = threading.Thread(target=replicas._watch_thread, args=(loop, "1"), daemon=True)
