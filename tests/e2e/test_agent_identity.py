@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from orchardist.dev import procs
 from orchardist.dev.cluster import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -282,5 +283,54 @@ def test_the_real_agent_cannot_pose_as_another_node(agents: dict[str, Agent], tm
             f"orchardist agent {A} may only write its own MacNode, not MacNode mac-id-impostor"
             in log.read_text()
         )
+    finally:
+        _stop(proc)
+
+
+def test_the_real_operator_runs_with_only_its_chart_credentials(
+    cluster: Cluster, agents: dict[str, Agent], namespace: str, tmp_path: Path
+) -> None:
+    """`orchardist operator run` with the chart's operator token: it watches everything it needs
+    and writes ModelDeployment status, without a single Forbidden."""
+    token = cluster.kubectl("create", "token", "identity-orchardist-operator", "-n", SYSTEM_NS).stdout.strip()
+    kubeconfig = tmp_path / "operator.kubeconfig"
+    config = json.loads(agents[A].kubeconfig.read_text())
+    config["users"] = [{"name": A, "user": {"token": token}}]
+    kubeconfig.write_text(json.dumps(config))
+    port = procs.free_port()  # nothing listens there: the model cannot be resolved
+    md = {
+        "apiVersion": "orchardist.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "op-rbac", "namespace": namespace},
+        "spec": {"model": f"oci://127.0.0.1:{port}/models/none:v1"},
+    }
+    cluster.kubectl("create", "-f", "-", input=json.dumps(md))
+    log = tmp_path / "operator.log"
+    orchardist = str(Path(sys.executable).with_name("orchardist"))
+    argv = [
+        orchardist,
+        "operator",
+        "run",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--standalone",
+        "--log-format",
+        "json",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        reasons: list[str] = []
+        while time.monotonic() < deadline and not reasons:
+            assert proc.poll() is None, f"operator exited:\n{log.read_text()[-3000:]}"
+            obj = json.loads(cluster.kubectl("get", "md", "op-rbac", "-n", namespace, "-o", "json").stdout)
+            reasons = [c.get("reason", "") for c in obj.get("status", {}).get("conditions", [])]
+            time.sleep(0.5)
+        assert "ResolveFailed" in reasons, f"no status written:\n{log.read_text()[-3000:]}"
+        time.sleep(2)  # let every watch start
+        text = log.read_text()
+        assert "forbidden" not in text.lower(), text[-3000:]
     finally:
         _stop(proc)

@@ -150,8 +150,7 @@ def _rules(docs: list[dict[str, Any]], kind: str, suffix: str) -> list[dict[str,
 
 def test_rbac_is_least_privilege(bare: Cluster) -> None:
     docs = render(bare, NODES)
-    for kind, suffix in [("ClusterRole", "-operator"), ("ClusterRole", "-agent"), ("Role", "-operator"),
-                         ("Role", "-agent")]:  # fmt: skip
+    for kind, suffix in [("ClusterRole", "-operator"), ("ClusterRole", "-agent"), ("Role", "-agent")]:
         for rule in _rules(docs, kind, suffix):
             assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
     operator = _rules(docs, "ClusterRole", "-operator")
@@ -209,7 +208,7 @@ def test_helm_install_on_the_real_apiserver(bare: Cluster) -> None:
         (op, ["patch", "modeldeployments.orchardist.io", "--subresource=status", "-n", "default"], True),
         (op, ["create", "endpointslices.discovery.k8s.io", "-n", "default"], True),
         (op, ["watch", "leases.coordination.k8s.io", "-n", SYSTEM_NS], True),
-        (op, ["watch", "leases.coordination.k8s.io", "-n", "default"], False),
+        (op, ["update", "leases.coordination.k8s.io", "-n", SYSTEM_NS], False),
         (op, ["patch", "macnodes.orchardist.io", "--subresource=status"], False),
         (op, ["patch", "modelreplicas.orchardist.io", "--subresource=status", "-n", "default"], False),
         (op, ["create", "pods", "-n", "default"], False),
