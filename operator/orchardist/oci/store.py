@@ -42,7 +42,7 @@ from orchardist.oci.errors import (
     StoreFullError,
     UnknownLayoutError,
 )
-from orchardist.oci.fsutil import atomic_write, fsync_dir, link_or_copy, remove_tree
+from orchardist.oci.fsutil import atomic_write, fsync_dir, link_or_copy, remove_tree, start_writeback
 from orchardist.oci.layouts import Layer, Layout, read_layout
 from orchardist.oci.progress import ProgressCallback, Tracker
 from orchardist.oci.reference import Reference, parse
@@ -596,20 +596,31 @@ def _export(src: Path, dest: Path) -> Path:
     return dest
 
 
-def _sink(f: Any, h: Any, pieces: list[bytes]) -> None:
-    for piece in pieces:  # hashlib and file writes release the GIL: this overlaps the receiving
+def _hash_all(h: Any, pieces: list[bytes]) -> None:
+    for piece in pieces:  # hashlib releases the GIL on big buffers: runs beside the receiving loop
         h.update(piece)
+
+
+def _write_all(f: Any, pieces: list[bytes], offset: int) -> None:
+    for piece in pieces:
         f.write(piece)
+    f.flush()
+    start_writeback(f.fileno(), offset, sum(len(p) for p in pieces))
 
 
 async def _stream(
     resp: aiohttp.ClientResponse, f: Any, h: Any, offset: int, layer: Layer, tracker: Tracker
 ) -> int:
-    """Receive into ``f`` and ``h`` from ``offset``: the event loop receives while one worker thread
-    hashes and writes the previous batch (double buffering, ordered). Returns the new offset."""
+    """Receive into ``f`` and ``h`` from ``offset``; returns the new offset.
+
+    The event loop receives batch N+1 while one thread hashes and another writes batch N (each in
+    order), so sha256, the disk and the socket work at once. Every byte in the file is in the hash
+    when this returns or raises (a resume continues from the file's size).
+    """
     loop = asyncio.get_running_loop()
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-sink")
-    pending: asyncio.Future[None] | None = None
+    hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-hash")
+    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-write")
+    pending: list[asyncio.Future[None]] = []
     batch: list[bytes] = []
     batched = 0
     try:
@@ -622,21 +633,26 @@ async def _stream(
             batch.append(chunk)
             batched += len(chunk)
             if batched >= SINK_BATCH:
-                if pending is not None:
-                    await pending
-                pending = loop.run_in_executor(pool, _sink, f, h, batch)
+                if pending:
+                    await asyncio.gather(*pending)
+                pending = [
+                    loop.run_in_executor(hasher, _hash_all, h, batch),
+                    loop.run_in_executor(writer, _write_all, f, batch, offset),
+                ]
                 offset += batched
                 tracker.add(batched)
                 batch, batched = [], 0
     finally:
-        if pending is not None:
-            await asyncio.shield(pending)
+        if pending:
+            await asyncio.shield(asyncio.gather(*pending))
         if batch:
-            _sink(f, h, batch)
+            _hash_all(h, batch)
+            _write_all(f, batch, offset)
             offset += batched
             tracker.add(batched)
         f.flush()
-        pool.shutdown(wait=True)
+        hasher.shutdown(wait=True)
+        writer.shutdown(wait=True)
     return offset
 
 
