@@ -107,6 +107,7 @@ class EngineView:
     message: str = ""  # last log lines on a crash, the reason on a failure
     started_at: str | None = None
     measured: Mapping[str, int] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # what the driver could not honour (e.g. no --api-key)
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,10 @@ def desired_status(replica: ReplicaView, observed: Observed) -> tuple[str, list[
         extra["lastError"] = {"reason": "CrashLoop", "message": msg}
         conds += [Cond("Started", False, "CrashLoop", msg), Cond("Ready", False, "CrashLoop", msg)]
         return ("Failed" if engine.state == EngineState.FAILED else "Starting"), conds, extra
-    conds.append(Cond("Started", True, "Started", f"{replica.engine} pid {engine.pid} port {engine.port}"))
+    started = f"{replica.engine} pid {engine.pid} port {engine.port}"
+    if engine.warnings:
+        started += "; warning: " + "; ".join(engine.warnings)
+    conds.append(Cond("Started", True, "Started", clip(started)))
     if engine.state == EngineState.READY and engine.port is not None:
         endpoint = f"{observed.address}:{engine.port}"
         extra["endpoint"] = endpoint

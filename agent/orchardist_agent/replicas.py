@@ -533,6 +533,7 @@ class EngineAdapter:
             if st.start_time
             else None,
             measured=measured,
+            warnings=tuple(st.warnings),
         )
 
     def spec(self, replica: JSON, model_dir: Path, api_key: str | None) -> EngineSpec:

@@ -418,3 +418,34 @@ def test_stop_engines_on_exit_takes_the_engines_down_with_the_agent(
     finally:
         agent.stop()
         stop_recorded_engines(agent.workdir / "state")
+
+
+def test_replica_with_a_deletion_timestamp_is_stopped_and_reported_terminating(
+    cluster: Cluster, namespace: str, engine_agent: Agent, tiny_ref: tuple[str, str]
+) -> None:
+    agent = engine_agent.start()
+    registered(cluster, agent)
+    held = replica("held", agent.node, tiny_ref)
+    held["metadata"]["finalizers"] = ["example.com/hold"]  # another party still has work to do
+    apply(cluster, namespace, held)
+    pid = engine_pid(wait_phase(cluster, agent, namespace, "held", "Ready", timeout=180))
+    cluster.kubectl("delete", "modelreplica", "-n", namespace, "held", "--wait=false")
+    st = wait_phase(cluster, agent, namespace, "held", "Terminating", timeout=60)
+    assert condition(st, "Ready")["status"] == "False"
+    wait_for("the engine to exit", lambda: not alive(pid), timeout=60)
+    wait_for(
+        "allocated memory released",
+        lambda: kget(cluster, "macnode", agent.node)["status"]["memory"]["allocatedBytes"] == 0,
+        timeout=30,
+    )
+    assert "endpoint" not in status_of(cluster, namespace, "held")
+    cluster.kubectl(
+        "patch",
+        "modelreplica",
+        "-n",
+        namespace,
+        "held",
+        "--type=merge",
+        "-p",
+        '{"metadata":{"finalizers":null}}',
+    )

@@ -325,3 +325,13 @@ def test_replica_view_from_object() -> None:
     v = ReplicaView.from_object(obj)
     assert (v.key, v.generation, v.reserved_bytes, v.deleting) == (("ns", "r"), 2, 123, True)
     assert (v.pull_secret, v.api_key_secret) == ("creds", ("k", "token"))
+
+
+def test_driver_warnings_show_in_the_started_condition() -> None:
+    warned = replace(READY, warnings=("mlx-lm has no --api-key; the key is not enforced by the engine",))
+    _, conds, _ = desired_status(R, obs(reserved=True, cached=True, engine=warned))
+    started = next(c for c in conds if c.type == "Started")
+    assert (
+        started.message
+        == "mlx-lm pid 42 port 8001; warning: mlx-lm has no --api-key; the key is not enforced by the engine"
+    )
