@@ -90,6 +90,11 @@ EOF
 
 [ $# -gt 0 ] || { echo "usage: $0 mlx-lm|vllm ..." >&2; exit 2; }
 mkdir -p "$cache"
+# One installer at a time per cache (parallel test sessions may all ask for the same runtime).
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$cache/.install.lock"
+  flock 9
+fi
 for name in "$@"; do
   case "$name" in
     mlx-lm) install_mlx_lm ;;
