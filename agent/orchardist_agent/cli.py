@@ -39,7 +39,12 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)"
     )
     run_p.add_argument("--node-name", default=None, help="this Mac's MacNode name (default: the hostname)")
-    run_p.add_argument("--simulate", metavar="PROFILE", help="pretend to be a Mac profile, e.g. m4-pro-64gb")
+    run_p.add_argument(
+        "--simulate",
+        metavar="PROFILE",
+        type=mac_profile,
+        help="pretend to be a Mac profile, e.g. m4-pro-64gb",
+    )
     run_p.add_argument(
         "--store", type=Path, default=None, help=f"model store directory (default: {default_store()})"
     )
@@ -73,6 +78,15 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_parser=parser)
 
 
+def mac_profile(name: str) -> str:
+    """A known simulated Mac (orchardist.planning.macs), checked while parsing the command line."""
+    from orchardist.planning import macs
+
+    if name not in macs.PROFILES:
+        raise argparse.ArgumentTypeError(f"unknown Mac profile {name!r}; known: {', '.join(macs.PROFILES)}")
+    return name
+
+
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(
         node_name=args.node_name or default_node_name(),
@@ -94,8 +108,13 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     log.configure(cfg.log_level, cfg.log_format)  # type: ignore[arg-type]
+    from kubernetes.config.config_exception import ConfigException
+
     try:
         return asyncio.run(main(cfg))
+    except ConfigException as exc:
+        print(f"orchardist agent run: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -76,3 +76,11 @@ def test_agent_run_options() -> None:
     assert cfg.heartbeat_interval == 2.0
     assert cfg.bind_address == "0.0.0.0"
     assert args.func is cli.run
+
+
+def test_unknown_simulated_profile_is_refused_while_parsing(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    cli.register(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--simulate", "m9-1tb"])
+    assert "unknown Mac profile 'm9-1tb'; known: m1-8gb" in capsys.readouterr().err
