@@ -393,3 +393,23 @@ async def test_a_missing_engine_binary_is_a_crashloop_not_a_dead_loop(
         assert task is not None and not task.done()  # still retrying with backoff
     finally:
         await sup.shutdown()
+
+
+async def test_detach_leaves_the_engine_running_for_the_next_supervisor(
+    mlx_runtime: Runtime, tiny_model: Path, tmp_path: Path
+) -> None:
+    state, logs = tmp_path / "state", tmp_path / "logs"
+    old = Supervisor(state, logs, config=FAST)
+    await old.ensure("team/upgrade", mlx_spec(mlx_runtime, tiny_model))
+    ready = await old.wait("team/upgrade", {"Ready"}, within=120)
+    assert ready.pid is not None and ready.endpoint is not None
+    await old.detach()  # an agent shutting down for an upgrade
+    assert old.statuses() == {} and procs.alive(ready.pid)
+    new = Supervisor(state, logs, config=FAST)
+    try:
+        [adopted] = await new.adopt()
+        assert (adopted.pid, adopted.endpoint, adopted.phase) == (ready.pid, ready.endpoint, "Ready")
+        assert (await chat(ready.endpoint))["choices"]
+    finally:
+        await new.shutdown()
+    assert not procs.alive(ready.pid)

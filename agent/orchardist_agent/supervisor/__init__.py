@@ -262,10 +262,11 @@ class Supervisor:
     async def detach(self) -> None:
         """Stop supervising without stopping engines (what an agent shutdown or upgrade does)."""
         for entry in list(self._entries.values()):
-            if entry.task is not None:
-                entry.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await entry.task
+            for task in (entry.task, entry.exit_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         self._entries.clear()
         await self._close_http()
 
