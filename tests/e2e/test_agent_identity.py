@@ -57,7 +57,9 @@ class Agent:
 
 @pytest.fixture(scope="module")
 def agents(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Agent]]:
-    """The chart installed (CRDs already there) with two agent identities."""
+    """The chart installed (our CRDs already there) with two agent identities; the kopf peering
+    CRDs applied from the chart's files, as an administrator would."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "files" / "kopf"))
     cluster.helm(
         "install", "identity", str(CHART), "-n", SYSTEM_NS, "--create-namespace",
         "--set", "crds.enabled=false", "--set", f"agents.nodes={{{A},{B}}}",
@@ -290,8 +292,8 @@ def test_the_real_agent_cannot_pose_as_another_node(agents: dict[str, Agent], tm
 def test_the_real_operator_runs_with_only_its_chart_credentials(
     cluster: Cluster, agents: dict[str, Agent], namespace: str, tmp_path: Path
 ) -> None:
-    """`orchardist operator run` with the chart's operator token: it watches everything it needs
-    and writes ModelDeployment status, without a single Forbidden."""
+    """`orchardist operator run` (peering on, as the chart runs it) with the chart's operator token:
+    it watches everything it needs and writes ModelDeployment status, without a single Forbidden."""
     token = cluster.kubectl("create", "token", "identity-orchardist-operator", "-n", SYSTEM_NS).stdout.strip()
     kubeconfig = tmp_path / "operator.kubeconfig"
     config = json.loads(agents[A].kubeconfig.read_text())
