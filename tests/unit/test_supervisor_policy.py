@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchardist_agent.supervisor import logs, records
-from orchardist_agent.supervisor.policy import backoff_delay, tail_message
+from orchardist_agent.supervisor.policy import backoff_delay, failures_after_uptime, tail_message
 
 
 @pytest.mark.parametrize(
@@ -20,6 +20,13 @@ def test_backoff_doubles_from_10s_to_5min(failures: int, delay: float) -> None:
 
 def test_backoff_base_is_configurable() -> None:
     assert [backoff_delay(n, base=0.5, cap=2.0) for n in range(1, 6)] == [0.5, 1.0, 2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("failures", "up", "after"), [(0, 5.0, 0), (4, 5.0, 4), (4, 600.0, 4), (4, 600.1, 0), (9, 86400.0, 0)]
+)
+def test_backoff_starts_over_after_a_stable_run(failures: int, up: float, after: int) -> None:
+    assert failures_after_uptime(failures, up, stable_after=600.0) == after
 
 
 def test_tail_message_keeps_the_end() -> None:

@@ -25,7 +25,7 @@ import aiohttp
 from orchardist import log
 from orchardist_agent.engines.base import Launch, Measured, Probe
 from orchardist_agent.supervisor import logs, probe, procs, records
-from orchardist_agent.supervisor.policy import backoff_delay, tail_message
+from orchardist_agent.supervisor.policy import backoff_delay, failures_after_uptime, tail_message
 
 _log = log.get(__name__)
 
@@ -411,8 +411,7 @@ class Supervisor:
             if await self._health(launch):
                 misses = 0
                 up = (datetime.now(UTC) - entry.started_at).total_seconds() if entry.started_at else 0.0
-                if entry.failures and up > cfg.stable_after:
-                    entry.failures = 0
+                entry.failures = failures_after_uptime(entry.failures, up, stable_after=cfg.stable_after)
                 if entry.status.phase != "Ready":
                     self._set(entry, phase="Ready")
                 continue

@@ -10,6 +10,11 @@ def backoff_delay(failures: int, *, base: float, cap: float) -> float:
     return float(min(cap, base * 2 ** min(failures - 1, 32)))
 
 
+def failures_after_uptime(failures: int, up_seconds: float, *, stable_after: float) -> int:
+    """An engine that stayed up long enough starts its backoff over (a crash a day is not a loop)."""
+    return 0 if up_seconds > stable_after else failures
+
+
 def tail_message(lines: list[str], *, limit: int = 4000) -> str:
     """The last log lines as a condition message, trimmed from the front to `limit` characters."""
     text = "\n".join(line.rstrip() for line in lines)
