@@ -87,7 +87,7 @@ def run() -> list[str]:
 
     log.configure("WARNING")
     work = Path(tempfile.mkdtemp(prefix="orchardist-bench-pull-"))
-    registry = Registry.start(work / "registry")
+    registry = Registry.start(work / "registry", die_with_parent=True)
     try:
         model = work / "model"
         model.mkdir()

@@ -248,3 +248,16 @@ async def test_index_resolves_to_darwin_arm64(registry: str, tmp_path: Path) -> 
 async def test_missing_tag_is_a_clear_not_found(registry: str, tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="not found"):
         await ContentStore(tmp_path / "store", GiB).pull(f"oci://{registry}/test/nothing-here:v9")
+
+
+async def test_manifest_size_limit(registry: str, tmp_path: Path) -> None:
+    from orchardist.oci.errors import TooLargeError
+
+    model = make_safetensors_model(tmp_path / "m")
+    repo = _repo("limit")
+    await push(model, f"oci://{registry}/{repo}:v1")
+    ref = parse(f"oci://{registry}/{repo}:v1")
+    async with RegistryClient.for_ref(ref) as client:
+        with pytest.raises(TooLargeError, match="limit"):
+            await client.get_manifest(repo, "v1", limit=512)
+        assert (await client.get_manifest(repo, "v1")).data["layers"]

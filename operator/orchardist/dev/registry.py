@@ -110,8 +110,12 @@ class Registry:
         htpasswd: Path | None = None,
         bind: str = "127.0.0.1",
         timeout: float = 30.0,
+        die_with_parent: bool = False,
     ) -> Registry:
-        """Start a registry storing under ``root/data``; a free port unless ``port`` is given."""
+        """Start a registry storing under ``root/data``; a free port unless ``port`` is given.
+
+        ``die_with_parent`` ties it to this process (tests, benchmarks); ``make demo`` leaves it off.
+        """
         exe = binary()
         root = root.resolve()
         root.mkdir(parents=True, exist_ok=True)
@@ -121,7 +125,12 @@ class Registry:
             chosen = port or procs.free_port(bind)
             config = root / "config.yml"
             config.write_text(_config(root, f"{bind}:{chosen}", htpasswd))
-            rec = procs.start("registry", [exe, "serve", str(config)], root / "registry.log")
+            rec = procs.start(
+                "registry",
+                [exe, "serve", str(config)],
+                root / "registry.log",
+                die_with_parent=die_with_parent,
+            )
             try:
                 _wait_port(bind, chosen, rec, timeout)
             except procs.ProcessError as exc:
