@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 from orchardist.api.modeldeployment import ModelDeploymentSpec
-from orchardist.controller import plan as P
+from orchardist.controller import plan as P  # noqa: N812 - short, reads like a namespace
 from orchardist.controller.fitting import fit_for, plan_request
 from orchardist.controller.scheduler import GIB, Fit, Mac, Misfit
 from orchardist.planning.profile import from_config
@@ -108,7 +108,7 @@ def test_new_deployment_binds_replicas_and_exposes_them() -> None:
         "orchardist.io/deployment": "qwen",
         "orchardist.io/node": "a",
         "orchardist.io/revision": rev,
-        "app.kubernetes.io/managed-by": "orchardist.io/controller",
+        "app.kubernetes.io/managed-by": "orchardist-controller",
     }
     assert body["metadata"]["ownerReferences"] == [
         {
@@ -144,13 +144,17 @@ def test_a_second_run_on_the_result_does_nothing() -> None:
 def test_ready_replicas_fill_the_slice_and_ready_condition() -> None:
     """Ready replicas with an IPv4 endpoint are listed; others are not; Ready turns True."""
     s = spec(replicas=2)
-    reps = [rep("r0", "a", s, endpoint="10.0.0.1:8001"), rep("r1", "b", s, endpoint="mac-b.local:8001")]
-    plan = P.decide(observed(s, [mac("a"), mac("b")], reps))
+    reps = [
+        rep("r0", "a", s, endpoint="10.0.0.1:8001"),
+        rep("r1", "b", s, endpoint="mac-b.local:8001"),
+        rep("r2", "c", s, endpoint="127.0.0.1:8001"),  # the API server refuses loopback in slices
+    ]
+    plan = P.decide(observed(s.model_copy(update={"replicas": 3}), [mac("a"), mac("b"), mac("c")], reps))
     (sl,) = plan.slices
     assert sl["addressType"] == "IPv4"
     assert sl["ports"] == [{"name": "http", "port": 8001, "protocol": "TCP"}]
     assert [e["addresses"] for e in sl["endpoints"]] == [["10.0.0.1"]]
-    assert plan.status is not None and plan.status["readyReplicas"] == 2
+    assert plan.status is not None and plan.status["readyReplicas"] == 3
 
 
 def test_different_ports_get_one_slice_each() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -69,8 +70,18 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_parser=parser)
 
 
+def _drop_kopf_extras(record: logging.LogRecord) -> bool:
+    """kopf hands its whole settings object to every per-object log record; keep the line short."""
+    record.__dict__.pop("settings", None)
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     log.configure(args.log_level, args.log_format)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_kopf_extras)
+    if logging.getLogger().level > logging.DEBUG:  # "Timer 'resync' succeeded." every few seconds
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     namespaces = None if args.all_namespaces or not args.namespace else list(args.namespace)
     priority = args.priority if args.priority is not None else int(time.time() * 1000)
     resync = args.resync if args.resync is not None else max(1.0, min(10.0, args.lease_grace / 4))

@@ -6,6 +6,8 @@ Mac shapes and the scheduler asks the same question many times.
 
 from __future__ import annotations
 
+from typing import Any
+
 from orchardist.api.modeldeployment import ModelDeploymentSpec
 from orchardist.controller.scheduler import Fit, FitFn, Mac, Misfit, gib
 from orchardist.planning import memory
@@ -35,6 +37,38 @@ def fit_for(profile: ModelProfile, request: memory.PlanRequest) -> FitFn:
     return fit
 
 
+#: The smallest --gpu-memory-utilization the ModelReplica API accepts (and vLLM's own floor in spirit).
+MIN_SHARE = 0.1
+
+
+def _at_least_min_share(spec: dict[str, Any], ws: int, free: int) -> Fit | Misfit:
+    """A small replica sharing a big Mac may plan a share below the API's 0.1 floor; round it up.
+
+    The engine then really holds 0.1 of the working set, so the reservation and the KV pool grow to
+    match (the plan stays what the engine will compute), and the larger reservation must still fit.
+    """
+    share = float(spec["gpuMemoryUtilization"])
+    if share >= MIN_SHARE:
+        return Fit(spec, int(spec["reservedBytes"]))
+    reserved = int(ws * MIN_SHARE)
+    if reserved > free:
+        return Misfit(
+            reserved,
+            free,
+            f"the smallest engine share ({MIN_SHARE:g} of the working set) needs {gib(reserved)}",
+        )
+    per_block = int(spec["blockSize"]) * int(spec["kvBytesPerToken"])
+    kv = reserved - int(spec["weightBytes"]) - int(spec["overheadBytes"])
+    out = {
+        **spec,
+        "gpuMemoryUtilization": MIN_SHARE,
+        "reservedBytes": reserved,
+        "kvBudgetBytes": kv,
+        "numBlocks": kv // per_block if per_block else spec["numBlocks"],
+    }
+    return Fit(out, reserved)
+
+
 def _fit(profile: ModelProfile, request: memory.PlanRequest, mac: Mac, free: int) -> Fit | Misfit:
     ws = mac.working_set_bytes
     node = memory.NodeCapacity(
@@ -46,7 +80,7 @@ def _fit(profile: ModelProfile, request: memory.PlanRequest, mac: Mac, free: int
     )
     p = memory.plan(profile, node, request)
     if p.fits:
-        return Fit(p.to_spec(), p.reserved_bytes)
+        return _at_least_min_share(p.to_spec(), ws, free)
     # What the smallest runnable replica needs, against what this Mac can still give the engine.
     tokens = request.context_length or request.block_size * memory.PAGED_ATTENTION_MIN_BLOCKS
     blocks = max(

@@ -158,7 +158,7 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         model_changed = any(tuple(d[1])[:2] == ("spec", "model") or tuple(d[1]) == ("spec",) for d in diff)
         await ctl.trigger(str(namespace), name, _snapshot(body), force_resolve=model_changed)
 
-    @kopf.on.timer(*md, id="resync", interval=opts.resync_seconds, when=serves, registry=registry)
+    @kopf.on.timer(*md, id="resync", interval=opts.resync_seconds, when=serves, backoff=2, registry=registry)
     async def resync(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
         await ctl.trigger(str(namespace), name, _snapshot(body))
 

@@ -30,7 +30,7 @@ from orchardist.api.modeldeployment import ModelDeploymentSpec
 from orchardist.controller import scheduler, status
 from orchardist.controller.scheduler import Fit, FitFn, Mac
 
-MANAGED_BY = "orchardist.io/controller"
+MANAGED_BY = "orchardist-controller"  # a label value: no slash
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 SLICE_MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -440,14 +440,21 @@ def _replica_body(obs: Observed, rev: str, name: str, node: str, fit: Fit, mac: 
 
 
 def split_endpoint(endpoint: str | None) -> tuple[str, int] | None:
-    """``"10.0.0.5:8001"`` -> ("10.0.0.5", 8001); None for anything that is not IPv4:port."""
+    """``"10.0.0.5:8001"`` -> ("10.0.0.5", 8001); None for what an IPv4 EndpointSlice refuses.
+
+    The API server rejects loopback, link-local, multicast and unspecified addresses in slices, so a
+    replica reporting one cannot be served through the Service (and is left out instead of failing
+    the whole slice).
+    """
     if not endpoint or ":" not in endpoint:
         return None
     host, _, port = endpoint.rpartition(":")
     try:
-        ipaddress.IPv4Address(host)
+        ip = ipaddress.IPv4Address(host)
         number = int(port)
     except ValueError:
+        return None
+    if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
         return None
     return (host, number) if 0 < number < 65536 else None
 

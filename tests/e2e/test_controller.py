@@ -1,0 +1,499 @@
+"""The controller on the real control plane: `orchardist operator run` as a subprocess.
+
+The tests play the agents: they create MacNodes (status written with the admin client) and their
+heartbeat Leases, and set ModelReplica status to simulate pulls and readiness. The model is a tiny
+checkpoint pushed to the real registry fixture, so tags resolve and profiles are read for real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from orchardist.controller.kube import Kube
+from orchardist.dev.cluster import Cluster
+from orchardist.oci.push import push
+
+pytestmark = [pytest.mark.cluster, pytest.mark.registry]
+
+GiB = 2**30
+T = TypeVar("T")
+SYSTEM = "orchardist-system"
+GRACE = 6.0  # seconds: the tests' Lease grace, so expiry is quick
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0, every: float = 0.3) -> T:
+    """Poll until ``probe`` returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def micro(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@pytest.fixture(scope="session")
+async def tiny_tag(registry: str, tiny_model: Path) -> tuple[str, str]:
+    """(tag reference, digest) of the tiny model pushed to the registry fixture."""
+    digest = await push(tiny_model, f"{registry}/controller-e2e/tiny:v1")
+    return f"oci://{registry}/controller-e2e/tiny:v1", digest
+
+
+@dataclass
+class Operator:
+    """One `orchardist operator run` subprocess; its JSON log lines are kept for assertions."""
+
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in list(self.lines):
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if doc.get("event") == name:
+                    out.append(doc)
+        return out
+
+    def said(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@dataclass
+class World:
+    """One test's namespace, its simulated Macs and the operators it started."""
+
+    cluster: Cluster
+    ns: str
+    tag: str
+    digest: str
+    macs: list[str] = field(default_factory=list)
+    operators: list[Operator] = field(default_factory=list)
+    alive: set[str] = field(default_factory=set)  # Macs whose simulated agent renews the Lease
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def heartbeat(self) -> None:
+        """Play every live agent's Lease renewal (every second, well inside the grace)."""
+        kube = Kube(self.cluster.api_client())
+        while not self.stop.wait(1.0):
+            for node in list(self.alive):
+                body = {"spec": {"renewTime": micro(datetime.now(UTC))}}
+                with contextlib.suppress(Exception):
+                    kube.request(
+                        "PATCH",
+                        f"/apis/coordination.k8s.io/v1/namespaces/{SYSTEM}/leases/{node}",
+                        body,
+                        "application/merge-patch+json",
+                        {},
+                    )
+
+    # -- kubectl -----------------------------------------------------------------------------
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        return self.cluster.kubectl(*args, input=input, check=check).stdout
+
+    def get(self, *args: str) -> Any:
+        out = self.cluster.kubectl("get", *args, "-o", "json", check=False)
+        if out.returncode != 0:
+            if "NotFound" in out.stderr:
+                return None
+            raise AssertionError(out.stderr)
+        return json.loads(out.stdout)
+
+    def apply(self, doc: dict[str, Any]) -> None:
+        self.kubectl("apply", "-f", "-", input=json.dumps(doc))
+
+    # -- the operator --------------------------------------------------------------------------
+    def start_operator(self, *extra: str) -> Operator:
+        argv = [
+            sys.executable,
+            "-m",
+            "orchardist",
+            "operator",
+            "run",
+            "--kubeconfig",
+            str(self.cluster.kubeconfig),
+            "--namespace",
+            self.ns,
+            "--lease-grace",
+            str(GRACE),
+            "--resync",
+            "1",
+            "--log-format",
+            "json",
+            *extra,
+        ]
+        if "--peering" not in extra:
+            argv.append("--standalone")
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        op = Operator(proc)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                op.lines.append(line.rstrip("\n"))
+
+        threading.Thread(target=pump, daemon=True).start()
+        self.operators.append(op)
+        wait_for(
+            "the operator to start", lambda: op.said("controller started") or proc.poll() is not None, 60
+        )
+        assert proc.poll() is None, "\n".join(op.lines[-40:])
+        return op
+
+    # -- simulated Macs --------------------------------------------------------------------------
+    def mac(
+        self,
+        name: str,
+        ws_gib: float = 48,
+        *,
+        engines: tuple[str, ...] = ("vllm-metal", "mlx-lm"),
+        unschedulable: bool = False,
+        lease: bool = True,
+        chip: str = "M4 Pro",
+        total_gib: int = 64,
+    ) -> str:
+        full = f"{self.ns}-{name}"
+        self.macs.append(full)
+        self.apply(
+            {
+                "apiVersion": "orchardist.io/v1alpha1",
+                "kind": "MacNode",
+                "metadata": {"name": full, "labels": {"test": self.ns}},
+                "spec": {"unschedulable": unschedulable},
+            }
+        )
+        status = {
+            "chip": {"name": f"Apple {chip}", "family": chip},
+            "memory": {
+                "totalBytes": total_gib * GiB,
+                "gpuWorkingSetBytes": int(ws_gib * GiB),
+                "gpuWorkingSetSource": "simulated",
+            },
+            "memoryBandwidthBytesPerSecond": 273 * 10**9,
+            "engines": [{"name": e, "version": "0.1.0"} for e in engines],
+            "address": "127.0.0.1",
+        }
+        self.kubectl(
+            "patch",
+            "macnode",
+            full,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": status}),
+        )
+        if lease:
+            self.renew(full)
+            self.alive.add(full)
+        return full
+
+    def expire(self, node: str) -> None:
+        """The Mac's agent is gone: no more renewals, and the last one is older than the grace."""
+        self.alive.discard(node)
+        time.sleep(1.5)  # let a renewal in flight land first
+        self.renew(node, age=GRACE + 30)
+
+    def renew(self, node: str, age: float = 0.0) -> None:
+        when = micro(datetime.now(UTC) - timedelta(seconds=age))
+        self.apply(
+            {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": node, "namespace": SYSTEM},
+                "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": when},
+            }
+        )
+
+    # -- deployments and replicas --------------------------------------------------------------
+    def deploy(self, name: str, replicas: int = 1, **spec: Any) -> None:
+        placement = spec.pop("placement", {})
+        self.apply(
+            {
+                "apiVersion": "orchardist.io/v1alpha1",
+                "kind": "ModelDeployment",
+                "metadata": {"name": name, "namespace": self.ns},
+                "spec": {
+                    "model": self.tag,
+                    "engine": "mlx-lm",
+                    "replicas": replicas,
+                    "contextLength": 1024,
+                    "maxConcurrentSequences": 2,
+                    "placement": {"nodeSelector": {"test": self.ns}, **placement},
+                    **spec,
+                },
+            }
+        )
+
+    def md(self, name: str) -> dict[str, Any]:
+        got = self.get("modeldeployment", name, "-n", self.ns)
+        assert got is not None
+        return got  # type: ignore[no-any-return]
+
+    def replicas(self, name: str | None = None) -> list[dict[str, Any]]:
+        sel = [f"-l=orchardist.io/deployment={name}"] if name else []
+        got = self.get("modelreplicas", "-n", self.ns, *sel)
+        return list((got or {}).get("items") or [])
+
+    def set_replica(self, replica: dict[str, Any], phase: str, endpoint: str | None = None) -> None:
+        status: dict[str, Any] = {"phase": phase}
+        if endpoint:
+            status["endpoint"] = endpoint
+        self.kubectl(
+            "patch",
+            "modelreplica",
+            replica["metadata"]["name"],
+            "-n",
+            self.ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": status}),
+        )
+
+    def make_ready(self, name: str, port: int = 8001) -> None:
+        """Play the agents: every replica of ``name`` not yet Ready becomes Ready at 127.0.0.x:port."""
+        for i, r in enumerate(sorted(self.replicas(name), key=lambda r: r["metadata"]["name"])):
+            if (r.get("status") or {}).get("phase") != "Ready" and not r["metadata"].get("deletionTimestamp"):
+                self.set_replica(r, "Ready", f"192.0.2.{10 + i}:{port}")  # TEST-NET-1
+
+    def condition(self, name: str, ctype: str) -> dict[str, Any]:
+        conds = (self.md(name).get("status") or {}).get("conditions") or []
+        return next((c for c in conds if c["type"] == ctype), {})
+
+    def logs(self) -> str:
+        return "\n\n".join("\n".join(op.lines[-60:]) for op in self.operators)
+
+
+@pytest.fixture
+def world(cluster: Cluster, namespace: str, tiny_tag: tuple[str, str]) -> Iterator[World]:
+    cluster.kubectl("create", "namespace", SYSTEM, check=False)
+    w = World(cluster, namespace, *tiny_tag)
+    beat = threading.Thread(target=w.heartbeat, daemon=True)
+    beat.start()
+    try:
+        yield w
+    finally:
+        w.stop.set()
+        for op in w.operators:
+            op.stop()
+        print(w.logs())  # shown by pytest only when the test failed
+        print(w.kubectl("get", "md,mr", "-n", w.ns, "-o", "yaml", check=False))
+        for m in w.macs:
+            cluster.kubectl("delete", "macnode", m, "--ignore-not-found", "--wait=false", check=False)
+            cluster.kubectl(
+                "delete", "lease", m, "-n", SYSTEM, "--ignore-not-found", "--wait=false", check=False
+            )
+
+
+def nodes_of(replicas: list[dict[str, Any]]) -> list[str]:
+    return sorted(r["spec"]["nodeName"] for r in replicas if not r["metadata"].get("deletionTimestamp"))
+
+
+def test_apply_binds_replicas_to_the_right_macs_and_exposes_them(world: World) -> None:
+    """Only Ready, schedulable Macs with the engine get replicas; readiness reaches the slice and Ready."""
+    good1, good2 = world.mac("good-1"), world.mac("good-2")
+    world.mac("no-engine", engines=("vllm-metal",))
+    world.mac("cordoned", unschedulable=True)
+    world.mac("stale", lease=False)
+    world.start_operator()
+    world.deploy("tiny", replicas=2)
+
+    reps = wait_for("2 replicas", lambda: len(world.replicas("tiny")) == 2 and world.replicas("tiny"), 60)
+    assert nodes_of(reps) == sorted([good1, good2]), world.logs()
+    md = world.md("tiny")
+    for r in reps:
+        assert r["metadata"]["labels"]["orchardist.io/deployment"] == "tiny"
+        assert r["metadata"]["labels"]["orchardist.io/node"] == r["spec"]["nodeName"]
+        assert r["metadata"]["labels"]["orchardist.io/revision"]
+        (owner,) = r["metadata"]["ownerReferences"]
+        assert (owner["uid"], owner["controller"], owner["blockOwnerDeletion"]) == (
+            md["metadata"]["uid"],
+            True,
+            True,
+        )
+        assert r["spec"]["digest"] == world.digest
+        assert r["spec"]["model"].endswith("@" + world.digest)
+        assert r["spec"]["memoryPlan"]["maxModelLen"] == 1024
+        assert r["spec"]["memoryPlan"]["reservedBytes"] > 0
+    status = md["status"]
+    assert status["resolvedDigest"] == world.digest
+    assert status["modelProfile"]["architecture"] == "LlamaForCausalLM"
+    svc = world.get("service", "tiny", "-n", world.ns)
+    assert svc is not None and "selector" not in svc["spec"]
+    assert svc["spec"]["ports"][0]["name"] == "http"
+
+    world.make_ready("tiny", port=8001)
+    world.kubectl("wait", "--for=condition=Ready", "md/tiny", "-n", world.ns, "--timeout=30s")
+
+    def slice_addresses() -> list[str] | None:
+        sl = world.get("endpointslice", "tiny", "-n", world.ns)
+        if not sl:
+            return None
+        addrs = sorted(a for e in sl.get("endpoints") or [] for a in e["addresses"])
+        return addrs if len(addrs) == 2 else None
+
+    assert wait_for("the slice to list both", slice_addresses, 15) == ["192.0.2.10", "192.0.2.11"]
+    sl = world.get("endpointslice", "tiny", "-n", world.ns)
+    assert sl["addressType"] == "IPv4" and sl["ports"] == [{"name": "http", "port": 8001, "protocol": "TCP"}]
+    assert sl["metadata"]["labels"]["kubernetes.io/service-name"] == "tiny"
+    md = world.md("tiny")
+    assert md["status"]["ready"] == "2/2" and md["status"]["phase"] == "Ready"
+    assert md["status"]["observedGeneration"] == md["metadata"]["generation"]
+    assert md["status"]["endpoint"] == f"tiny.{world.ns}.svc:8000"
+    events = world.get("events", "-n", world.ns, "--field-selector", "involvedObject.name=tiny")
+    reasons = {e["reason"] for e in events["items"]}
+    assert {"Scheduled", "Started"} <= reasons, reasons
+
+
+def test_nothing_fits_names_the_closest_mac(world: World) -> None:
+    """Unschedulable: Ready=False, reason Unschedulable, the closest Mac and the shortfall in GiB."""
+    world.mac("mini", ws_gib=1.0, chip="M2", total_gib=8)
+    world.mac("smaller", ws_gib=0.5, chip="M1", total_gib=8)
+    world.start_operator()
+    world.deploy("big")
+    cond = wait_for(
+        "Ready=False Unschedulable",
+        lambda: (c := world.condition("big", "Ready")).get("reason") == "Unschedulable" and c,
+        60,
+    )
+    assert cond["status"] == "False"
+    assert cond["message"].startswith(f"no Mac fits: closest is {world.ns}-mini (M2, 8 GiB): weights "), cond
+    assert (
+        "free of its working set; short " in cond["message"] and cond["message"].rstrip(")").count("GiB") >= 3
+    )
+    assert world.condition("big", "Stalled")["status"] == "True"
+    assert world.replicas("big") == []
+
+
+def test_lease_expiry_moves_replicas_and_the_old_one_goes_with_its_mac(world: World) -> None:
+    """A Mac stops renewing: its replica is replaced elsewhere, kept until the MacNode is deleted."""
+    a = world.mac("a", ws_gib=64)
+    world.start_operator()
+    world.deploy("tiny", replicas=1)
+    (first,) = wait_for("a replica on a", lambda: world.replicas("tiny"), 60)
+    assert first["spec"]["nodeName"] == a
+    b = world.mac("b", ws_gib=48)
+    world.expire(a)
+    reps = wait_for(
+        "a replacement on b", lambda: (rs := world.replicas("tiny")) and b in nodes_of(rs) and rs, 60
+    )
+    assert nodes_of(reps) == sorted([a, b])  # the lost one is kept while its Mac is NotReady
+    assert world.condition("tiny", "Degraded").get("reason") == "NodeNotReady"
+    world.kubectl("delete", "macnode", a)
+    wait_for("the lost replica deleted", lambda: nodes_of(world.replicas("tiny")) == [b], 60)
+
+
+def test_rollout_never_drops_below_the_ready_count(world: World) -> None:
+    """New engine args: new replicas first (maxSurge 1), an old one goes only when a new one is Ready."""
+    for i in range(3):
+        world.mac(f"m{i}")
+    world.start_operator()
+    world.deploy("tiny", replicas=2)
+    wait_for("2 replicas", lambda: len(world.replicas("tiny")) == 2, 60)
+    world.make_ready("tiny")
+    world.kubectl("wait", "--for=condition=Ready", "md/tiny", "-n", world.ns, "--timeout=30s")
+    old_rev = world.replicas("tiny")[0]["metadata"]["labels"]["orchardist.io/revision"]
+
+    world.deploy("tiny", replicas=2, engineArgs=["--seed", "7"])
+    lowest, most = 2, 2
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        reps = [r for r in world.replicas("tiny") if not r["metadata"].get("deletionTimestamp")]
+        ready = sum((r.get("status") or {}).get("phase") == "Ready" for r in reps)
+        lowest, most = min(lowest, ready), max(most, len(reps))
+        revs = {r["metadata"]["labels"]["orchardist.io/revision"] for r in reps}
+        if len(reps) == 2 and old_rev not in revs and ready == 2:
+            break
+        time.sleep(1.0)  # the new replica pulls for a moment before its agent says Ready
+        world.make_ready("tiny")
+    else:
+        raise AssertionError("rollout did not finish\n" + world.logs())
+    assert lowest >= 2, f"ready count dropped to {lowest}"
+    assert most <= 3, f"{most} replicas at once with maxSurge 1"
+    world.kubectl("wait", "--for=condition=Ready", "md/tiny", "-n", world.ns, "--timeout=30s")
+
+
+def test_operator_killed_mid_reconcile_converges_after_restart(world: World) -> None:
+    """SIGKILL while replicas are being created; the restarted operator ends with exactly N, no extras."""
+    for i in range(4):
+        world.mac(f"m{i}")
+    op = world.start_operator()
+    world.deploy("tiny", replicas=4)
+    wait_for("the first replica", lambda: world.replicas("tiny"), 60, every=0.05)
+    op.kill()
+    seen = len(world.replicas("tiny"))
+    world.start_operator()
+    reps = wait_for("4 replicas", lambda: (rs := world.replicas("tiny")) and len(rs) == 4 and rs, 60)
+    time.sleep(3)  # a few resyncs later, still exactly four (no duplicates)
+    reps = world.replicas("tiny")
+    assert len(reps) == 4 and len(set(nodes_of(reps))) == 4, (seen, nodes_of(reps))
+    world.make_ready("tiny")
+    world.kubectl("wait", "--for=condition=Ready", "md/tiny", "-n", world.ns, "--timeout=30s")
+
+
+def test_two_operators_one_leader(world: World) -> None:
+    """Two peered operators: the newer (higher priority) acts, the other pauses; replicas made once."""
+    world.mac("m0")
+    world.mac("m1")
+    first = world.start_operator("--peering", "orchardist", "--priority", "1")
+    second = world.start_operator("--peering", "orchardist", "--priority", "2")
+    wait_for("the first to pause", lambda: first.said("Pausing operations in favour of"), 60)
+    world.deploy("tiny", replicas=2)
+    wait_for("2 replicas", lambda: len(world.replicas("tiny")) == 2, 60)
+    time.sleep(2)
+    assert len(world.replicas("tiny")) == 2
+    assert second.events("reconciled") and not first.events("reconciled"), world.logs()
+    peering = world.get("kopfpeering", "orchardist", "-n", world.ns)
+    assert peering is not None and len(peering.get("status") or {}) == 2
+
+
+def test_deleting_the_deployment_removes_replicas_service_and_slice(world: World) -> None:
+    """ownerReferences + garbage collection: replicas, Service and EndpointSlice go with the deployment."""
+    world.mac("m0")
+    world.start_operator()
+    world.deploy("tiny", replicas=1)
+    wait_for("a replica", lambda: world.replicas("tiny"), 60)
+    world.make_ready("tiny")
+    wait_for("the slice", lambda: world.get("endpointslice", "tiny", "-n", world.ns), 30)
+    world.kubectl("delete", "md", "tiny", "-n", world.ns, "--wait=true", "--timeout=60s")
+    wait_for("replicas gone", lambda: world.replicas() == [], 60)
+    wait_for("service gone", lambda: world.get("service", "tiny", "-n", world.ns) is None, 60)
+    wait_for("slice gone", lambda: world.get("endpointslice", "tiny", "-n", world.ns) is None, 60)
