@@ -11,6 +11,8 @@ Layout under ``root``::
 The index is a cache of what is on disk: on open it is checked against the disk and rebuilt from
 the manifests when missing or torn. Pins (running or pulling models) are in memory: the agent
 re-pins what it runs after a restart. GC evicts least-recently-used unpinned models.
+
+One process owns a store root at a time (the agent, or one CLI run): locks are in-process.
 """
 
 from __future__ import annotations
@@ -164,6 +166,8 @@ class ContentStore:
         for p in self.model_dir.iterdir():
             if p.name.startswith(".staging-"):
                 remove_tree(p)
+        for p in self.root.glob(".index.json.*.tmp"):  # an index write cut short by a crash
+            p.unlink(missing_ok=True)
         loaded: dict[str, Any] = {}
         index = self.root / "index.json"
         try:
