@@ -79,11 +79,12 @@ def find_kubebins() -> Path:
             )
         script = root / "hack" / "build-kubebins.sh"
         _log.info("locating control-plane binaries (builds them on first use)", script=str(script))
-        out = subprocess.run(["bash", str(script)], capture_output=True, text=True)
-        if out.returncode != 0:
-            raise KubebinsMissingError(f"{script} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-        # The script prints the dir as its output; take it whole (robust to a path with odd chars).
-        bin_dir = Path(out.stdout.rstrip("\n"))
+        # stderr passes through: a cold build takes minutes and prints its progress there.
+        out = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, text=True)
+        lines = out.stdout.strip().splitlines()
+        if out.returncode != 0 or not lines:
+            raise KubebinsMissingError(f"{script} failed (exit {out.returncode}); its output is above")
+        bin_dir = Path(lines[-1])  # the script prints the bin dir last
         source = str(script)
     missing = [b for b in BINARIES if not os.access(bin_dir / b, os.X_OK)]
     if missing:
