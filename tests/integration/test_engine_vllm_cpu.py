@@ -32,6 +32,11 @@ async def sup(tmp_path: Path) -> AsyncIterator[Supervisor]:
     await s.shutdown()
 
 
+def process_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_text()
+    return dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
+
+
 def group_members(pgid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -70,9 +75,7 @@ async def test_vllm_cpu_serves_from_the_driver_command_line(
     # The process runs exactly the driver's command line and environment.
     launch = spec.launch(int(st.endpoint.rsplit(":", 1)[1]))
     assert procs.cmdline(st.pid) == " ".join(launch.argv)
-    environ = dict(
-        kv.split("=", 1) for kv in Path(f"/proc/{st.pid}/environ").read_text().split("\0") if "=" in kv
-    )
+    environ = process_env(st.pid)
     assert {k: environ.get(k) for k in launch.env} == dict(launch.env)
     assert environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
