@@ -145,10 +145,25 @@ class Adapter:
         self, namespace: str, name: str, uid: str, plan: Plan, service: JSON | None
     ) -> list[str]:
         """Carry out a plan; returns the names of the replicas created (for the in-memory overlay)."""
-        created: list[str] = []
-        for body in plan.create:
-            if await self.kube.create(replica_path(namespace), body):
-                created.append(str(body["metadata"]["name"]))
+        created = await self.create_replicas(namespace, plan)
+        await self.finish(namespace, name, uid, plan, service)
+        return created
+
+    async def create_replicas(self, namespace: str, plan: Plan) -> list[str]:
+        """The plan's new replicas, created concurrently; returns the names that were new."""
+
+        async def one(body: JSON) -> str | None:
+            return (
+                str(body["metadata"]["name"])
+                if await self.kube.create(replica_path(namespace), body)
+                else None
+            )
+
+        made = await asyncio.gather(*(one(b) for b in plan.create))
+        return [n for n in made if n is not None]
+
+    async def finish(self, namespace: str, name: str, uid: str, plan: Plan, service: JSON | None) -> None:
+        """Everything in the plan but the creations: deletions, Service, slices, status."""
         for replica, why in plan.delete:
             LOG.info("deleting replica", namespace=namespace, replica=replica, why=why)
             await self.kube.delete(replica_path(namespace, replica))
@@ -164,7 +179,6 @@ class Adapter:
             await self.kube.delete(slice_path(namespace, slname))
         if plan.status is not None:
             await self.kube.merge_patch(md_path(namespace, name) + "/status", {"status": plan.status})
-        return created
 
     async def _with_version(self, namespace: str, sl: JSON) -> JSON:
         have = await self.kube.get(slice_path(namespace, sl["metadata"]["name"])) or {}

@@ -11,6 +11,7 @@ Deterministic replica names make a forgotten overlay harmless: a second create i
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from orchardist.oci.reference import Reference, parse
 from orchardist.planning.profile import ModelProfile
 
 LOG = log.get(__name__)
+RESOLVE_TTL = 5.0  # seconds a tag's digest is reused without asking the registry again
 Key = tuple[str, str]
 JSON = dict[str, Any]
 
@@ -71,6 +73,10 @@ class Controller:
     assumed: dict[Key, dict[str, JSON]] = field(default_factory=dict)  # (ns, deployment) -> name -> body
     forgotten: set[Key] = field(default_factory=set)  # (ns, replica name) deleted by us
     phases: dict[str, str | None] = field(default_factory=dict)  # replica uid -> last phase seen
+    _recent: dict[tuple[str, str | None], tuple[float, str]] = field(default_factory=dict)
+    _inflight: dict[tuple[str, str | None], asyncio.Future[tuple[str, ModelProfile]]] = field(
+        default_factory=dict
+    )
     place_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     _pending: dict[Key, _Pending] = field(default_factory=dict)
@@ -130,11 +136,14 @@ class Controller:
         annotations = meta.get("annotations") or {}
         re_resolve = force or P.RE_RESOLVE in annotations
         pin, error = await self._pin(namespace, md, dict(body.get("status") or {}), re_resolve)
-        now = self.clock()
+        svc_name = md.spec.service.name or name
+        service, slices = await asyncio.gather(
+            self.adapter.service(namespace, svc_name), self.adapter.slices(namespace, svc_name)
+        )
+        # Placement reads and books the shared free memory: one deployment at a time, until the
+        # new replicas exist (and are assumed); the rest of the plan touches only this deployment.
         async with self.place_lock:
-            svc_name = md.spec.service.name or name
-            service = await self.adapter.service(namespace, svc_name)
-            slices = await self.adapter.slices(namespace, svc_name)
+            now = self.clock()
             obs = P.Observed(
                 name=name,
                 namespace=namespace,
@@ -151,18 +160,19 @@ class Controller:
                 slices=slices,
             )
             plan = P.decide(obs)
-            try:
-                created = await self.adapter.execute(namespace, name, obs.uid, plan, service)
-            except ServiceConflictError as exc:
-                kopf.event(_ref(body), type="Warning", reason="ServiceConflict", message=str(exc))
-                raise kopf.TemporaryError(str(exc), delay=30) from exc
+            created = await self.adapter.create_replicas(namespace, plan)
             bucket = self.assumed.setdefault((namespace, name), {})
             for c in plan.create:
                 if c["metadata"]["name"] in created:
                     bucket[c["metadata"]["name"]] = c
-            for replica, _ in plan.delete:
-                bucket.pop(replica, None)
-                self.forgotten.add((namespace, replica))
+        try:
+            await self.adapter.finish(namespace, name, obs.uid, plan, service)
+        except ServiceConflictError as exc:
+            kopf.event(_ref(body), type="Warning", reason="ServiceConflict", message=str(exc))
+            raise kopf.TemporaryError(str(exc), delay=30) from exc
+        for replica, _ in plan.delete:
+            bucket.pop(replica, None)
+            self.forgotten.add((namespace, replica))
         if pin is not None and P.RE_RESOLVE in annotations:
             await self.adapter.forget_annotation(namespace, name, P.RE_RESOLVE)
         for ev in plan.events:
@@ -207,9 +217,7 @@ class Controller:
             return self._make_pin(digest_hint, ref.pinned(digest_hint), profile, md), None
         try:
             creds = await self._credentials(namespace, md, ref)
-            digest, fetched = await asyncio.wait_for(
-                oci_profile.model_profile(target, creds), self.config.resolve_timeout
-            )
+            digest, fetched = await self._resolve(target, creds, fresh=re_resolve)
         except (OCIError, ValueError, OSError, TimeoutError) as exc:
             message = f"cannot read {target} from its registry: {exc}"
             LOG.warning(
@@ -222,6 +230,29 @@ class Controller:
             return None, message
         self.profiles[digest] = fetched
         return self._make_pin(digest, ref.pinned(digest), fetched, md), None
+
+    async def _resolve(
+        self, target: Reference, creds: oci_auth.Credentials | None, *, fresh: bool
+    ) -> tuple[str, ModelProfile]:
+        """One registry round per reference at a time; a tag resolved a moment ago is not asked again.
+
+        A hundred deployments of one tag applied together cost one resolution, not a hundred; the
+        answer is reused for ``RESOLVE_TTL`` seconds unless the user asked for a fresh one.
+        """
+        key = (str(target), creds.username if creds else None)
+        hit = self._recent.get(key)
+        if hit and not fresh and time.monotonic() - hit[0] < RESOLVE_TTL and hit[1] in self.profiles:
+            return hit[1], self.profiles[hit[1]]
+        flight = self._inflight.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(
+                asyncio.wait_for(oci_profile.model_profile(target, creds), self.config.resolve_timeout)
+            )
+            self._inflight[key] = flight
+            flight.add_done_callback(lambda _: self._inflight.pop(key, None))
+        digest, profile = await asyncio.shield(flight)
+        self._recent[key] = (time.monotonic(), digest)
+        return digest, profile
 
     def _make_pin(self, digest: str, model: str, profile: ModelProfile, md: ModelDeployment) -> P.Pin:
         request = plan_request(md.spec)
