@@ -67,7 +67,7 @@ def agents(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         directory = tmp_path_factory.mktemp("agents")
         found = {node: Agent(cluster, node, directory) for node in (A, B)}
-        _wait_for_policy(found[A])
+        _wait_for_policies(cluster, found[A])
         yield found
     finally:
         cluster.helm("uninstall", "identity", "-n", SYSTEM_NS, check=False)
@@ -75,17 +75,29 @@ def agents(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         cluster.kubectl("delete", "lease", A, B, "-n", SYSTEM_NS, "--ignore-not-found", check=False)
 
 
-def _wait_for_policy(agent: Agent, timeout: float = 30) -> None:
-    """A new policy reaches the admission plugin within seconds: probe with a server-side dry run
-    (admission runs, nothing is stored) until it refuses."""
-    deadline = time.monotonic() + timeout
-    while True:
-        out = agent.kubectl("create", "--dry-run=server", "-f", "-", input=_macnode("mac-id-probe"))
-        if out.returncode != 0 and "may only write its own MacNode" in out.stderr:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"the agent identity policy is not enforced after {timeout} s: {out.stderr}")
-        time.sleep(0.3)
+def _wait_for_policies(cluster: Cluster, agent: Agent, timeout: float = 30) -> None:
+    """New policies reach the admission plugin within seconds: probe each with a server-side dry
+    run (admission runs, nothing is stored) until it refuses."""
+    cluster.kubectl("apply", "-n", SYSTEM_NS, "-f", "-", input=_replica("probe-on-b", B, SYSTEM_NS))
+    status = json.dumps({"status": {"phase": "Pending"}})
+    probes = [
+        (["create", "--dry-run=server", "-f", "-"], _macnode("mac-id-probe"), "its own MacNode"),
+        (["create", "--dry-run=server", "-f", "-"], _lease("mac-id-probe"), "its own Lease"),
+        (["patch", "mr", "probe-on-b", "-n", SYSTEM_NS, "--subresource=status", "--type=merge", "-p", status,
+          "--dry-run=server"], None, "bound to its own node"),
+    ]  # fmt: skip
+    try:
+        for args, body, message in probes:
+            deadline = time.monotonic() + timeout
+            while True:
+                out = agent.kubectl(*args, input=body)
+                if out.returncode != 0 and message in out.stderr:
+                    break
+                if time.monotonic() > deadline:
+                    pytest.fail(f"policy ({message}) not enforced after {timeout} s: {out.stderr}")
+                time.sleep(0.3)
+    finally:
+        cluster.kubectl("delete", "mr", "probe-on-b", "-n", SYSTEM_NS, "--ignore-not-found", check=False)
 
 
 def _macnode(name: str) -> str:
@@ -336,3 +348,17 @@ def test_the_real_operator_runs_with_only_its_chart_credentials(
         assert "forbidden" not in text.lower(), text[-3000:]
     finally:
         _stop(proc)
+
+
+def test_the_policies_type_check_clean(cluster: Cluster, agents: dict[str, Agent]) -> None:
+    """The controller-manager type-checks each policy's CEL against its resource's schema."""
+    for resource in ("macnodes", "leases", "modelreplicas"):
+        name = f"identity-orchardist-agent-{resource}"
+        deadline = time.monotonic() + 60
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline and "typeChecking" not in status:
+            policy = cluster.kubectl("get", "validatingadmissionpolicy", name, "-o", "json")
+            status = json.loads(policy.stdout).get("status", {})
+            time.sleep(0.5)
+        assert "typeChecking" in status, (name, status)
+        assert not status["typeChecking"].get("expressionWarnings"), (name, status)

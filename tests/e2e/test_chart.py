@@ -197,8 +197,9 @@ def test_helm_install_on_the_real_apiserver(bare: Cluster) -> None:
     assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "orchardist-operator"
     for sa in ("orchardist-operator", "orchardist-agent-mac-a", "orchardist-agent-mac-b"):
         bare.kubectl("get", "serviceaccount", sa, "-n", SYSTEM_NS)
-    bare.kubectl("get", "validatingadmissionpolicy", "orchardist-agent-identity")
-    bare.kubectl("get", "validatingadmissionpolicybinding", "orchardist-agent-identity")
+    for resource in ("macnodes", "leases", "modelreplicas"):
+        bare.kubectl("get", "validatingadmissionpolicy", f"orchardist-agent-{resource}")
+        bare.kubectl("get", "validatingadmissionpolicybinding", f"orchardist-agent-{resource}")
 
     # The granted permissions, as the real RBAC authorizer sees them.
     op = f"--as=system:serviceaccount:{SYSTEM_NS}:orchardist-operator"

@@ -30,7 +30,8 @@ _log = log.get(__name__)
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
 
 #: Only the controllers Orchardist relies on (2 cores): cascading deletion, namespace deletion,
-#: default ServiceAccounts and their tokens, kube-root-ca.crt, aggregated ClusterRoles.
+#: default ServiceAccounts and their tokens, kube-root-ca.crt, aggregated ClusterRoles, and the
+#: type-check report of ValidatingAdmissionPolicies (the chart's agent-identity policy).
 CONTROLLERS = (
     "garbage-collector-controller",
     "namespace-controller",
@@ -38,6 +39,7 @@ CONTROLLERS = (
     "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller",
     "clusterrole-aggregation-controller",
+    "validatingadmissionpolicy-status-controller",
 )
 
 #: Start order; stopped in reverse.
