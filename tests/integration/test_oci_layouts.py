@@ -261,3 +261,34 @@ async def test_manifest_size_limit(registry: str, tmp_path: Path) -> None:
         with pytest.raises(TooLargeError, match="limit"):
             await client.get_manifest(repo, "v1", limit=512)
         assert (await client.get_manifest(repo, "v1")).data["layers"]
+
+
+async def test_docker_tar_layers(registry: str, tmp_path: Path) -> None:
+    repo = _repo("dmr-tars")
+    config = json.dumps(
+        {"config": {"format": "safetensors"}, "descriptor": {"created": "2025-01-01T00:00:00Z"}}
+    )
+    await push_artifact(
+        registry,
+        f"{repo}:v1",
+        (mt.DMR_CONFIG_V02, config.encode()),
+        [
+            (mt.DMR_SAFETENSORS, b"\x03" * 512, {mt.FILEPATH: "model.safetensors"}),
+            (mt.DMR_VLLM_CONFIG_TAR, tar_bytes({"config.json": json.dumps(TINY_CONFIG).encode()}), {}),
+            (
+                mt.DMR_DIR_TAR,
+                tar_bytes({"vocab.json": b"{}", "sub/merges.txt": b"a b"}),
+                {mt.FILEPATH: "tok"},
+            ),
+        ],
+    )
+    got = await ContentStore(tmp_path / "store", GiB).pull(f"oci://{registry}/{repo}:v1")
+    assert got.layout == "docker-model-runner"
+    assert set(_files(got.path)) == {
+        "model.safetensors",
+        "config.json",
+        "tok/vocab.json",
+        "tok/sub/merges.txt",
+    }
+    _, profile = await model_profile(f"oci://{registry}/{repo}:v1")
+    assert profile.weight_bytes == 512
