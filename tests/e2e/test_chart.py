@@ -230,6 +230,14 @@ def test_helm_install_on_the_real_apiserver(bare: Cluster) -> None:
             wrong.append((who, args, got))
     assert not wrong
 
+    # Upgrades reach everything, the templated CRDs included: a new Mac gets its identity.
+    bare.helm(
+        "upgrade", "orchardist", str(CHART), "-n", SYSTEM_NS, "--set", "agents.nodes={mac-a,mac-b,mac-c}"
+    )
+    bare.kubectl("get", "serviceaccount", "orchardist-agent-mac-c", "-n", SYSTEM_NS)
+    crd = json.loads(bare.kubectl("get", "crd", "modeldeployments.orchardist.io", "-o", "json").stdout)
+    assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == "orchardist"
+
     # Uninstall keeps the CRDs (crds.keep), so ModelDeployments survive a mistaken uninstall.
     bare.helm("uninstall", "orchardist", "-n", SYSTEM_NS)
     assert bare.kubectl("get", "crd", "modeldeployments.orchardist.io", check=False).returncode == 0
