@@ -7,6 +7,7 @@ checkpoint pushed to the real registry fixture, so tags resolve and profiles are
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -470,11 +471,11 @@ def test_operator_killed_mid_reconcile_converges_after_restart(world: World) -> 
 
 
 def test_two_operators_one_leader(world: World) -> None:
-    """Two peered operators: the newer (higher priority) acts, the other pauses; replicas made once."""
-    world.mac("m0")
-    world.mac("m1")
-    first = world.start_operator("--peering", "orchardist", "--priority", "1")
-    second = world.start_operator("--peering", "orchardist", "--priority", "2")
+    """Two peered operators: the higher priority acts, the other pauses; it takes over when that dies."""
+    for i in range(3):
+        world.mac(f"m{i}")
+    first = world.start_operator("--peering", "orchardist", "--priority", "1", "--peering-lifetime", "10")
+    second = world.start_operator("--peering", "orchardist", "--priority", "2", "--peering-lifetime", "10")
     wait_for("the first to pause", lambda: first.said("Pausing operations in favour of"), 60)
     world.deploy("tiny", replicas=2)
     wait_for("2 replicas", lambda: len(world.replicas("tiny")) == 2, 60)
@@ -483,6 +484,48 @@ def test_two_operators_one_leader(world: World) -> None:
     assert second.events("reconciled") and not first.events("reconciled"), world.logs()
     peering = world.get("kopfpeering", "orchardist", "-n", world.ns)
     assert peering is not None and len(peering.get("status") or {}) == 2
+
+    second.kill()  # the leader dies without saying goodbye; its record expires after 10 s
+    world.deploy("tiny", replicas=3)
+    wait_for("the standby to take over", lambda: len(world.replicas("tiny")) == 3, 60)
+    assert first.events("reconciled"), world.logs()
+
+
+async def test_re_resolve_annotation_pins_the_moved_tag(
+    world: World, registry: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A tag is resolved once; after it moves, the annotation re-resolves it and the replicas roll."""
+    from orchardist.dev.tinymodel import build
+
+    world.mac("m0")
+    world.mac("m1")
+    tag = f"oci://{registry}/controller-e2e/moving:v1"
+    first = await push(tiny_model, tag)
+    world.start_operator()
+    world.deploy("mv", replicas=1, model=tag)
+    wait_for("the first pin", lambda: (world.md("mv").get("status") or {}).get("resolvedDigest") == first, 60)
+    world.make_ready("mv")
+    second = await push(build(tmp_path / "other", seed=1), tag)
+    assert second != first
+    await asyncio.sleep(3)  # several resyncs: the pin holds, nothing rolls
+    assert world.md("mv")["status"]["resolvedDigest"] == first
+    assert {r["spec"]["digest"] for r in world.replicas("mv")} == {first}
+
+    world.kubectl("annotate", "md", "mv", "-n", world.ns, "orchardist.io/re-resolve=now")
+    wait_for("the new pin", lambda: world.md("mv")["status"].get("resolvedDigest") == second, 60)
+    assert world.md("mv")["status"]["resolvedModel"].endswith("@" + second)
+    wait_for(
+        "the annotation consumed",
+        lambda: "orchardist.io/re-resolve" not in (world.md("mv")["metadata"].get("annotations") or {}),
+        30,
+    )
+
+    def rolled() -> bool:
+        world.make_ready("mv")
+        reps = [r for r in world.replicas("mv") if not r["metadata"].get("deletionTimestamp")]
+        return len(reps) == 1 and reps[0]["spec"]["digest"] == second
+
+    wait_for("the replica on the new digest", rolled, 60, every=1.0)
 
 
 def test_deleting_the_deployment_removes_replicas_service_and_slice(world: World) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from orchardist.api.modeldeployment import ModelDeploymentSpec
 from orchardist.controller import plan as P  # noqa: N812 - short, reads like a namespace
 from orchardist.controller.fitting import fit_for, plan_request
-from orchardist.controller.scheduler import GIB, Fit, Mac, Misfit
+from orchardist.controller.scheduler import GIB, Fit, Mac, Misfit, Taint
 from orchardist.planning.profile import from_config
 
 D1 = "sha256:" + "11" * 32
@@ -210,6 +210,18 @@ def test_replicas_on_deleted_macs_are_deleted_and_replaced() -> None:
     plan = P.decide(observed(s, [mac("b")], [rep("r0", "gone", s)]))
     assert [n for n, _ in plan.delete] == ["r0"]
     assert [c["spec"]["nodeName"] for c in plan.create] == ["b"]
+
+
+def test_no_execute_taint_evicts_and_replaces() -> None:
+    """A NoExecute taint the deployment does not tolerate: the replica goes and is placed elsewhere."""
+    s = spec(replicas=1)
+    tainted = mac("a", taints=(Taint("maintenance", "", "NoExecute"),))
+    plan = P.decide(observed(s, [tainted, mac("b")], [rep("r0", "a", s)]))
+    assert [n for n, _ in plan.delete] == ["r0"]
+    assert [c["spec"]["nodeName"] for c in plan.create] == ["b"]
+    tolerant = spec(replicas=1, placement={"tolerations": [{"key": "maintenance", "operator": "Exists"}]})
+    kept = P.decide(observed(tolerant, [tainted, mac("b")], [rep("r0", "a", tolerant)]))
+    assert kept.delete == () and kept.create == ()
 
 
 def test_rollout_surges_first_and_keeps_the_ready_count() -> None:

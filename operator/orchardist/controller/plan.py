@@ -5,7 +5,8 @@ delete, the Service and EndpointSlices to have, the status to write and the Even
 adapter (``kube.py``) executes the plan; running ``decide`` again on the result asks for nothing.
 
 Rules, level-based (no memory of earlier runs):
-- Replicas on a Mac that is gone are deleted; on a NotReady Mac (Lease older than the grace) they
+- Replicas on a Mac that is gone, or that has a NoExecute taint they do not tolerate, are deleted
+  (and replaced); on a NotReady Mac (Lease older than the grace) they
   are *lost*: not counted, replaced elsewhere, and kept until the Mac returns (then the surplus is
   trimmed) or is deleted.
 - Scale down removes, in order: replicas on NotReady Macs, old revisions, not-ready replicas (least
@@ -268,9 +269,16 @@ def decide(obs: Observed) -> Plan:
     deletes: dict[str, str] = {}
 
     alive = [r for r in obs.replicas if not r.terminating]
+    tolerations = [
+        scheduler.Toleration(t.key, t.operator, t.value, t.effect) for t in spec.placement.tolerations
+    ]
     for r in alive:
         if r.node not in macs:
             deletes[r.name] = f"its Mac {r.node} is gone"
+            continue
+        for taint in macs[r.node].taints:
+            if taint.effect == "NoExecute" and not scheduler.tolerated(taint, tolerations):
+                deletes[r.name] = f"its Mac {r.node} has the NoExecute taint {taint.key}"
     placed = [r for r in alive if r.name not in deletes]
     lost = [r for r in placed if not macs[r.node].ready]
     live = [r for r in placed if macs[r.node].ready]
