@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import shutil
 import sys
 import threading
@@ -502,7 +503,12 @@ class EngineAdapter:
             found = [r for r in found if r.version == version or r.version.startswith(version + "+")]
         if not found:
             return None
-        return self.registry.resolve(engine, version)
+        # As RuntimeRegistry.resolve, over the cached list: the configured one, else the newest.
+        configured = self.cfg.runtimes.get(engine)
+        for r in found:
+            if configured is not None and configured.expanduser().resolve() == r.prefix:
+                return r
+        return max(found, key=lambda r: tuple(int(x) for x in re.findall(r"\d+", r.version)[:4]))
 
     def installed(self, engine: str, version: str | None = None) -> bool:
         return self.runtime(engine, version) is not None
