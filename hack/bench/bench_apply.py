@@ -66,7 +66,8 @@ def run() -> list[str]:
         for ns in ("orchardist-system", "bench", "one", "floor"):
             cluster.kubectl("create", "namespace", ns)
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        macs, leases = [], []
+        macs: list[dict[str, Any]] = []
+        leases: list[dict[str, Any]] = []
         for i in range(MACS):
             name = f"mac-{i:03d}"
             macs.append(

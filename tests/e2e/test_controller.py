@@ -39,7 +39,7 @@ GRACE = 6.0  # seconds: the tests' Lease grace, so expiry is quick
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0, every: float = 0.3) -> T:
     """Poll until ``probe`` returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: T | None = None
     while time.monotonic() < deadline:
         last = probe()
         if last:
@@ -295,6 +295,11 @@ class World:
             if (r.get("status") or {}).get("phase") != "Ready" and not r["metadata"].get("deletionTimestamp"):
                 self.set_replica(r, "Ready", f"192.0.2.{10 + i}:{port}")  # TEST-NET-1
 
+    def count(self, name: str, n: int) -> list[dict[str, Any]] | None:
+        """The deployment's replicas once there are exactly ``n`` (else None, to keep polling)."""
+        reps = self.replicas(name)
+        return reps if len(reps) == n else None
+
     def condition(self, name: str, ctype: str) -> dict[str, Any]:
         conds = (self.md(name).get("status") or {}).get("conditions") or []
         return next((c for c in conds if c["type"] == ctype), {})
@@ -337,7 +342,7 @@ def test_apply_binds_replicas_to_the_right_macs_and_exposes_them(world: World) -
     world.start_operator()
     world.deploy("tiny", replicas=2)
 
-    reps = wait_for("2 replicas", lambda: len(world.replicas("tiny")) == 2 and world.replicas("tiny"), 60)
+    reps = wait_for("2 replicas", lambda: world.count("tiny", 2), 60)
     assert nodes_of(reps) == sorted([good1, good2]), world.logs()
     md = world.md("tiny")
     for r in reps:
@@ -413,9 +418,12 @@ def test_lease_expiry_moves_replicas_and_the_old_one_goes_with_its_mac(world: Wo
     assert first["spec"]["nodeName"] == a
     b = world.mac("b", ws_gib=48)
     world.expire(a)
-    reps = wait_for(
-        "a replacement on b", lambda: (rs := world.replicas("tiny")) and b in nodes_of(rs) and rs, 60
-    )
+
+    def replaced() -> list[dict[str, Any]] | None:
+        rs = world.replicas("tiny")
+        return rs if b in nodes_of(rs) else None
+
+    reps = wait_for("a replacement on b", replaced, 60)
     assert nodes_of(reps) == sorted([a, b])  # the lost one is kept while its Mac is NotReady
     assert world.condition("tiny", "Degraded").get("reason") == "NodeNotReady"
     world.kubectl("delete", "macnode", a)
@@ -462,7 +470,7 @@ def test_operator_killed_mid_reconcile_converges_after_restart(world: World) -> 
     op.kill()
     seen = len(world.replicas("tiny"))
     world.start_operator()
-    reps = wait_for("4 replicas", lambda: (rs := world.replicas("tiny")) and len(rs) == 4 and rs, 60)
+    wait_for("4 replicas", lambda: world.count("tiny", 4), 60)
     time.sleep(3)  # a few resyncs later, still exactly four (no duplicates)
     reps = world.replicas("tiny")
     assert len(reps) == 4 and len(set(nodes_of(reps))) == 4, (seen, nodes_of(reps))
