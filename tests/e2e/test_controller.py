@@ -27,6 +27,9 @@ import pytest
 from orchardist.controller.kube import Kube
 from orchardist.dev.cluster import Cluster
 from orchardist.oci.push import push
+from orchardist_agent.engines import Runtime
+from tests.e2e.test_agent_node import make_agent
+from tests.e2e.test_agent_replicas import chat
 
 pytestmark = [pytest.mark.cluster, pytest.mark.registry]
 
@@ -548,3 +551,34 @@ def test_deleting_the_deployment_removes_replicas_service_and_slice(world: World
     wait_for("replicas gone", lambda: world.replicas() == [], 60)
     wait_for("service gone", lambda: world.get("service", "tiny", "-n", world.ns) is None, 60)
     wait_for("slice gone", lambda: world.get("endpointslice", "tiny", "-n", world.ns) is None, 60)
+
+
+@pytest.mark.engine
+def test_real_agent_serves_the_deployment_with_mlx_lm(
+    world: World, tmp_path: Path, mlx_runtime: Runtime
+) -> None:
+    """End to end: operator -> bound replica -> a real agent pulls and starts mlx-lm -> Ready -> a completion.
+
+    The agent reports a loopback endpoint here (tests talk only to 127.0.0.1), which the API server
+    refuses in EndpointSlices, so the completion goes to the replica's endpoint directly.
+    """
+    agent = make_agent(world.cluster, tmp_path / "agent", extra=("--runtime", f"mlx-lm={mlx_runtime.prefix}"))
+    agent.start()
+    try:
+        wait_for("the agent's MacNode", lambda: world.get("macnode", agent.node), 60)
+        world.kubectl("label", "macnode", agent.node, f"test={world.ns}")
+        world.macs.append(agent.node)
+        world.start_operator()
+        world.deploy("tiny", replicas=1)
+        try:
+            world.kubectl("wait", "--for=condition=Ready", "md/tiny", "-n", world.ns, "--timeout=240s")
+        except Exception as exc:
+            raise AssertionError(f"{exc}\nagent:\n{agent.tail(40)}") from None
+        md = world.md("tiny")
+        (entry,) = md["status"]["replicaStatuses"]
+        assert entry["nodeName"] == agent.node and entry["phase"] == "Ready"
+        assert chat(entry["endpoint"])["choices"]
+        events = world.get("events", "-n", world.ns, "--field-selector", "involvedObject.name=tiny")
+        assert {"Scheduled", "Started"} <= {e["reason"] for e in events["items"]}
+    finally:
+        agent.stop()
