@@ -369,6 +369,29 @@ def status_patch(
     return patch or None
 
 
+#: Reasons a person should notice: their Events are Warnings.
+WARNING_REASONS = frozenset({"DoesNotFit", "PullFailed", "CrashLoop", "EngineNotInstalled"})
+
+
+def condition_events(
+    old: Iterable[Mapping[str, Any]] | None, new: Iterable[Mapping[str, Any]] | None
+) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of a Kubernetes Event per condition that flipped or changed reason.
+
+    One Event per distinct (reason, message): Ready=False usually repeats another condition's words.
+    """
+    before = {str(c.get("type")): (c.get("status"), c.get("reason")) for c in (old or [])}
+    out: list[tuple[str, str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for c in new or []:
+        reason, message = str(c.get("reason", "")), str(c.get("message", ""))
+        if before.get(str(c.get("type"))) == (c.get("status"), c.get("reason")) or (reason, message) in seen:
+            continue
+        seen.add((reason, message))
+        out.append(("Warning" if reason in WARNING_REASONS else "Normal", reason, message))
+    return out
+
+
 def _strip_times(conds: Iterable[Mapping[str, Any]] | None) -> list[JSON]:
     return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in (conds or [])]
 

@@ -16,9 +16,9 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ from .reconcile import (
     ProgressThrottle,
     PullView,
     ReplicaView,
+    condition_events,
     decide,
     free_bytes,
     now_iso,
@@ -126,6 +127,7 @@ class ReplicaLoop:
         self.pinned: dict[Key, str] = {}  # the digest each replica holds a store pin on
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._stop_thread = threading.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
     def create(cls, kube: Kube, node: NodeAgent, cfg: AgentConfig, address: str) -> ReplicaLoop:
@@ -308,6 +310,48 @@ class ReplicaLoop:
             self.objects[view.key] = updated
         if "phase" in patch:
             LOG.info("replica status", replica=f"{view.namespace}/{view.name}", phase=patch["phase"])
+        for kind, reason, message in condition_events(
+            (obj.get("status") or {}).get("conditions"), patch.get("conditions")
+        ):
+            self._spawn(self._event(updated, kind, reason, message))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _event(self, obj: JSON, kind: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the replica, for `kubectl describe` (best effort: status is the record)."""
+        meta = obj.get("metadata") or {}
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "ModelReplica",
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "orchardist-agent", "host": self.node.name},
+            "reportingComponent": "orchardist.io/agent",
+            "reportingInstance": self.node.name,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await asyncio.to_thread(
+                self.kube.create, f"/api/v1/namespaces/{meta.get('namespace')}/events", body
+            )
+        except Exception as exc:
+            LOG.debug("event not recorded", reason=reason, error=str(exc))
 
     async def _act(self, act: Act, view: ReplicaView) -> None:
         key = view.key

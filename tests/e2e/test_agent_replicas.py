@@ -177,6 +177,11 @@ def test_replica_pulls_starts_serves_survives_an_agent_restart_and_stops_on_dele
     node = kget(cluster, "macnode", agent.node)
     assert node["status"]["memory"]["allocatedBytes"] == 256 * MiB
     assert [m["digest"] for m in node["status"]["cachedModels"]] == [tiny_ref[1]]
+    events = kget(cluster, "events", "-n", namespace, "--field-selector", "involvedObject.name=r1")["items"]
+    reasons = [e["reason"] for e in sorted(events, key=lambda e: e["metadata"]["creationTimestamp"])]
+    for want in ("Scheduled", "Pulled", "Started", "Ready"):  # what `kubectl describe mr r1` shows
+        assert want in reasons, reasons
+    assert {e["source"]["host"] for e in events} == {agent.node}
     assert node["status"]["modelStore"]["usedBytes"] > 0
     ready_since = condition(st, "Ready")["lastTransitionTime"]
 

@@ -16,6 +16,7 @@ from orchardist_agent.reconcile import (
     ProgressThrottle,
     PullView,
     ReplicaView,
+    condition_events,
     decide,
     desired_status,
     free_bytes,
@@ -335,3 +336,52 @@ def test_driver_warnings_show_in_the_started_condition() -> None:
         started.message
         == "mlx-lm pid 42 port 8001; warning: mlx-lm has no --api-key; the key is not enforced by the engine"
     )
+
+
+def _c(ctype: str, status: str, reason: str, message: str = "") -> dict[str, str]:
+    return {"type": ctype, "status": status, "reason": reason, "message": message}
+
+
+EVENTS = [
+    (
+        "first status",
+        None,
+        [_c("Scheduled", "True", "Scheduled", "bound")],
+        [("Normal", "Scheduled", "bound")],
+    ),
+    ("nothing changed", [_c("Pulled", "True", "Pulled")], [_c("Pulled", "True", "Pulled")], []),
+    (
+        "message only changed: no event",
+        [_c("Ready", "False", "Starting", "a")],
+        [_c("Ready", "False", "Starting", "b")],
+        [],
+    ),
+    (
+        "flip",
+        [_c("Ready", "False", "Starting")],
+        [_c("Ready", "True", "Ready", "up")],
+        [("Normal", "Ready", "up")],
+    ),
+    (
+        "reason changed, same status, warning",
+        [_c("Started", "False", "Starting")],
+        [_c("Started", "False", "CrashLoop", "boom")],
+        [("Warning", "CrashLoop", "boom")],
+    ),
+    (
+        "Ready repeating another condition's words is one event",
+        None,
+        [
+            _c("Scheduled", "False", "DoesNotFit", "needs 9 GiB"),
+            _c("Ready", "False", "DoesNotFit", "needs 9 GiB"),
+        ],
+        [("Warning", "DoesNotFit", "needs 9 GiB")],
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "old", "new", "want"), EVENTS, ids=[e[0] for e in EVENTS])
+def test_condition_events(
+    case: str, old: list[dict[str, str]] | None, new: list[dict[str, str]], want: list[tuple[str, str, str]]
+) -> None:
+    assert condition_events(old, new) == want
