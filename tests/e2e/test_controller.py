@@ -578,6 +578,8 @@ def test_real_agent_serves_the_deployment_with_mlx_lm(
         (entry,) = md["status"]["replicaStatuses"]
         assert entry["nodeName"] == agent.node and entry["phase"] == "Ready"
         assert chat(entry["endpoint"])["choices"]
+        degraded = world.condition("tiny", "Degraded")  # honest: the Service cannot reach 127.0.0.1
+        assert (degraded["status"], degraded["reason"]) == ("True", "EndpointNotRoutable"), degraded
         events = world.get("events", "-n", world.ns, "--field-selector", "involvedObject.name=tiny")
         assert {"Scheduled", "Started"} <= {e["reason"] for e in events["items"]}
     finally:

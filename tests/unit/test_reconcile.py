@@ -155,6 +155,9 @@ def test_ready_replicas_fill_the_slice_and_ready_condition() -> None:
     assert sl["ports"] == [{"name": "http", "port": 8001, "protocol": "TCP"}]
     assert [e["addresses"] for e in sl["endpoints"]] == [["10.0.0.1"]]
     assert plan.status is not None and plan.status["readyReplicas"] == 3
+    degraded = next(c for c in plan.status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "EndpointNotRoutable"
+    assert "r1 at mac-b.local:8001, r2 at 127.0.0.1:8001" in degraded["message"]
 
 
 def test_different_ports_get_one_slice_each() -> None:

@@ -118,6 +118,23 @@ TABLE = [
         "Ready",
     ),
     (
+        "ready, but only at a loopback address",
+        Facts(
+            desired=1,
+            existing=1,
+            ready=1,
+            updated=1,
+            updated_ready=1,
+            unroutable=("r0 at 127.0.0.1:8001",),
+            digest=D,
+        ),
+        (True, "Ready"),
+        (False, "AsExpected"),
+        (False, "AsExpected"),
+        (True, "EndpointNotRoutable"),
+        "Degraded",
+    ),
+    (
         "some ready, the rest unschedulable",
         Facts(
             desired=3, existing=2, ready=2, updated=2, updated_ready=2, unschedulable="no Mac fits", digest=D

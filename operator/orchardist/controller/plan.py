@@ -613,6 +613,9 @@ def _status(
         resolve_error=obs.resolve_error if obs.pin is None else None,
         unschedulable=unsched.message if unsched else None,
         failures=tuple(failures),
+        unroutable=tuple(
+            f"{r.name} at {r.endpoint}" for r in updated if r.ready and split_endpoint(r.endpoint) is None
+        ),
     )
     conds = status.conditions(facts)
     previous = list(obs.status.get("conditions") or ())

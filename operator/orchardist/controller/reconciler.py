@@ -18,13 +18,15 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
 import kopf
+from pydantic import ValidationError
 
 from orchardist import log
 from orchardist.api.constants import LABEL_DEPLOYMENT
 from orchardist.api.modeldeployment import ModelDeployment
 from orchardist.controller import plan as P  # noqa: N812 - the plan module, read as a namespace
+from orchardist.controller import status as st
 from orchardist.controller.fitting import fit_for, plan_request
-from orchardist.controller.kube import Adapter, ServiceConflictError
+from orchardist.controller.kube import Adapter, ServiceConflictError, md_path
 from orchardist.controller.scheduler import FitFn, Mac
 from orchardist.oci import auth as oci_auth
 from orchardist.oci import profile as oci_profile
@@ -131,8 +133,12 @@ class Controller:
         body = self._body(namespace, name, fallback)
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             return  # gone or going: ownerReferences let the garbage collector remove the rest
-        md = ModelDeployment.model_validate(dict(body))
         meta = body.get("metadata") or {}
+        try:
+            md = ModelDeployment.model_validate(dict(body))
+        except ValidationError as exc:
+            await self._invalid(namespace, name, body, exc)
+            return
         annotations = meta.get("annotations") or {}
         re_resolve = force or P.RE_RESOLVE in annotations
         pin, error = await self._pin(namespace, md, dict(body.get("status") or {}), re_resolve)
@@ -186,6 +192,30 @@ class Controller:
                 deleted=len(plan.delete),
                 status=plan.status is not None,
             )
+
+    async def _invalid(
+        self, namespace: str, name: str, body: Mapping[str, Any], exc: ValidationError
+    ) -> None:
+        """A spec the API server let through but the types refuse: say so in status, do nothing else."""
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = f"the spec does not validate at {where}: {first.get('msg')}"
+        generation = int((body.get("metadata") or {}).get("generation") or 0)
+        conds = {
+            "Ready": st.Cond(False, "InvalidSpec", message),
+            "Reconciling": st.Cond(False, st.AS_EXPECTED, "waiting for a person (see Stalled)"),
+            "Stalled": st.Cond(True, "InvalidSpec", message),
+            "Degraded": st.Cond(False, st.AS_EXPECTED, ""),
+        }
+        previous = list((body.get("status") or {}).get("conditions") or ())
+        now = self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
+        rendered = st.render(conds, generation, previous, now)
+        new = {"observedGeneration": generation, "phase": "Failed", "conditions": rendered}
+        strip = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in rendered]
+        have = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in previous]
+        if strip != have:
+            await self.adapter.kube.merge_patch(md_path(namespace, name) + "/status", {"status": new})
+            kopf.event(_ref(body), type="Warning", reason="InvalidSpec", message=message[:1024])
 
     # -- pinning and profiles ------------------------------------------------------------------
 

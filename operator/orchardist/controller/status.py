@@ -43,6 +43,7 @@ class Facts:
     resolve_error: str | None = None  # and no pin to fall back on
     unschedulable: str | None = None
     failures: Sequence[tuple[str, str]] = field(default_factory=tuple)  # (reason, message) of failed replicas
+    unroutable: Sequence[str] = field(default_factory=tuple)  # ready replicas' endpoints a Service cannot use
 
 
 def conditions(f: Facts) -> dict[str, Cond]:
@@ -82,6 +83,14 @@ def conditions(f: Facts) -> dict[str, Cond]:
         degraded = Cond(True, f.failures[0][0], f"{f.ready}/{f.desired} ready: {f.failures[0][1]}")
     elif f.desired > 0 and 0 < f.ready < min(f.desired, f.existing):
         degraded = Cond(True, "ReplicasDown", f"{f.ready}/{f.desired} replicas ready")
+    elif f.unroutable:
+        degraded = Cond(
+            True,
+            "EndpointNotRoutable",
+            f"ready but not reachable through the Service: {', '.join(f.unroutable)} (an EndpointSlice takes "
+            "only routable IPv4 addresses, not loopback or link-local; start the agent with --address set "
+            "to the Mac's LAN address)",
+        )
     else:
         degraded = Cond(False, AS_EXPECTED, "")
     return {
