@@ -83,6 +83,15 @@ TABLE = [
         "Degraded",
     ),
     (
+        "replaced, one left on a NotReady Mac",
+        Facts(desired=1, existing=2, ready=1, updated=1, updated_ready=1, lost=1, digest=D),
+        (True, "Ready"),
+        (False, "AsExpected"),
+        (False, "AsExpected"),
+        (True, "NodeNotReady"),
+        "Degraded",
+    ),
+    (
         "one of two crash-looping",
         Facts(
             desired=2,

@@ -67,17 +67,22 @@ def conditions(f: Facts) -> dict[str, Cond]:
     else:
         ready = Cond(False, *_progress(f))
 
-    settled = f.updated_ready >= f.desired and f.old == 0 and f.existing == f.desired and not f.lost
+    # Replicas left on NotReady Macs do not keep the deployment "in progress" once replaced: they
+    # wait for their Mac to return or be deleted (Degraded says so).
+    settled = f.updated_ready >= f.desired and f.old == 0 and f.existing - f.lost == f.desired
     if stalled is not None or settled:
         reconciling = Cond(False, AS_EXPECTED, "" if settled else "waiting for a person (see Stalled)")
     else:
         reconciling = Cond(True, *_progress(f))
 
     if f.desired > 0 and f.lost:
+        tail = (
+            "already replaced; removed when their Mac returns or its MacNode is deleted"
+            if f.updated_ready >= f.desired
+            else "replacing them elsewhere"
+        )
         degraded = Cond(
-            True,
-            "NodeNotReady",
-            f"{f.lost} replica(s) on Macs that stopped renewing their Lease; replacing them elsewhere",
+            True, "NodeNotReady", f"{f.lost} replica(s) on Macs that stopped renewing their Lease; {tail}"
         )
     elif f.desired > 0 and 0 < f.ready < f.desired and f.failures:
         degraded = Cond(True, f.failures[0][0], f"{f.ready}/{f.desired} ready: {f.failures[0][1]}")

@@ -1,0 +1,109 @@
+"""The reconciler's triggering and replica Events: bursts coalesce, phase changes become Events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from orchardist.controller.reconciler import Controller
+
+
+class Counting(Controller):
+    """A Controller whose reconcile only counts runs (the scheduling inside is tested elsewhere)."""
+
+    runs: int = 0
+    forced: list[bool]
+
+    async def _reconcile(
+        self, namespace: str, name: str, fallback: Mapping[str, Any] | None, force: bool
+    ) -> None:
+        self.runs += 1
+        self.forced.append(force)
+        await asyncio.sleep(0.05)
+
+
+def counting() -> Counting:
+    c = Counting(adapter=None)  # type: ignore[arg-type]  # never reaches the API in these tests
+    c.forced = []
+    return c
+
+
+async def test_a_burst_of_triggers_costs_at_most_two_reconciles() -> None:
+    """Ten triggers while one runs: the running one, plus one that all the others join."""
+    c = counting()
+    await asyncio.gather(*(c.trigger("ns", "md") for _ in range(10)))
+    assert c.runs == 2
+
+
+async def test_a_forced_resolve_is_not_lost_when_joining() -> None:
+    """A trigger asking for a fresh resolution that joins a queued run makes that run forced."""
+    c = counting()
+    first = asyncio.ensure_future(c.trigger("ns", "md"))
+    await asyncio.sleep(0.01)
+    await asyncio.gather(c.trigger("ns", "md"), c.trigger("ns", "md", force_resolve=True))
+    await first
+    assert c.forced == [False, True]
+
+
+async def test_different_deployments_run_concurrently() -> None:
+    """Two deployments do not wait for each other (only placement is serialised)."""
+    c = counting()
+    await asyncio.gather(c.trigger("ns", "a"), c.trigger("ns", "b"))
+    assert (c.runs, c.most) == (2, 2)
+
+
+async def test_one_deployment_never_runs_twice_at_once() -> None:
+    """However many triggers arrive, one deployment's reconciles never overlap."""
+    c = counting()
+    await asyncio.gather(
+        *(c.trigger("ns", "md") for _ in range(5)), c.trigger("ns", "md", force_resolve=True)
+    )
+    assert c.most == 1
+
+
+def replica(phase: str | None, **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "r0", "uid": "u1"},
+        "spec": {"nodeName": "studio-1", "model": "oci://r/m@sha256:aa", "engine": "mlx-lm"},
+        "status": {"phase": phase, **status},
+    }
+
+
+EVENTS = [
+    # (case, previous phase (None: never seen), body, expected (type, reason) or None)
+    ("first sight, pending", None, replica(None), None),
+    ("pulling", "Pending", replica("Pulling", progress={"bytesTotal": 2 << 30}), ("Normal", "Pulling")),
+    ("pulled, starting", "Pulling", replica("Starting"), ("Normal", "Pulled")),
+    ("serving", "Starting", replica("Ready", endpoint="10.0.0.5:8001"), ("Normal", "Started")),
+    (
+        "failed",
+        "Starting",
+        replica("Failed", lastError={"reason": "CrashLoop", "message": "exit 1"}),
+        ("Warning", "CrashLoop"),
+    ),
+    ("no change", "Ready", replica("Ready"), None),
+]
+
+
+@pytest.mark.parametrize(("case", "before", "body", "expected"), EVENTS, ids=[e[0] for e in EVENTS])
+def test_replica_phase_events(
+    case: str, before: str | None, body: dict[str, Any], expected: tuple[str, str] | None
+) -> None:
+    """Each phase change of a replica becomes one Event on its deployment, worded for people."""
+    c = counting()
+    if before is not None:
+        c.phases["u1"] = before
+    got = c.replica_phase_event(body, initial=False)
+    assert (got[:2] if got else None) == expected
+    if got is not None:
+        assert got[2].startswith("r0 on studio-1: ")
+
+
+def test_the_initial_listing_posts_nothing() -> None:
+    """A restarted operator does not repeat Events for phases it merely re-lists."""
+    c = counting()
+    assert c.replica_phase_event(replica("Ready"), initial=True) is None
+    assert c.replica_phase_event(replica("Ready"), initial=False) is None
