@@ -15,14 +15,19 @@ class Counting(Controller):
     """A Controller whose reconcile only counts runs (the scheduling inside is tested elsewhere)."""
 
     runs: int = 0
+    active: int = 0
+    most: int = 0
     forced: list[bool]
 
     async def _reconcile(
         self, namespace: str, name: str, fallback: Mapping[str, Any] | None, force: bool
     ) -> None:
         self.runs += 1
+        self.active += 1
+        self.most = max(self.most, self.active)
         self.forced.append(force)
         await asyncio.sleep(0.05)
+        self.active -= 1
 
 
 def counting() -> Counting:
