@@ -152,7 +152,8 @@ async def main(cfg: AgentConfig) -> int:
     cfg.store.mkdir(parents=True, exist_ok=True)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     facts = host_facts(cfg)
-    address = cfg.address or str(facts().get("address") or "") or discover_address()
+    first = await asyncio.to_thread(facts)  # on macOS system_profiler takes a second or two: once
+    address = cfg.address or str(first.get("address") or "") or discover_address()
     kube = Kube(api_client(cfg.kubeconfig))
     node = NodeAgent(kube, cfg.node_name, facts, address=address, heartbeat_interval=cfg.heartbeat_interval)
     stop = asyncio.Event()
@@ -163,7 +164,7 @@ async def main(cfg: AgentConfig) -> int:
     delay = 1.0
     while not stop.is_set():
         try:
-            await asyncio.to_thread(node.register)
+            await asyncio.to_thread(node.register, first)
             break
         except Exception as exc:  # the API server may come up after the agent (launchd at boot)
             LOG.warning("registration failed; retrying", node=cfg.node_name, error=str(exc), retry_in=delay)

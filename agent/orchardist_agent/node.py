@@ -248,9 +248,9 @@ class NodeAgent:
         self._status = dict(node.get("status") or status)
         self._sent = status
 
-    def register(self) -> None:
+    def register(self, host: JSON | None = None) -> None:
         """Create the MacNode if missing and write its whole status (blocking)."""
-        self._host = self.facts()
+        self._host = host if host is not None else self.facts()
         node = self._ensure_macnode()
         self._status = dict(node.get("status") or {})
         self._push_status(force=True)
