@@ -215,12 +215,22 @@ async def ensure_peering(kube: Kube, name: str, namespaces: list[str] | None) ->
     for doc in yaml.safe_load_all(PEERING_CRDS.read_text()):
         if not doc:
             continue
+        crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
         try:
-            await kube.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", doc)
+            if await kube.get(f"{crds}/{doc['metadata']['name']}") is not None:
+                continue
         except ApiException as exc:
             if exc.status != 403:
                 raise
-            LOG.warning("cannot create the peering CRDs; apply kopf-peering.yaml as an administrator")
+        try:
+            await kube.create(crds, doc)
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            LOG.warning(
+                "cannot read or create the peering CRDs; apply kopf-peering.yaml as an administrator",
+                crd=doc["metadata"]["name"],
+            )
     for _ in range(50):  # the CRDs serve a moment after they are created
         try:
             if namespaces is None:
