@@ -198,7 +198,7 @@ async def main(cfg: AgentConfig) -> int:
             code = 1
     stop.set()
     for task in tasks:
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+        with contextlib.suppress(Exception, asyncio.CancelledError):  # a failure was logged above
             await asyncio.wait_for(task, 10)
     await replicas.shutdown(stop_engines=cfg.stop_engines_on_exit)
     try:
