@@ -62,6 +62,11 @@ def settings(opts: Options, identity: str) -> kopf.OperatorSettings:
     )
     # Only the heartbeat Leases of the Macs, not every Lease of the cluster (leader elections etc.).
     s.watching.field_selectors["coordination.k8s.io", "leases"] = f"metadata.namespace={SYSTEM_NAMESPACE}"
+    # Only the Services and EndpointSlices this controller manages (read from watches, not GETs).
+    s.watching.label_selectors["v1", "services"] = f"{P.LABEL_MANAGED_BY}={P.MANAGED_BY}"
+    s.watching.label_selectors["discovery.k8s.io", "v1", "endpointslices"] = (
+        f"{P.SLICE_MANAGED_BY}={P.MANAGED_BY}"
+    )
     # Leader election: one operator acts; a standby takes over when the leader's record expires.
     if opts.peering:
         s.peering.name = opts.peering
@@ -126,6 +131,14 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
     def mn_index(name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {name: _snapshot(body)}
 
+    @kopf.index("v1", "services", id="svc_index", registry=registry)
+    def svc_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): _snapshot(body)}
+
+    @kopf.index("discovery.k8s.io", "v1", "endpointslices", id="slice_index", registry=registry)
+    def slice_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, labels.get(P.SERVICE_NAME_LABEL, "")): _snapshot(body)}
+
     @kopf.index("coordination.k8s.io", "v1", "leases", id="lease_index", when=in_system, registry=registry)
     def lease_index(name: str, spec: kopf.Spec, **_: Any) -> dict[Any, Any]:
         return {name: {"spec": dict(spec)}}
@@ -135,6 +148,7 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         # The indexes are live: kopf keeps filling these objects for the operator's lifetime.
         ctl.deployments, ctl.replicas = kwargs["md_index"], kwargs["mr_index"]
         ctl.macnodes, ctl.leases = kwargs["mn_index"], kwargs["lease_index"]
+        ctl.services, ctl.slices = kwargs["svc_index"], kwargs["slice_index"]
         if opts.peering:
             peering_namespaces = None if served is None else sorted({*served, SYSTEM_NAMESPACE})
             await ensure_peering(ctl.adapter.kube, opts.peering, peering_namespaces)
@@ -164,7 +178,7 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
 
     @kopf.on.event(*mr, id="replica-changed", registry=registry)
     async def replica_changed(
-        event: kopf.RawEvent, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+        event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None, labels: kopf.Labels, **_: Any
     ) -> None:
         owner = labels.get(LABEL_DEPLOYMENT)
         if not owner or namespace is None or not serves(namespace):
@@ -181,6 +195,8 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
                 kopf.event(deployment_ref(namespace, owner, uid), type=ev[0], reason=ev[1], message=ev[2])
         if etype is None:
             return  # the initial listing: resume handlers reconcile every deployment anyway
+        if etype == "ADDED" and not body.get("status") and ctl.created_here(namespace, owner, name):
+            return  # our own create coming back: the reconcile that made it already counted it
         await _quietly(ctl.trigger(namespace, owner))
 
     @kopf.on.event(*mn, id="macnode-changed", registry=registry)

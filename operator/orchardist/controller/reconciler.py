@@ -36,6 +36,7 @@ from orchardist.planning.profile import ModelProfile
 
 LOG = log.get(__name__)
 RESOLVE_TTL = 5.0  # seconds a tag's digest is reused without asking the registry again
+WRITE_MEMORY = 2.0  # seconds our own Service/slice writes stand in for the (lagging) watch
 Key = tuple[str, str]
 JSON = dict[str, Any]
 
@@ -70,12 +71,15 @@ class Controller:
     replicas: Store | None = None
     macnodes: Store | None = None
     leases: Store | None = None
+    services: Store | None = None  # (namespace, name) -> our Services
+    slices: Store | None = None  # (namespace, service name) -> our EndpointSlices
     profiles: dict[str, ModelProfile] = field(default_factory=dict)
     fits: dict[tuple[str, Any], FitFn] = field(default_factory=dict)
     assumed: dict[Key, dict[str, JSON]] = field(default_factory=dict)  # (ns, deployment) -> name -> body
     forgotten: set[Key] = field(default_factory=set)  # (ns, replica name) deleted by us
     phases: dict[str, str | None] = field(default_factory=dict)  # replica uid -> last phase seen
     _recent: dict[tuple[str, str | None], tuple[float, str]] = field(default_factory=dict)
+    _written: dict[Key, tuple[float, JSON | None, list[JSON]]] = field(default_factory=dict)
     _inflight: dict[tuple[str, str | None], asyncio.Future[tuple[str, ModelProfile]]] = field(
         default_factory=dict
     )
@@ -143,9 +147,7 @@ class Controller:
         re_resolve = force or P.RE_RESOLVE in annotations
         pin, error = await self._pin(namespace, md, dict(body.get("status") or {}), re_resolve)
         svc_name = md.spec.service.name or name
-        service, slices = await asyncio.gather(
-            self.adapter.service(namespace, svc_name), self.adapter.slices(namespace, svc_name)
-        )
+        service, slices = await self._exposure(namespace, svc_name)
         # Placement reads and books the shared free memory: one deployment at a time, until the
         # new replicas exist (and are assumed); the rest of the plan touches only this deployment.
         async with self.place_lock:
@@ -176,6 +178,16 @@ class Controller:
         except ServiceConflictError as exc:
             kopf.event(_ref(body), type="Warning", reason="ServiceConflict", message=str(exc))
             raise kopf.TemporaryError(str(exc), delay=30) from exc
+        if plan.service is not None or plan.slices or plan.delete_slices:
+            written = {s["metadata"]["name"]: s for s in slices}
+            written.update({s["metadata"]["name"]: s for s in plan.slices})
+            for gone in plan.delete_slices:
+                written.pop(gone, None)
+            self._written[(namespace, svc_name)] = (
+                time.monotonic(),
+                plan.service or service,
+                list(written.values()),
+            )
         for replica, _ in plan.delete:
             bucket.pop(replica, None)
             self.forgotten.add((namespace, replica))
@@ -216,6 +228,25 @@ class Controller:
         if strip != have:
             await self.adapter.kube.merge_patch(md_path(namespace, name) + "/status", {"status": new})
             kopf.event(_ref(body), type="Warning", reason="InvalidSpec", message=message[:1024])
+
+    async def _exposure(self, namespace: str, svc_name: str) -> tuple[JSON | None, list[JSON]]:
+        """The Service and our EndpointSlices as they are: from the watches (free), else by GET.
+
+        Right after this process wrote them, what it wrote is used for ``WRITE_MEMORY`` seconds, so a
+        reconcile that runs before the watch catches up does not write them again.
+        """
+        key = (namespace, svc_name)
+        recent = self._written.get(key)
+        if recent is not None and time.monotonic() - recent[0] < WRITE_MEMORY:
+            return recent[1], list(recent[2])
+        self._written.pop(key, None)
+        if self.services is None or self.slices is None:
+            service, slices = await asyncio.gather(
+                self.adapter.service(namespace, svc_name), self.adapter.slices(namespace, svc_name)
+            )
+            return service, slices
+        service = next(iter(self.services.get(key, ())), None)
+        return (dict(service) if service is not None else None), [dict(s) for s in self.slices.get(key, ())]
 
     # -- pinning and profiles ------------------------------------------------------------------
 
@@ -373,6 +404,10 @@ class Controller:
             err = st.get("lastError") or {}
             return "Warning", str(err.get("reason") or "Failed"), f"{who}: {err.get('message') or 'failed'}"
         return None
+
+    def created_here(self, namespace: str, deployment: str, replica: str) -> bool:
+        """Whether this process created the replica and still holds it as assumed."""
+        return replica in self.assumed.get((namespace, deployment), {})
 
     def forget_replica(self, body: Mapping[str, Any]) -> None:
         self.phases.pop(str((body.get("metadata") or {}).get("uid")), None)
