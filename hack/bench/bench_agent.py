@@ -3,7 +3,9 @@
 Starts a real local control plane (orchardist.dev.cluster) and `orchardist agent run --simulate
 m4-pro-64gb` as a subprocess, waits for its MacNode to be Ready, then samples /proc/<pid> once a
 second: resident memory (VmRSS) and CPU time (utime + stime, all threads). A bare Python
-interpreter is measured the same way, in the same run, as the floor the agent is built on.
+interpreter is measured the same way, in the same run, as the floor the agent is built on. Then
+the same agent serves one tiny model through mlx-lm (a real registry and engine) and is sampled
+again: what supervising an engine adds to the agent itself (the engine process is not counted).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 GOAL_RSS_MB = 80.0
 GOAL_CPU_PCT = 1.0
 WINDOW_S = 60.0
+SERVING_WINDOW_S = 30.0
 HEARTBEAT_S = 10.0
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,11 +61,46 @@ def bare_python_rss() -> float:
         proc.wait()
 
 
+def mlx_runtime() -> Path:
+    """The mlx-lm venv from hack/install-runtimes.sh (cached; installed on first use)."""
+    out = subprocess.run(
+        ["bash", str(REPO / "hack" / "install-runtimes.sh"), "mlx-lm"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)["mlx-lm"])
+
+
+def replica(name: str, node: str, ref: str, digest: str) -> dict[str, object]:
+    """A bound replica with a small plan (what the controller would create)."""
+    mib = 2**20
+    plan: dict[str, object] = {"weightBytes": 4 * mib, "overheadBytes": 64 * mib, "kvBudgetBytes": 64 * mib}
+    plan |= {"kvBytesPerToken": 512, "blockSize": 16, "numBlocks": 8192, "maxModelLen": 2048, "maxNumSeqs": 2}
+    plan |= {"maxNumBatchedTokens": 2048, "gpuMemoryUtilization": 0.92, "reservedBytes": 256 * mib}
+    spec: dict[str, object] = {
+        "nodeName": node,
+        "deployment": "bench",
+        "model": ref,
+        "digest": digest,
+        "engine": "mlx-lm",
+    }
+    spec |= {"servedModelName": "bench", "memoryPlan": plan}
+    meta = {"name": name, "namespace": "default"}
+    return {"apiVersion": "orchardist.io/v1alpha1", "kind": "ModelReplica", "metadata": meta, "spec": spec}
+
+
 def run() -> list[str]:
+    import asyncio
+
+    from orchardist.dev import tinymodel
     from orchardist.dev.cluster import Cluster, find_kubebins
+    from orchardist.dev.registry import Registry
+    from orchardist.oci.push import push
 
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     cluster = Cluster.start(work / "cluster", bin_dir=find_kubebins())
+    registry = Registry.start(work / "registry")
     agent: subprocess.Popen[bytes] | None = None
     try:
         for crd in sorted((REPO / "crds").glob("*.yaml")):
@@ -73,6 +111,13 @@ def run() -> list[str]:
         argv += ["--kubeconfig", str(cluster.kubeconfig), "--node-name", node, "--simulate", "m4-pro-64gb"]
         argv += ["--store", str(work / "store"), "--state-dir", str(work / "state")]
         argv += ["--address", "127.0.0.1", "--heartbeat-interval", str(HEARTBEAT_S), "--log-format", "json"]
+        argv += [
+            "--runtime",
+            f"mlx-lm={mlx_runtime()}",
+            "--bind-address",
+            "127.0.0.1",
+            "--stop-engines-on-exit",
+        ]
         with (work / "agent.log").open("wb") as log:
             agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
@@ -97,6 +142,22 @@ def run() -> list[str]:
         if agent.poll() is not None:
             raise RuntimeError("agent exited during the measurement")
         floor = bare_python_rss()
+
+        # The same agent supervising one engine (health probes, its log followed, status kept).
+        digest = asyncio.run(push(tinymodel.build(work / "tiny"), f"{registry.host}/bench/tiny:v1"))
+        ref = f"oci://{registry.host}/bench/tiny@{digest}"
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(replica("bench", node, ref, digest)))
+        t0 = time.monotonic()
+        while True:
+            out = cluster.kubectl("get", "mr", "bench", "-o", "json", check=False)
+            if out.returncode == 0 and json.loads(out.stdout).get("status", {}).get("phase") == "Ready":
+                break
+            if agent.poll() is not None or time.monotonic() - t0 > 180:
+                raise RuntimeError(f"replica not Ready:\n{(work / 'agent.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        ready_s = time.monotonic() - t0
+        time.sleep(2.0)
+        busy_peak, _, busy_cpu = sample(agent.pid, SERVING_WINDOW_S)
         return [
             f"agent idle over {WINDOW_S:.0f} s, heartbeat every {HEARTBEAT_S:.0f} s"
             f" (lease renewed: {renewed})",
@@ -104,6 +165,10 @@ def run() -> list[str]:
             f" -> {peak / GOAL_RSS_MB:.2f}x goal",
             f"CPU {cpu:.3f} % of one core; goal {GOAL_CPU_PCT:.0f} % -> {cpu / GOAL_CPU_PCT:.2f}x goal",
             f"bare Python interpreter RSS {floor:.1f} MB -> agent is {peak / floor:.1f}x the floor",
+            f"replica created -> Ready (pull + mlx-lm start) in {ready_s:.1f} s",
+            f"agent supervising one engine over {SERVING_WINDOW_S:.0f} s: RSS peak {busy_peak:.1f} MB"
+            f" ({busy_peak / GOAL_RSS_MB:.2f}x the idle goal), CPU {busy_cpu:.3f} % of one core"
+            f" ({busy_cpu / GOAL_CPU_PCT:.2f}x the idle goal)",
         ]
     finally:
         if agent is not None and agent.poll() is None:
@@ -112,6 +177,7 @@ def run() -> list[str]:
                 agent.wait(20)
             except subprocess.TimeoutExpired:
                 agent.kill()
+        registry.stop()
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
 
