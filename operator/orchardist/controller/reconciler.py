@@ -36,7 +36,7 @@ from orchardist.planning.profile import ModelProfile
 
 LOG = log.get(__name__)
 RESOLVE_TTL = 5.0  # seconds a tag's digest is reused without asking the registry again
-WRITE_MEMORY = 2.0  # seconds our own Service/slice writes stand in for the (lagging) watch
+WRITE_MEMORY = 2.0  # seconds our own status/Service/slice writes stand in for the (lagging) watch
 Key = tuple[str, str]
 JSON = dict[str, Any]
 
@@ -80,6 +80,7 @@ class Controller:
     phases: dict[str, str | None] = field(default_factory=dict)  # replica uid -> last phase seen
     _recent: dict[tuple[str, str | None], tuple[float, str]] = field(default_factory=dict)
     _written: dict[Key, tuple[float, JSON | None, list[JSON]]] = field(default_factory=dict)
+    _status_written: dict[Key, tuple[float, JSON]] = field(default_factory=dict)
     _inflight: dict[tuple[str, str | None], asyncio.Future[tuple[str, ModelProfile]]] = field(
         default_factory=dict
     )
@@ -145,7 +146,8 @@ class Controller:
             return
         annotations = meta.get("annotations") or {}
         re_resolve = force or P.RE_RESOLVE in annotations
-        pin, error = await self._pin(namespace, md, dict(body.get("status") or {}), re_resolve)
+        current = self._status_of(namespace, name, body)
+        pin, error = await self._pin(namespace, md, current, re_resolve)
         svc_name = md.spec.service.name or name
         service, slices = await self._exposure(namespace, svc_name)
         # Placement reads and books the shared free memory: one deployment at a time, until the
@@ -158,7 +160,7 @@ class Controller:
                 uid=str(meta.get("uid")),
                 generation=int(meta.get("generation") or 0),
                 spec=md.spec,
-                status=dict(body.get("status") or {}),
+                status=current,
                 replicas=[P.replica_from(b) for b in self._replicas_of(namespace, name)],
                 macs=self._macs(now),
                 pin=pin,
@@ -191,6 +193,8 @@ class Controller:
         for replica, _ in plan.delete:
             bucket.pop(replica, None)
             self.forgotten.add((namespace, replica))
+        if plan.status is not None:
+            self._status_written[(namespace, name)] = (time.monotonic(), plan.status)
         if pin is not None and P.RE_RESOLVE in annotations:
             await self.adapter.forget_annotation(namespace, name, P.RE_RESOLVE)
         for ev in plan.events:
@@ -228,6 +232,14 @@ class Controller:
         if strip != have:
             await self.adapter.kube.merge_patch(md_path(namespace, name) + "/status", {"status": new})
             kopf.event(_ref(body), type="Warning", reason="InvalidSpec", message=message[:1024])
+
+    def _status_of(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The deployment's status: what this process just wrote, while the watch may still lag."""
+        recent = self._status_written.get((namespace, name))
+        if recent is not None and time.monotonic() - recent[0] < WRITE_MEMORY:
+            return dict(recent[1])
+        self._status_written.pop((namespace, name), None)
+        return dict(body.get("status") or {})
 
     async def _exposure(self, namespace: str, svc_name: str) -> tuple[JSON | None, list[JSON]]:
         """The Service and our EndpointSlices as they are: from the watches (free), else by GET.
