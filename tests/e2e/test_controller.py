@@ -412,8 +412,9 @@ def test_nothing_fits_names_the_closest_mac(world: World) -> None:
     assert world.replicas("big") == []
 
 
-def test_lease_expiry_moves_replicas_and_the_old_one_goes_with_its_mac(world: World) -> None:
-    """A Mac stops renewing: its replica is replaced elsewhere, kept until the MacNode is deleted."""
+def test_lease_expiry_moves_replicas_and_the_old_one_goes_when_its_mac_returns(world: World) -> None:
+    """A Mac stops renewing: its replica is replaced elsewhere and marked; when the Mac returns, the
+    marked one goes once the replacement serves."""
     a = world.mac("a", ws_gib=64)
     world.start_operator()
     world.deploy("tiny", replicas=1)
@@ -429,8 +430,26 @@ def test_lease_expiry_moves_replicas_and_the_old_one_goes_with_its_mac(world: Wo
     reps = wait_for("a replacement on b", replaced, 60)
     assert nodes_of(reps) == sorted([a, b])  # the lost one is kept while its Mac is NotReady
     assert world.condition("tiny", "Degraded").get("reason") == "NodeNotReady"
+    old = next(r for r in world.replicas("tiny") if r["spec"]["nodeName"] == a)
+    assert "orchardist.io/lost" in (old["metadata"].get("annotations") or {})
+
+    world.make_ready("tiny")  # the replacement serves (and, stale, the old one says Ready too)
+    world.renew(a)
+    world.alive.add(a)  # a's agent is back
+    wait_for("the replaced replica deleted", lambda: nodes_of(world.replicas("tiny")) == [b], 60)
+    world.kubectl("wait", "--for=condition=Ready", "md/tiny", "-n", world.ns, "--timeout=30s")
+
+
+def test_replicas_of_a_deleted_macnode_are_deleted_and_replaced(world: World) -> None:
+    """A MacNode removed for good: its replicas are deleted at once and placed elsewhere."""
+    a = world.mac("a", ws_gib=64)
+    world.start_operator()
+    world.deploy("tiny", replicas=1)
+    wait_for("a replica on a", lambda: nodes_of(world.replicas("tiny")) == [a], 60)
+    b = world.mac("b", ws_gib=48)
+    world.alive.discard(a)
     world.kubectl("delete", "macnode", a)
-    wait_for("the lost replica deleted", lambda: nodes_of(world.replicas("tiny")) == [b], 60)
+    wait_for("the replica moved to b", lambda: nodes_of(world.replicas("tiny")) == [b], 60)
 
 
 def test_rollout_never_drops_below_the_ready_count(world: World) -> None:

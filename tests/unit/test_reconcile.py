@@ -199,6 +199,34 @@ def test_notready_mac_replicas_are_replaced_and_kept() -> None:
     assert (degraded["status"], degraded["reason"]) == ("True", "NodeNotReady")
 
 
+def test_lost_replicas_are_marked_once() -> None:
+    """The fact that a replica was replaced is kept on it (an annotation), not in memory."""
+    s = spec(replicas=1)
+    plan = P.decide(observed(s, [mac("a", ready=False), mac("b")], [rep("r0", "a", s)]))
+    assert plan.mark == (("r0", True),)
+    again = P.decide(observed(s, [mac("a", ready=False), mac("b")], [rep("r0", "a", s, lost_mark=True)]))
+    assert again.mark == ()
+
+
+def test_returning_mac_replaced_replica_goes_once_the_replacement_serves() -> None:
+    """The Mac is back: its replaced replica serves until the replacement is Ready, then goes."""
+    s = spec(replicas=1)
+    macs = [mac("a"), mac("b")]
+    old = rep("r0", "a", s, endpoint="10.0.0.1:8001", lost_mark=True)
+    pulling = P.decide(observed(s, macs, [old, rep("r1", "b", s, phase="Pulling")]))
+    assert pulling.delete == () and pulling.create == () and pulling.mark == ()
+    assert [e["addresses"] for e in pulling.slices[0]["endpoints"]] == [["10.0.0.1"]]
+    ready = P.decide(observed(s, macs, [old, rep("r1", "b", s, phase="Ready", endpoint="10.0.0.2:8001")]))
+    assert [n for n, _ in ready.delete] == ["r0"]
+
+
+def test_returning_mac_without_replacement_serves_again() -> None:
+    """Nothing replaced it (no room elsewhere): the mark is cleared and the replica simply serves."""
+    s = spec(replicas=1)
+    plan = P.decide(observed(s, [mac("a")], [rep("r0", "a", s, lost_mark=True)]))
+    assert plan.delete == () and plan.mark == (("r0", False),)
+
+
 def test_returning_mac_surplus_is_trimmed_not_ready_first() -> None:
     """The Mac is back: two replicas for one wanted; the one not serving goes."""
     s = spec(replicas=1)

@@ -21,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from orchardist import log
 from orchardist.api.constants import GROUP, VERSION
-from orchardist.controller.plan import MANAGED_BY, SERVICE_NAME_LABEL, SLICE_MANAGED_BY, Plan
+from orchardist.controller.plan import LOST, MANAGED_BY, SERVICE_NAME_LABEL, SLICE_MANAGED_BY, Plan
 
 JSON = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
@@ -163,7 +163,16 @@ class Adapter:
         return [n for n in made if n is not None]
 
     async def finish(self, namespace: str, name: str, uid: str, plan: Plan, service: JSON | None) -> None:
-        """Everything in the plan but the creations: deletions, Service, slices, status."""
+        """Everything in the plan but the creations: marks, deletions, Service, slices, status."""
+        for replica, on in plan.mark:
+            patch = {
+                "metadata": {"annotations": {LOST: "replaced while its Mac was NotReady" if on else None}}
+            }
+            try:
+                await self.kube.merge_patch(replica_path(namespace, replica), patch)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
         for replica, why in plan.delete:
             LOG.info("deleting replica", namespace=namespace, replica=replica, why=why)
             await self.kube.delete(replica_path(namespace, replica))

@@ -6,9 +6,9 @@ adapter (``kube.py``) executes the plan; running ``decide`` again on the result 
 
 Rules, level-based (no memory of earlier runs):
 - Replicas on a Mac that is gone, or that has a NoExecute taint they do not tolerate, are deleted
-  (and replaced); on a NotReady Mac (Lease older than the grace) they
-  are *lost*: not counted, replaced elsewhere, and kept until the Mac returns (then the surplus is
-  trimmed) or is deleted.
+  (and replaced); on a NotReady Mac (Lease older than the grace) they are *lost*: not counted,
+  replaced elsewhere, marked (annotation ``orchardist.io/lost``, so the fact survives restarts) and
+  kept until the Mac returns (then they go, if the others cover the deployment) or is deleted.
 - Scale down removes, in order: replicas on NotReady Macs, old revisions, not-ready replicas (least
   progress first), then those on the most crowded and most loaded Macs.
 - A rollout (new digest, engine, version, args, env or plan inputs = a new revision label) creates
@@ -36,6 +36,7 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 SLICE_MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 RE_RESOLVE = "orchardist.io/re-resolve"
+LOST = "orchardist.io/lost"  # on a replica: its Mac went NotReady and it was replaced
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,6 +58,7 @@ class Replica:
     created: str = ""
     last_error: Mapping[str, Any] | None = None
     restarts: int = 0
+    lost_mark: bool = False  # annotation orchardist.io/lost: replaced while its Mac was NotReady
 
     @property
     def ready(self) -> bool:
@@ -106,11 +108,18 @@ class Plan:
     delete_slices: tuple[str, ...] = ()
     status: dict[str, Any] | None = None  # the whole new status when it changed
     events: tuple[Event, ...] = ()
+    mark: tuple[tuple[str, bool], ...] = ()  # (replica, True: set / False: clear the lost annotation)
 
     @property
     def empty(self) -> bool:
         return not (
-            self.create or self.delete or self.service or self.slices or self.delete_slices or self.status
+            self.create
+            or self.delete
+            or self.service
+            or self.slices
+            or self.delete_slices
+            or self.status
+            or self.mark
         )
 
 
@@ -183,6 +192,7 @@ def replica_from(body: Mapping[str, Any]) -> Replica:
         created=str(meta.get("creationTimestamp") or ""),
         last_error=st.get("lastError"),
         restarts=int(st.get("restarts") or 0),
+        lost_mark=LOST in (meta.get("annotations") or {}),
     )
 
 
@@ -282,8 +292,24 @@ def decide(obs: Observed) -> Plan:
     placed = [r for r in alive if r.name not in deletes]
     lost = [r for r in placed if not macs[r.node].ready]
     live = [r for r in placed if macs[r.node].ready]
+    marks: list[tuple[str, bool]] = [(r.name, True) for r in lost if not r.lost_mark]
 
     rev = revision(spec, obs.pin.digest) if obs.pin else None
+    # Back from NotReady: a replica that was replaced goes once its replacements serve; until then
+    # it keeps serving, held aside from scaling. Without replacements it is simply live again.
+    held: list[Replica] = []
+    returned = [r for r in live if r.lost_mark]
+    if returned:
+        others = [r for r in live if not r.lost_mark and (rev is None or r.revision == rev)]
+        if len(others) >= desired and sum(r.ready for r in others) >= desired:
+            for r in returned:
+                deletes[r.name] = "replaced while its Mac was NotReady"
+        elif len(others) >= desired:
+            held = returned
+        else:
+            marks += [(r.name, False) for r in returned]
+        live = [r for r in live if r.name not in deletes and r not in held]
+
     new = [r for r in live if rev is None or r.revision == rev]
     old = [r for r in live if rev is not None and r.revision != rev]
     crowd: dict[str, int] = {}
@@ -329,8 +355,8 @@ def decide(obs: Observed) -> Plan:
     elif desired == 0:
         for r in live:
             deletes[r.name] = "scaled down"
-    # Lost replicas stay while their Mac is NotReady; when it returns they are live again and the
-    # surplus is trimmed above (not-ready first), when it is deleted they go with it.
+    # Lost replicas stay (marked) while their Mac is NotReady; when it returns the marked ones go if
+    # the others cover the deployment, and when its MacNode is deleted they go with it.
 
     for name, why in sorted(deletes.items()):
         events.append(
@@ -338,8 +364,8 @@ def decide(obs: Observed) -> Plan:
         )
 
     survivors = [r for r in live if r.name not in deletes]
-    service, slices, delete_slices = _exposure(obs, survivors)
-    st, st_events = _status(obs, rev, survivors, lost, creates, unschedulable)
+    service, slices, delete_slices = _exposure(obs, survivors + held)
+    st, st_events = _status(obs, rev, survivors, lost + held, creates, unschedulable)
     events.extend(st_events)
     return Plan(
         create=tuple(creates),
@@ -349,6 +375,7 @@ def decide(obs: Observed) -> Plan:
         delete_slices=tuple(delete_slices),
         status=st,
         events=tuple(events),
+        mark=tuple(marks),
     )
 
 
