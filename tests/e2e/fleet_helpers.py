@@ -170,8 +170,9 @@ class Fleet:
 
     def add_agent(self, mac: str) -> Agent:
         node = f"{self.ns}-{mac}"
-        extra = ("--simulate", mac, "--runtime", f"mlx-lm={self.runtime}")
+        extra = ("--runtime", f"mlx-lm={self.runtime}")
         agent = make_agent(self.cluster, self.workdir / mac, node=node, extra=extra, heartbeat=1.0)
+        agent.argv[agent.argv.index("--simulate") + 1] = mac  # make_agent's default is m4-pro-64gb
         self.agents[mac] = agent
         agent.start()
         return agent
