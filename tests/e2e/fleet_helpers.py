@@ -321,6 +321,8 @@ class Fleet:
                     os.kill(pid, signal.SIGKILL)
         if self.agent_pids():
             left.append(f"agents still running: {self.agent_pids()}")
+        if self.operator is not None and self.operator.proc.poll() is None:
+            left.append(f"operator still running: {self.operator.proc.pid}")
         for a in self.agents.values():
             self.cluster.kubectl(
                 "delete", "macnode", a.node, "--ignore-not-found", "--wait=false", check=False
