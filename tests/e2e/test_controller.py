@@ -558,6 +558,67 @@ async def test_re_resolve_annotation_pins_the_moved_tag(
     wait_for("the replica on the new digest", rolled, 60, every=1.0)
 
 
+def test_scale_subresource_scales_and_scale_down_removes_not_ready_first(world: World) -> None:
+    """`kubectl scale` (the scale subresource, selector in status) adds and removes replicas."""
+    for i in range(3):
+        world.mac(f"m{i}")
+    world.start_operator()
+    world.deploy("tiny", replicas=1)
+    wait_for("1 replica", lambda: world.count("tiny", 1), 60)
+    world.make_ready("tiny")
+    world.kubectl("scale", "md/tiny", "-n", world.ns, "--replicas=3")
+    reps = wait_for("3 replicas", lambda: world.count("tiny", 3), 60)
+    assert len(set(nodes_of(reps))) == 3  # spread Preferred
+    ready = {r["metadata"]["name"] for r in reps if (r.get("status") or {}).get("phase") == "Ready"}
+    scale = json.loads(
+        world.kubectl(
+            "get", "--raw", f"/apis/orchardist.io/v1alpha1/namespaces/{world.ns}/modeldeployments/tiny/scale"
+        )
+    )
+    assert scale["spec"]["replicas"] == 3 and scale["status"]["selector"] == "orchardist.io/deployment=tiny"
+    world.kubectl("scale", "md/tiny", "-n", world.ns, "--replicas=1")
+    (kept,) = wait_for("1 replica", lambda: world.count("tiny", 1), 60)
+    assert kept["metadata"]["name"] in ready  # the two that were not serving went first
+
+
+def test_pull_secret_gives_the_controller_registry_credentials(
+    world: World, auth_registry: Any, tiny_model: Path
+) -> None:
+    """A private registry: the deployment's pullSecretRef (dockerconfigjson) lets the tag resolve."""
+    from orchardist.oci.auth import Credentials
+
+    tag = f"oci://{auth_registry.host}/controller-e2e/private:v1"
+    creds = Credentials(auth_registry.username, auth_registry.password)
+    digest = asyncio.run(push(tiny_model, tag, auth=creds))
+    world.mac("m0")
+    world.start_operator()
+    world.deploy("nocreds", model=tag)
+    wait_for(
+        "ResolveFailed without credentials",
+        lambda: world.condition("nocreds", "Stalled").get("reason") == "ResolveFailed",
+        60,
+    )
+    world.kubectl(
+        "create",
+        "secret",
+        "docker-registry",
+        "regcred",
+        "-n",
+        world.ns,
+        f"--docker-server={auth_registry.host}",
+        f"--docker-username={auth_registry.username}",
+        f"--docker-password={auth_registry.password}",
+    )
+    world.deploy("private", model=tag, pullSecretRef={"name": "regcred"})
+    wait_for(
+        "the private model pinned",
+        lambda: (world.md("private").get("status") or {}).get("resolvedDigest") == digest,
+        60,
+    )
+    (r,) = wait_for("its replica", lambda: world.count("private", 1), 60)
+    assert r["spec"]["pullSecretRef"] == {"name": "regcred"}
+
+
 def test_deleting_the_deployment_removes_replicas_service_and_slice(world: World) -> None:
     """ownerReferences + garbage collection: replicas, Service and EndpointSlice go with the deployment."""
     world.mac("m0")
