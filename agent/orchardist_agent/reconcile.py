@@ -294,7 +294,8 @@ def desired_status(replica: ReplicaView, observed: Observed) -> tuple[str, list[
         extra["lastError"] = {"reason": "CrashLoop", "message": msg}
         conds += [Cond("Started", False, "CrashLoop", msg), Cond("Ready", False, "CrashLoop", msg)]
         return ("Failed" if engine.state == EngineState.FAILED else "Starting"), conds, extra
-    started = f"{replica.engine} pid {engine.pid} port {engine.port}"
+    known = (("pid", engine.pid), ("port", engine.port))  # the pid is unknown until the process runs
+    started = replica.engine + "".join(f" {k} {v}" for k, v in known if v is not None)
     if engine.warnings:
         started += "; warning: " + "; ".join(engine.warnings)
     conds.append(Cond("Started", True, "Started", clip(started)))
