@@ -173,9 +173,9 @@ def run_up(args: argparse.Namespace) -> int:
     from orchardist.dev.tinymodel import build as build_tiny_model
 
     root = _root()
-    state = Path(args.state_dir).resolve()
+    state = _state_dir(args)
     demo = state / "demo"
-    steps = _Steps(total=8 if args.demo else 5)
+    steps = _Steps(total=7 if args.demo else 5)
     try:
         _stop_all(state, quiet=True)
         steps("control plane: etcd, kube-apiserver, kube-controller-manager (built from Go modules)")
@@ -268,6 +268,11 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"\n  POST http://{endpoint}/v1/chat/completions  ({seconds * 1000:.0f} ms)")
         print(f"  assistant: {text!r}")
         print("  (a tiny random-weight Llama: the words are noise, the serving path is real)\n")
+        print(
+            "  Note: on one machine engines listen on 127.0.0.1, which a Service's EndpointSlice may not\n"
+            "  list, so `kubectl get md` says Degraded (EndpointNotRoutable). On your Macs the agent\n"
+            "  reports each Mac's LAN address and the Service routes to it.\n"
+        )
         print(f"demo ready in {steps.elapsed():.0f} s")
         _print_next(state)
         return 0
@@ -297,16 +302,26 @@ def _wait_node(cluster: Cluster, steps: _Steps, agent: procs.ProcRecord, timeout
     raise DemoError(f"the agent did not register a Ready MacNode in {timeout:.0f} s; log {agent.log}")
 
 
+def _state_dir(args: argparse.Namespace) -> Path:
+    from orchardist.dev.cli import default_state_dir
+
+    given: Path | None = args.state_dir
+    return (given if given is not None else default_state_dir()).resolve()
+
+
 def _print_next(state: Path) -> None:
     rel = os.path.relpath(state)
+    from orchardist.dev.cli import default_state_dir
+
+    state_arg = "" if state == default_state_dir().resolve() else f" --state-dir {rel}"
     print(
         "\nLook around:\n"
-        f'  eval "$(.venv/bin/orchardist dev cluster env --state-dir {rel})"\n'
+        f'  eval "$(.venv/bin/orchardist dev cluster env{state_arg})"\n'
         "  kubectl get md,mr,mn\n"
         f"  kubectl describe md {DEMO_DEPLOYMENT}\n"
         f"Logs: {rel}/demo/logs/\n"
         "Stop everything:\n"
-        "  .venv/bin/orchardist dev down\n"
+        f"  .venv/bin/orchardist dev down{state_arg}\n"
     )
 
 
@@ -327,7 +342,7 @@ def _stop_all(state: Path, *, quiet: bool = False) -> list[str]:
 
 def run_down(args: argparse.Namespace) -> int:
     """Stop everything `dev up` started and remove its state."""
-    state = Path(args.state_dir).resolve()
+    state = _state_dir(args)
     stopped = _stop_all(state)
     if not stopped:
         print("nothing was running")
