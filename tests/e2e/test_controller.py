@@ -139,7 +139,7 @@ class World:
         self.kubectl("apply", "-f", "-", input=json.dumps(doc))
 
     # -- the operator --------------------------------------------------------------------------
-    def start_operator(self, *extra: str) -> Operator:
+    def start_operator(self, *extra: str, scope: tuple[str, ...] = ()) -> Operator:
         argv = [
             sys.executable,
             "-m",
@@ -148,8 +148,7 @@ class World:
             "run",
             "--kubeconfig",
             str(self.cluster.kubeconfig),
-            "--namespace",
-            self.ns,
+            *(scope or ("--namespace", self.ns)),
             "--lease-grace",
             str(GRACE),
             "--resync",
@@ -158,7 +157,7 @@ class World:
             "json",
             *extra,
         ]
-        if "--peering" not in extra:
+        if "--peering" not in extra and not scope:
             argv.append("--standalone")
         proc = subprocess.Popen(
             argv,
@@ -617,6 +616,17 @@ def test_pull_secret_gives_the_controller_registry_credentials(
     )
     (r,) = wait_for("its replica", lambda: world.count("private", 1), 60)
     assert r["spec"]["pullSecretRef"] == {"name": "regcred"}
+
+
+def test_the_default_cluster_wide_operator_peers_and_serves(world: World) -> None:
+    """The production default: every namespace, peering `orchardist` (a ClusterKopfPeering)."""
+    world.mac("m0")
+    op = world.start_operator(scope=("--all-namespaces",))
+    world.deploy("tiny", replicas=1)
+    wait_for("a replica", lambda: world.count("tiny", 1), 60)
+    peering = world.get("clusterkopfpeering", "orchardist")
+    assert peering is not None and len(peering.get("status") or {}) >= 1, world.logs()
+    assert op.events("reconciled")
 
 
 def test_deleting_the_deployment_removes_replicas_service_and_slice(world: World) -> None:
