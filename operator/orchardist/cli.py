@@ -25,10 +25,15 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "plan": ("plan a model's memory on a Mac, offline", "orchardist.planning.cli:register"),
     "push": ("push a model directory to an OCI registry", "orchardist.oci.cli:register_push"),
     "pull": ("pull an OCI model into a directory", "orchardist.oci.cli:register_pull"),
-    "inspect": ("describe an OCI model without downloading its weights", "orchardist.oci.cli:register_inspect"),
+    "inspect": (
+        "describe an OCI model without downloading its weights",
+        "orchardist.oci.cli:register_inspect",
+    ),
     "crds": ("print, write or check the CRDs generated from the API types", "orchardist.api.cli:register"),
-    "dev": ("a local control plane, registry, operator and agent for trying Orchardist",
-            "orchardist.dev.cli:register"),
+    "dev": (
+        "a local control plane, registry, operator and agent for trying Orchardist",
+        "orchardist.dev.cli:register",
+    ),
 }
 
 
