@@ -51,7 +51,7 @@ def fleet() -> list[Mac]:
     return out
 
 
-def requests(min_share: float | None) -> list[Request]:
+def requests() -> list[Request]:
     out = []
     for d in range(DEPLOYMENTS):
         name, layers, heads, kv, hd, hidden, weights = MODELS[d % len(MODELS)]
@@ -78,7 +78,7 @@ def requests(min_share: float | None) -> list[Request]:
         out.append(
             Request(
                 engine="vllm-metal",
-                fit=fit_for(profile, plan_request(spec), min_share),
+                fit=fit_for(profile, plan_request(spec)),
                 digest=f"sha256:{d % len(MODELS):064x}",
                 weight_bytes=weights,
             )
@@ -86,8 +86,8 @@ def requests(min_share: float | None) -> list[Request]:
     return out
 
 
-def place(min_share: float | None) -> tuple[int, int, float, float]:
-    macs, reqs = fleet(), requests(min_share)
+def place() -> tuple[int, int, float, float]:
+    macs, reqs = fleet(), requests()
     t0 = time.perf_counter()
     f = Fleet(macs)
     placed = unplaced = 0
@@ -101,16 +101,12 @@ def place(min_share: float | None) -> tuple[int, int, float, float]:
 
 
 def run() -> list[str]:
-    placed, unplaced, elapsed, used = place(0.0)
-    floor_placed, floor_unplaced, floor_elapsed, _ = place(None)
+    placed, unplaced, elapsed, used = place()
     return [
         f"placed {placed:,} replicas ({unplaced:,} unschedulable) of {DEPLOYMENTS} deployments "
         f"on {MACS:,} Macs in {elapsed:.3f} s; goal {GOAL_S:.1f} s; ratio {elapsed / GOAL_S:.2f}",
         f"{elapsed / max(placed, 1) * 1e6:.1f} us per replica with its real memory plan; "
         f"{used:.0%} of the fleet's GPU working set booked",
-        f"with the ModelReplica API's 0.1 floor on gpuMemoryUtilization: {floor_placed:,} placed, "
-        f"{floor_unplaced:,} unschedulable, {floor_elapsed:.3f} s (ratio {floor_elapsed / GOAL_S:.2f}); "
-        "(the floor books a tenth of a Mac's working set per replica)",
     ]
 
 

@@ -174,8 +174,8 @@ def test_placement_follows_fit(world: World) -> None:
             alone = memory.plan(world.profiles[name], capacity(macs.get(mac)), w.request)
             assert alone.fits
             ws = macs.get(mac).gpu_working_set_bytes
-            floor = int(ws * 0.1)  # the API's smallest engine share, which a small replica is rounded up to
-            assert int(plan["reservedBytes"]) <= max(alone.reserved_bytes, floor) + ws // 10_000 + 1
+            # The share is rounded up to 1e-4 of the working set.
+            assert int(plan["reservedBytes"]) <= alone.reserved_bytes + ws // 10_000 + 1
     assert "m2-16gb" not in {node_mac(world, r) for n in ("medium", "large") for r in fleet.live(n)}
     for mac, held in reserved.items():
         ws = macs.get(mac).gpu_working_set_bytes

@@ -299,7 +299,9 @@ CASES = [
         {**PLAN, "maxNumBatchedTokens": 7},
         False,
     ),
-    ("ModelReplica", ".spec.memoryPlan.gpuMemoryUtilization", "between 0.1 and 0.99", 0.995, False),
+    ("ModelReplica", ".spec.memoryPlan.gpuMemoryUtilization", "above 0 and at most 0.99", 0.995, False),
+    ("ModelReplica", ".spec.memoryPlan.gpuMemoryUtilization", "above 0 and at most 0.99", 0.0, False),
+    ("ModelReplica", ".spec.memoryPlan.gpuMemoryUtilization", "above 0 and at most 0.99", 0.03, True),
 ]
 
 

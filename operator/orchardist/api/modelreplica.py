@@ -22,10 +22,24 @@ from orchardist.api.common import (
     SecretRef,
 )
 from orchardist.api.constants import MODEL_REPLICA
-from orchardist.api.modeldeployment import OCI_PINNED_REF, BlockSize, GpuMemoryUtilization, ReplicaProgress
+from orchardist.api.modeldeployment import OCI_PINNED_REF, BlockSize, ReplicaProgress
 from orchardist.api.rules import ApiModel, Rule
 
 __all__ = ["Condition", "MemoryPlan", "ModelReplica", "ModelReplicaSpec", "ModelReplicaStatus"]
+
+
+# A replica's share may be far below the 0.1 a user can ask for: a small model on a 512 GB Mac
+# needs a few percent of its working set, and a floor would book memory nobody uses.
+PlanUtilization = Annotated[
+    float,
+    Field(gt=0.0, le=0.99),
+    Rule(
+        rule="self > 0.0 && self <= 0.99",
+        message="memoryPlan.gpuMemoryUtilization must be above 0 and at most 0.99: the share of the Mac's "
+        "GPU working set this replica's engine may use",
+        check=lambda v: 0.0 < v <= 0.99,
+    ),
+]
 
 
 class MemoryPlan(ApiModel):
@@ -75,7 +89,7 @@ class MemoryPlan(ApiModel):
     max_num_batched_tokens: int = Field(
         ge=1, description="Tokens per engine step (--max-num-batched-tokens)."
     )
-    gpu_memory_utilization: GpuMemoryUtilization = Field(
+    gpu_memory_utilization: PlanUtilization = Field(
         description="The fraction of the GPU working set given to the engine (--gpu-memory-utilization)."
     )
     reserved_bytes: int = Field(

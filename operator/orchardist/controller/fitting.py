@@ -6,15 +6,10 @@ Mac shapes and the scheduler asks the same question many times.
 
 from __future__ import annotations
 
-from typing import Any
-
 from orchardist.api.modeldeployment import ModelDeploymentSpec
 from orchardist.controller.scheduler import Fit, FitFn, Mac, Misfit, gib
 from orchardist.planning import memory
 from orchardist.planning.profile import ModelProfile
-
-#: The smallest --gpu-memory-utilization the ModelReplica API accepts (spec.memoryPlan minimum 0.1).
-MIN_SHARE = 0.1
 
 
 def plan_request(spec: ModelDeploymentSpec) -> memory.PlanRequest:
@@ -26,56 +21,21 @@ def plan_request(spec: ModelDeploymentSpec) -> memory.PlanRequest:
     )
 
 
-def fit_for(profile: ModelProfile, request: memory.PlanRequest, min_share: float | None = None) -> FitFn:
-    """``fit(mac, free)``: the replica's memory plan on ``mac`` with ``free`` working-set bytes left.
-
-    ``min_share``: the smallest engine share of the working set a replica may get (default: the
-    ModelReplica API's floor, :data:`MIN_SHARE`).
-    """
-    floor = MIN_SHARE if min_share is None else min_share
+def fit_for(profile: ModelProfile, request: memory.PlanRequest) -> FitFn:
+    """``fit(mac, free)``: the replica's memory plan on ``mac`` with ``free`` working-set bytes left."""
     cache: dict[tuple[int, int, int, int], Fit | Misfit] = {}
 
     def fit(mac: Mac, free: int) -> Fit | Misfit:
         key = (mac.working_set_bytes, mac.total_bytes, mac.bandwidth, free)
         hit = cache.get(key)
         if hit is None:
-            hit = cache[key] = _fit(profile, request, mac, free, floor)
+            hit = cache[key] = _fit(profile, request, mac, free)
         return hit
 
     return fit
 
 
-def _at_least_min_share(spec: dict[str, Any], ws: int, free: int, floor: float) -> Fit | Misfit:
-    """A small replica sharing a big Mac may plan a share below the API's 0.1 floor; round it up.
-
-    The engine then really holds 0.1 of the working set, so the reservation and the KV pool grow to
-    match (the plan stays what the engine will compute), and the larger reservation must still fit.
-    """
-    share = float(spec["gpuMemoryUtilization"])
-    if share >= floor:
-        return Fit(spec, int(spec["reservedBytes"]))
-    reserved = int(ws * floor)
-    if reserved > free:
-        return Misfit(
-            reserved,
-            free,
-            f"the smallest engine share ({floor:g} of the working set) needs {gib(reserved)}",
-        )
-    per_block = int(spec["blockSize"]) * int(spec["kvBytesPerToken"])
-    kv = reserved - int(spec["weightBytes"]) - int(spec["overheadBytes"])
-    out = {
-        **spec,
-        "gpuMemoryUtilization": floor,
-        "reservedBytes": reserved,
-        "kvBudgetBytes": kv,
-        "numBlocks": kv // per_block if per_block else spec["numBlocks"],
-    }
-    return Fit(out, reserved)
-
-
-def _fit(
-    profile: ModelProfile, request: memory.PlanRequest, mac: Mac, free: int, floor: float
-) -> Fit | Misfit:
+def _fit(profile: ModelProfile, request: memory.PlanRequest, mac: Mac, free: int) -> Fit | Misfit:
     ws = mac.working_set_bytes
     node = memory.NodeCapacity(
         gpu_working_set_bytes=ws,
@@ -86,7 +46,7 @@ def _fit(
     )
     p = memory.plan(profile, node, request)
     if p.fits:
-        return _at_least_min_share(p.to_spec(), ws, free, floor)
+        return Fit(p.to_spec(), p.reserved_bytes)
     # What the smallest runnable replica needs, against what this Mac can still give the engine.
     tokens = request.context_length or request.block_size * memory.PAGED_ATTENTION_MIN_BLOCKS
     blocks = max(
