@@ -70,16 +70,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_parser=parser)
 
 
-def _drop_kopf_extras(record: logging.LogRecord) -> bool:
-    """kopf hands its whole settings object to every per-object log record; keep the line short."""
-    record.__dict__.pop("settings", None)
-    return True
-
-
 def run(args: argparse.Namespace) -> int:
-    log.configure(args.log_level, args.log_format)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_drop_kopf_extras)
+    log.configure(args.log_level, args.log_format)  # also folds kopf's per-object extras
     if logging.getLogger().level > logging.DEBUG:  # "Timer 'resync' succeeded." every few seconds
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     namespaces = None if args.all_namespaces or not args.namespace else list(args.namespace)
