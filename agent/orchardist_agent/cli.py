@@ -145,16 +145,16 @@ def host_facts(cfg: AgentConfig) -> Callable[[], dict[str, Any]]:
 
 
 async def main(cfg: AgentConfig) -> int:
-    from orchardist.kube import api_client
+    from orchardist.kube import RawApi, api_client
 
-    from .node import Kube, NodeAgent, discover_address
+    from .node import NodeAgent, discover_address
 
     cfg.store.mkdir(parents=True, exist_ok=True)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     facts = host_facts(cfg)
     first = await asyncio.to_thread(facts)  # on macOS system_profiler takes a second or two: once
     address = cfg.address or str(first.get("address") or "") or discover_address()
-    kube = Kube(api_client(cfg.kubeconfig))
+    kube = RawApi(api_client(cfg.kubeconfig))
     node = NodeAgent(kube, cfg.node_name, facts, address=address, heartbeat_interval=cfg.heartbeat_interval)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

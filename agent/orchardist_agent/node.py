@@ -13,99 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from orchardist import __version__, log
-from orchardist.kube import GROUP, SYSTEM_NAMESPACE, VERSION
+from orchardist.kube import GROUP, SYSTEM_NAMESPACE, VERSION, RawApi
 
 from .reconcile import JSON, merge_conditions, node_conditions, now_iso
 
 LOG = log.get(__name__)
 
 LEASE_DURATION_S = 40
-MERGE_PATCH = "application/merge-patch+json"
-
-
-class Kube:
-    """Blocking raw-JSON calls against the API server (call them through `asyncio.to_thread`)."""
-
-    def __init__(self, api: ApiClient, timeout: float = 30.0) -> None:
-        self.api = api
-        self.timeout = timeout
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: Mapping[str, str | int] | None = None,
-        body: Any = None,
-        content_type: str = "application/json",
-        stream: bool = False,
-        timeout: float | None = None,
-    ) -> Any:
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        m, url, hdrs, data, _ = self.api.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=list((query or {}).items()),
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        resp = self.api.call_api(
-            m, url, header_params=hdrs, body=data, _request_timeout=timeout or self.timeout
-        )
-        if stream:
-            if not 200 <= resp.status <= 299:
-                resp.read()  # type: ignore[no-untyped-call]
-                raise ApiException(http_resp=resp)
-            return resp.response
-        raw = resp.read()  # type: ignore[no-untyped-call]
-        if not 200 <= resp.status <= 299:
-            raise ApiException(http_resp=resp)
-        return json.loads(raw) if raw else {}
-
-    def get(self, path: str, **query: str | int) -> JSON:
-        out: JSON = self.request("GET", path, query=query)
-        return out
-
-    def create(self, path: str, body: JSON) -> JSON:
-        out: JSON = self.request("POST", path, body=body)
-        return out
-
-    def merge_patch(self, path: str, body: JSON) -> JSON:
-        out: JSON = self.request("PATCH", path, body=body, content_type=MERGE_PATCH)
-        return out
-
-    def delete(self, path: str) -> None:
-        self.request("DELETE", path)
-
-    def watch(self, path: str, **query: str | int) -> Iterator[JSON]:
-        """Events of a watch (`ERROR` events included, as the server sent them)."""
-        timeout = float(query.get("timeoutSeconds", 300)) + 30
-        resp = self.request("GET", path, query={**query, "watch": "true"}, stream=True, timeout=timeout)
-        try:
-            buf = b""
-            for chunk in resp.stream(amt=None, decode_content=False):
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if line.strip():
-                        yield json.loads(line)
-        finally:
-            resp.release_conn()
 
 
 def macnode_path(name: str = "") -> str:
@@ -156,7 +80,7 @@ class NodeAgent:
 
     def __init__(
         self,
-        kube: Kube,
+        kube: RawApi,
         name: str,
         facts: Callable[[], JSON],
         *,

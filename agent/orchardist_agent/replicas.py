@@ -2,7 +2,7 @@
 
 One queue, one consumer: watch events, engine changes, pull progress and a slow tick all land
 in the queue and each replica is converged by the pure `reconcile.decide` + `status_patch`. Side
-effects go to three adapters: the API server (`node.Kube`), the content store (pulls, pins) and
+effects go to three adapters: the API server (`orchardist.kube.RawApi`), the content store (pulls, pins) and
 the engine supervisor. The watch uses the server-side field selector `spec.nodeName=<node>` (the
 CRD lists it in `selectableFields`), resumes from its resourceVersion and relists on 410 Gone.
 """
@@ -48,8 +48,10 @@ from .reconcile import (
 )
 
 if TYPE_CHECKING:
+    from orchardist.kube import RawApi
+
     from .config import AgentConfig
-    from .node import Kube, NodeAgent
+    from .node import NodeAgent
     from .supervisor import Supervisor
 
 LOG = log.get(__name__)
@@ -107,7 +109,7 @@ class ReplicaLoop:
 
     def __init__(
         self,
-        kube: Kube,
+        kube: RawApi,
         node: NodeAgent,
         cfg: AgentConfig,
         address: str,
@@ -130,7 +132,7 @@ class ReplicaLoop:
         self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
-    def create(cls, kube: Kube, node: NodeAgent, cfg: AgentConfig, address: str) -> ReplicaLoop:
+    def create(cls, kube: RawApi, node: NodeAgent, cfg: AgentConfig, address: str) -> ReplicaLoop:
         budget = cfg.store_budget if cfg.store_budget is not None else default_budget(cfg.store)
         store = ContentStore(cfg.store, budget)
         return cls(kube, node, cfg, address, store, EngineAdapter(cfg))

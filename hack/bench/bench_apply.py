@@ -47,10 +47,11 @@ def _wait_count(cluster: Any, ns: str, want: int, timeout: float) -> float:
 
 
 def run() -> list[str]:
-    from orchardist.controller.kube import Kube, replica_path
+    from orchardist.controller.kube import replica_path
     from orchardist.dev.cluster import Cluster, find_kubebins
     from orchardist.dev.registry import Registry
     from orchardist.dev.tinymodel import build
+    from orchardist.kube import RawApi
     from orchardist.oci.push import push
 
     work = Path(tempfile.mkdtemp(prefix="bench-apply-"))
@@ -150,7 +151,7 @@ def run() -> list[str]:
         applied = time.monotonic() - t0
         total = _wait_count(cluster, "bench", DEPLOYMENTS * REPLICAS, 600) - t0
 
-        kube = Kube(cluster.api_client())
+        kube = RawApi(cluster.api_client())
         sample = json.loads(cluster.kubectl("get", "modelreplicas", "-n", "bench", "-o", "json").stdout)[
             "items"
         ][0]
@@ -162,7 +163,7 @@ def run() -> list[str]:
                 "metadata": {"name": f"floor-{i:03d}", "namespace": "floor"},
                 "spec": sample["spec"],
             }
-            kube.request("POST", replica_path("floor"), body, "application/json", {})
+            kube.create(replica_path("floor"), body)
         floor = time.monotonic() - t0
         n = DEPLOYMENTS * REPLICAS
         return [

@@ -8,16 +8,22 @@ client's typed APIs on the returned ``ApiClient``; blocking calls from async cod
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 GROUP = "orchardist.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 SYSTEM_NAMESPACE = "orchardist-system"
+MERGE_PATCH = "application/merge-patch+json"
+JSON = dict[str, Any]
 
 
 def api_client(kubeconfig: str | Path | None = None, context: str | None = None) -> client.ApiClient:
@@ -37,3 +43,81 @@ def api_client(kubeconfig: str | Path | None = None, context: str | None = None)
             "no Kubernetes credentials: pass --kubeconfig, set KUBECONFIG, or run inside a cluster"
         ) from exc
     return client.ApiClient(cfg)
+
+
+class RawApi:
+    """Blocking raw-JSON calls over an ApiClient (from async code: ``asyncio.to_thread``).
+
+    Plain dicts instead of the typed APIs: the callers read a handful of kinds as JSON, and importing
+    the typed core API alone costs ~20 MB of RSS on a Mac that should give its memory to models.
+    Connection, auth and TLS stay the official client's. Non-2xx answers raise ``ApiException``.
+    """
+
+    def __init__(self, api: client.ApiClient, timeout: float = 30.0) -> None:
+        self.api = api
+        self.timeout = timeout
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str | int] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        stream: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        m, url, hdrs, data, _ = self.api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        resp = self.api.call_api(
+            m, url, header_params=hdrs, body=data, _request_timeout=timeout or self.timeout
+        )
+        if stream:
+            if not 200 <= resp.status <= 299:
+                resp.read()  # type: ignore[no-untyped-call]
+                raise ApiException(http_resp=resp)
+            return resp.response
+        raw = resp.read()  # type: ignore[no-untyped-call]
+        if not 200 <= resp.status <= 299:
+            raise ApiException(http_resp=resp)
+        return json.loads(raw) if raw else {}
+
+    def get(self, path: str, **query: str | int) -> JSON:
+        out: JSON = self.request("GET", path, query=query)
+        return out
+
+    def create(self, path: str, body: JSON) -> JSON:
+        out: JSON = self.request("POST", path, body=body)
+        return out
+
+    def merge_patch(self, path: str, body: JSON) -> JSON:
+        out: JSON = self.request("PATCH", path, body=body, content_type=MERGE_PATCH)
+        return out
+
+    def delete(self, path: str, body: JSON | None = None) -> None:
+        self.request("DELETE", path, body=body)
+
+    def watch(self, path: str, **query: str | int) -> Iterator[JSON]:
+        """Events of a watch (``ERROR`` events included, as the server sent them)."""
+        timeout = float(query.get("timeoutSeconds", 300)) + 30
+        resp = self.request("GET", path, query={**query, "watch": "true"}, stream=True, timeout=timeout)
+        try:
+            buf = b""
+            for chunk in resp.stream(amt=None, decode_content=False):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            resp.release_conn()

@@ -11,9 +11,10 @@ from typing import Any, cast
 import pytest
 
 from orchardist.dev.cluster import Cluster
+from orchardist.kube import RawApi
 from orchardist.oci.store import ContentStore
 from orchardist_agent.config import AgentConfig
-from orchardist_agent.node import Kube, NodeAgent
+from orchardist_agent.node import NodeAgent
 from orchardist_agent.replicas import ReplicaLoop
 
 pytestmark = pytest.mark.cluster
@@ -61,7 +62,7 @@ async def test_watch_sees_only_this_node_and_relists_after_410(
 ) -> None:
     for name, bound in (("mine", "watch-node"), ("theirs", "other-node")):
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(replica(name, bound)))
-    kube = Kube(cluster.api_client())
+    kube = RawApi(cluster.api_client())
     cfg = AgentConfig(node_name="watch-node", store=tmp_path / "store", state_dir=tmp_path / "state")
     node = NodeAgent(kube, "watch-node", dict, address="127.0.0.1")
     replicas = ReplicaLoop(

@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from orchardist.controller.kube import Kube
 from orchardist.dev.cluster import Cluster
+from orchardist.kube import RawApi
 from orchardist.oci.push import push
 from orchardist_agent.engines import Runtime
 from tests.e2e.test_agent_node import make_agent
@@ -110,18 +110,12 @@ class World:
 
     def heartbeat(self) -> None:
         """Play every live agent's Lease renewal (every second, well inside the grace)."""
-        kube = Kube(self.cluster.api_client())
+        kube = RawApi(self.cluster.api_client())
         while not self.stop.wait(1.0):
             for node in list(self.alive):
                 body = {"spec": {"renewTime": micro(datetime.now(UTC))}}
                 with contextlib.suppress(Exception):
-                    kube.request(
-                        "PATCH",
-                        f"/apis/coordination.k8s.io/v1/namespaces/{SYSTEM}/leases/{node}",
-                        body,
-                        "application/merge-patch+json",
-                        {},
-                    )
+                    kube.merge_patch(f"/apis/coordination.k8s.io/v1/namespaces/{SYSTEM}/leases/{node}", body)
 
     # -- kubectl -----------------------------------------------------------------------------
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:

@@ -7,7 +7,8 @@ from typing import Any
 from kubernetes.client import ApiClient, Configuration
 
 from orchardist import __version__
-from orchardist_agent.node import Kube, NodeAgent, micro_time
+from orchardist.kube import RawApi
+from orchardist_agent.node import NodeAgent, micro_time
 
 GiB = 2**30
 
@@ -28,7 +29,7 @@ def facts() -> dict[str, Any]:
 
 def agent() -> NodeAgent:
     # No request is made: compose_status is pure over the agent's state.
-    node = NodeAgent(Kube(ApiClient(Configuration())), "mac-1", facts, address="10.0.0.7")
+    node = NodeAgent(RawApi(ApiClient(Configuration())), "mac-1", facts, address="10.0.0.7")
     node._host = facts()
     return node
 

@@ -10,7 +10,6 @@ a plan may be executed twice (rule: idempotent, any process may die at any momen
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,8 @@ from kubernetes.client.exceptions import ApiException
 from orchardist import log
 from orchardist.api.constants import GROUP, VERSION
 from orchardist.controller.plan import LOST, MANAGED_BY, SERVICE_NAME_LABEL, SLICE_MANAGED_BY, Plan
+from orchardist.kube import JSON, MERGE_PATCH, RawApi
 
-JSON = dict[str, Any]
-MERGE_PATCH = "application/merge-patch+json"
 PEERING_CRDS = Path(__file__).with_name("kopf-peering.yaml")
 LOG = log.get(__name__)
 
@@ -34,11 +32,10 @@ def is_status(exc: BaseException, *codes: int) -> bool:
 
 
 class Kube:
-    """Blocking raw-JSON requests (call through :meth:`call`, which runs them in a thread)."""
+    """Async, idempotent calls over the shared blocking adapter (each runs in a thread)."""
 
     def __init__(self, api: ApiClient, timeout: float = 30.0) -> None:
-        self.api = api
-        self.timeout = timeout
+        self.raw = RawApi(api, timeout)
 
     async def call(
         self,
@@ -49,27 +46,9 @@ class Kube:
         content_type: str = "application/json",
         query: Mapping[str, str | int] | None = None,
     ) -> JSON:
-        return await asyncio.to_thread(self.request, method, path, body, content_type, query or {})
-
-    def request(
-        self, method: str, path: str, body: Any, content_type: str, query: Mapping[str, str | int]
-    ) -> JSON:
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        m, url, hdrs, data, _ = self.api.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=list(query.items()),
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
+        out: JSON = await asyncio.to_thread(
+            self.raw.request, method, path, query=query, body=body, content_type=content_type
         )
-        resp = self.api.call_api(m, url, header_params=hdrs, body=data, _request_timeout=self.timeout)
-        raw = resp.read()  # type: ignore[no-untyped-call]
-        if not 200 <= resp.status <= 299:
-            raise ApiException(http_resp=resp)
-        out: JSON = json.loads(raw) if raw else {}
         return out
 
     async def get(self, path: str, **query: str | int) -> JSON | None:
