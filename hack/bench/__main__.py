@@ -14,6 +14,9 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
+    from orchardist import log
+
+    log.configure("WARNING", "console")  # the numbers, not the set-up's progress lines
     wanted = set(argv)
     here = Path(__file__).parent
     failed = 0
