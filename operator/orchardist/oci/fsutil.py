@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory: so a rename or new entry in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -28,7 +29,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 _clonefile = None

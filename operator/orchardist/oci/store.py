@@ -44,7 +44,7 @@ from orchardist.oci.errors import (
     StoreFullError,
     UnknownLayoutError,
 )
-from orchardist.oci.fsutil import atomic_write, fsync_dir, link_or_copy, remove_tree, start_writeback
+from orchardist.oci.fsutil import atomic_write, fsync_path, link_or_copy, remove_tree, start_writeback
 from orchardist.oci.layouts import Layer, Layout, read_layout
 from orchardist.oci.progress import ProgressCallback, Tracker
 from orchardist.oci.reference import Reference, parse
@@ -476,7 +476,7 @@ class ContentStore:
     def _commit(self, digest: str, tmp: Path) -> None:
         tmp.chmod(0o444)
         tmp.replace(self.blob_path(digest))
-        fsync_dir(self.blob_dir)
+        fsync_path(self.blob_dir)
         self._blobs[digest] = self.blob_path(digest).stat().st_size
 
     async def _ensure_blob(
@@ -536,7 +536,7 @@ class ContentStore:
         if got != layer.digest:
             partial.unlink(missing_ok=True)
             raise DigestMismatchError(f"blob {layer.digest}: received content hashes to {got}; discarded")
-        await asyncio.to_thread(_fsync_file, partial)
+        await asyncio.to_thread(fsync_path, partial)
         self._commit(layer.digest, partial)
 
     # ---- materialize ------------------------------------------------------------------------
@@ -566,7 +566,7 @@ class ContentStore:
             final = self.model_dir / _hex(digest)
             remove_tree(final)
             staging.rename(final)
-            fsync_dir(self.model_dir)
+            fsync_path(self.model_dir)
         except BaseException:
             remove_tree(staging)
             raise
@@ -681,14 +681,6 @@ def _hash_prefix(path: Path, length: int) -> Any:
             h.update(chunk)
             remaining -= len(chunk)
     return h
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["ContentStore", "ModelDir", "UnknownLayoutError", "Usage"]
