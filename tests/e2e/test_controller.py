@@ -29,7 +29,7 @@ from orchardist.kube import RawApi
 from orchardist.oci.push import push
 from orchardist_agent.engines import Runtime
 from tests.e2e.test_agent_node import make_agent
-from tests.e2e.test_agent_replicas import chat
+from tests.e2e.test_agent_replicas import chat, stop_recorded_engines
 
 pytestmark = [pytest.mark.cluster, pytest.mark.registry]
 
@@ -668,3 +668,4 @@ def test_real_agent_serves_the_deployment_with_mlx_lm(
         assert {"Scheduled", "Started"} <= {e["reason"] for e in events["items"]}
     finally:
         agent.stop()
+        stop_recorded_engines(agent.workdir / "state")  # engines outlive their agent by design
