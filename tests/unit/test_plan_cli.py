@@ -164,9 +164,23 @@ def test_weights_are_required_without_a_model_dir(capsys: pytest.CaptureFixture[
     assert "--weights-bytes" in capsys.readouterr().err
 
 
-def test_node_needs_the_cluster(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", "--model-config", MLX_70B, "--weights-bytes", "1", "--node", "mac-1"]) == 2
-    assert "needs" in capsys.readouterr().err
+def test_node_without_a_reachable_cluster_says_why(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = str(tmp_path / "no-such-kubeconfig")
+    argv = [
+        "plan",
+        "--model-config",
+        MLX_70B,
+        "--weights-bytes",
+        "1",
+        "--node",
+        "mac-1",
+        "--kubeconfig",
+        missing,
+    ]
+    assert main(argv) == 2
+    assert "--node mac-1: cannot reach the cluster" in capsys.readouterr().err
 
 
 def test_oci_model_from_an_unreachable_registry_says_why(capsys: pytest.CaptureFixture[str]) -> None:

@@ -119,7 +119,12 @@ def register(parser: argparse.ArgumentParser) -> None:
         choices=sorted(macs.PROFILES),
         help=f"a named Mac profile: {', '.join(macs.PROFILES)}",
     )
-    where.add_argument("--node", metavar="NAME", help="a MacNode in the cluster")
+    where.add_argument(
+        "--node",
+        metavar="NAME",
+        help="a MacNode in the cluster: its reported working set, bandwidth and what its replicas hold",
+    )
+    mac.add_argument("--kubeconfig", help="with --node: kubeconfig (default: $KUBECONFIG, ~/.kube/config)")
     mac.add_argument(
         "--bandwidth",
         type=float,
@@ -189,7 +194,7 @@ def _gguf_profile(path: Path, weights: int) -> ModelProfile:
     try:
         gguf = importlib.import_module("orchardist.oci.gguf")
     except ImportError:
-        raise NotWiredError("a GGUF model directory needs orchardist.oci.gguf (issue 5)") from None
+        raise SourceError("a GGUF model directory needs orchardist.oci.gguf (issue 5)") from None
     size = 4 << 20
     with path.open("rb") as f:
         while True:
@@ -229,12 +234,12 @@ def _oci_profile(reference: str, insecure: Sequence[str]) -> ModelProfile:
     try:
         module = importlib.import_module("orchardist.oci.profile")
     except ImportError:
-        raise NotWiredError(
+        raise SourceError(
             "--model oci://... needs orchardist.oci.profile (issue 5), not in this install"
         ) from None
     fetch = getattr(module, "model_profile", None)
     if fetch is None:
-        raise NotWiredError("--model oci://... needs orchardist.oci.profile.model_profile(reference)")
+        raise SourceError("--model oci://... needs orchardist.oci.profile.model_profile(reference)")
     try:
         found = fetch(reference, insecure=tuple(insecure))
         if inspect.isawaitable(found):
@@ -243,12 +248,12 @@ def _oci_profile(reference: str, insecure: Sequence[str]) -> ModelProfile:
         raise UsageError(f"{reference}: {exc}") from None
     model = found[1] if isinstance(found, tuple) else found
     if not isinstance(model, ModelProfile):
-        raise NotWiredError(f"orchardist.oci.profile.model_profile returned {type(found).__name__}")
+        raise SourceError(f"orchardist.oci.profile.model_profile returned {type(found).__name__}")
     return model
 
 
-class NotWiredError(Exception):
-    """A source the planner cannot reach from here yet; exit 2 with "needs ..."."""
+class SourceError(Exception):
+    """A model or Mac the planner cannot read (missing module, registry or cluster): exit 2, say why."""
 
 
 def load_profile(args: argparse.Namespace) -> ModelProfile:
@@ -329,6 +334,40 @@ def _print_pairs(pairs: Sequence[tuple[str, str]], out: TextIO) -> None:
         print(f"{key:<{width}}  {value}", file=out)
 
 
+def node_from_cluster(name: str, kubeconfig: str | None, extra_reserved: int = 0) -> NodeCapacity:
+    """The planner's view of a registered Mac: what its agent reports in MacNode.status.
+
+    The Kubernetes adapter is imported here, not at the top: planning stays pure, and only this
+    option talks to a cluster.
+    """
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config.config_exception import ConfigException
+    from urllib3.exceptions import HTTPError
+
+    from orchardist.kube import GROUP, VERSION, RawApi, api_client
+
+    try:
+        node = RawApi(api_client(kubeconfig), timeout=10).get(f"/apis/{GROUP}/{VERSION}/macnodes/{name}")
+    except ApiException as exc:
+        if exc.status == 404:
+            raise SourceError(f"no MacNode {name!r} in the cluster (kubectl get macnodes)") from None
+        raise SourceError(f"reading MacNode {name!r}: HTTP {exc.status} {exc.reason}") from None
+    except (ConfigException, HTTPError, OSError) as exc:
+        raise SourceError(f"--node {name}: cannot reach the cluster: {exc}") from None
+    status = node.get("status") or {}
+    memory = status.get("memory") or {}
+    if not memory.get("gpuWorkingSetBytes"):
+        raise SourceError(f"MacNode {name!r} reports no GPU working set yet (is its agent running?)")
+    bandwidth = status.get("memoryBandwidthBytesPerSecond")
+    return NodeCapacity(
+        gpu_working_set_bytes=int(memory["gpuWorkingSetBytes"]),
+        memory_bandwidth_bytes_per_second=int(bandwidth) if bandwidth else None,
+        total_memory_bytes=int(memory["totalBytes"]) if memory.get("totalBytes") else None,
+        reserved_bytes=int(memory.get("allocatedBytes") or 0) + extra_reserved,
+        name=name,
+    )
+
+
 def print_plan(model: ModelProfile, node: NodeCapacity, result: MemoryPlan, out: TextIO) -> None:
     """One plan as readable lines."""
     decode = result.predicted_decode_tokens_per_s
@@ -401,15 +440,12 @@ def print_table(model: ModelProfile, rows: list[tuple[macs.MacProfile, MemoryPla
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     try:
-        if args.node:
-            raise NotWiredError(
-                f"--node {args.node} needs the cluster (the controller's MacNode view, issue 7); "
-                "use --chip or --working-set"
-            )
         model = load_profile(args)
         request = _request(args)
-        if args.working_set is not None or args.chip is not None:
-            if args.chip is not None:
+        if args.working_set is not None or args.chip is not None or args.node:
+            if args.node:
+                node = node_from_cluster(args.node, args.kubeconfig, args.reserved)
+            elif args.chip is not None:
                 node = node_for(macs.get(args.chip), args.reserved)
             else:
                 bandwidth = int(args.bandwidth * 1e9) if args.bandwidth else None
@@ -431,6 +467,6 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except (UsageError, ValueError) as exc:
         print(f"orchardist plan: {exc}", file=sys.stderr)
         return 2
-    except NotWiredError as exc:
+    except SourceError as exc:
         print(f"orchardist plan: {exc}", file=sys.stderr)
         return 2
