@@ -315,14 +315,14 @@ def _describe(model: ModelProfile) -> list[tuple[str, str]]:
     return [
         ("model", f"{model.architecture} ({model.model_type})"),
         ("quantization", model.quantization or f"none ({model.dtype})"),
-        ("parameters", f"~{params / 1e9:.1f}B" if params else "unknown"),
+        ("parameters", _count(params) if params else "unknown"),
         ("weights", f"{gib(model.weight_bytes)} ({model.weight_bytes:,} B)"),
         ("layers", layers),
         (
             "attention",
             f"{model.num_attention_heads} heads, {model.num_kv_heads} KV heads, head_dim {model.head_dim}",
         ),
-        ("kv dtype", f"{model.dtype} ({model.dtype_bytes} B)"),
+        ("kv dtype", _kv_dtype(model)),
         ("kv bytes/token", f"{model.kv_bytes_per_token:,} ({model.kv_bytes_per_token / 1024:g} KiB)"),
         ("model max context", f"{model.max_position_embeddings:,}"),
     ]
@@ -366,6 +366,23 @@ def node_from_cluster(name: str, kubeconfig: str | None, extra_reserved: int = 0
         reserved_bytes=int(memory.get("allocatedBytes") or 0) + extra_reserved,
         name=name,
     )
+
+
+def _count(n: int) -> str:
+    """~70.6B, ~854M, ~12K: a parameter count at the scale it has."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"~{n / scale:.1f}{unit}"
+    return f"{n}"
+
+
+def _kv_dtype(model: ModelProfile) -> str:
+    if model.dtype_bytes * 8 < _BITS.get(model.dtype, 16):  # a float32 checkpoint is served in 16 bits
+        return f"{model.dtype} checkpoint, KV in 16 bits ({model.dtype_bytes} B)"
+    return f"{model.dtype} ({model.dtype_bytes} B)"
+
+
+_BITS = {"float32": 32, "float": 32}
 
 
 def print_plan(model: ModelProfile, node: NodeCapacity, result: MemoryPlan, out: TextIO) -> None:
