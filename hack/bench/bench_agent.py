@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -93,93 +91,56 @@ def replica(name: str, node: str, ref: str, digest: str) -> dict[str, object]:
 def run() -> list[str]:
     import asyncio
 
+    from tests.fixtures.agents import bench_stack, kget, make_agent, registered
+
     from orchardist.dev import tinymodel
-    from orchardist.dev.cluster import Cluster, find_kubebins
-    from orchardist.dev.registry import Registry
     from orchardist.oci.push import push
 
-    work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
-    cluster = Cluster.start(work / "cluster", bin_dir=find_kubebins())
-    registry = Registry.start(work / "registry")
-    agent: subprocess.Popen[bytes] | None = None
-    try:
-        for crd in sorted((REPO / "crds").glob("*.yaml")):
-            cluster.kubectl("apply", "--server-side", "-f", str(crd))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+    with bench_stack("bench-agent-") as (work, cluster, registry):
         node = "bench-mac"
-        argv = [str(Path(sys.executable).with_name("orchardist")), "agent", "run"]
-        argv += ["--kubeconfig", str(cluster.kubeconfig), "--node-name", node, "--simulate", "m4-pro-64gb"]
-        argv += ["--store", str(work / "store"), "--state-dir", str(work / "state")]
-        argv += ["--address", "127.0.0.1", "--heartbeat-interval", str(HEARTBEAT_S), "--log-format", "json"]
-        argv += [
-            "--runtime",
-            f"mlx-lm={mlx_runtime()}",
-            "--bind-address",
-            "127.0.0.1",
-            "--stop-engines-on-exit",
-        ]
-        with (work / "agent.log").open("wb") as log:
-            agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            out = cluster.kubectl("get", "macnode", node, "-o", "json", check=False)
-            if out.returncode == 0:
-                conds = json.loads(out.stdout).get("status", {}).get("conditions", [])
-                if any(c["type"] == "Ready" and c["status"] == "True" for c in conds):
-                    break
-            if agent.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"agent did not register:\n{(work / 'agent.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        time.sleep(2.0)  # let start-up settle (first status patch, watch established)
-        lease0 = json.loads(
-            cluster.kubectl("get", "lease", "-n", "orchardist-system", node, "-o", "json").stdout
-        )
-        peak, mean, cpu = sample(agent.pid, WINDOW_S)
-        lease1 = json.loads(
-            cluster.kubectl("get", "lease", "-n", "orchardist-system", node, "-o", "json").stdout
-        )
-        renewed = lease0["spec"]["renewTime"] != lease1["spec"]["renewTime"]
-        if agent.poll() is not None:
-            raise RuntimeError("agent exited during the measurement")
-        floor = bare_python_rss()
+        extra = ("--runtime", f"mlx-lm={mlx_runtime()}", "--stop-engines-on-exit")
+        agent = make_agent(cluster, work, node=node, extra=extra, heartbeat=HEARTBEAT_S)
+        try:
+            proc = agent.start().proc
+            assert proc is not None
+            registered(cluster, agent)
+            time.sleep(2.0)  # let start-up settle (first status patch, watch established)
+            lease0 = kget(cluster, "lease", "-n", "orchardist-system", node)
+            peak, mean, cpu = sample(proc.pid, WINDOW_S)
+            lease1 = kget(cluster, "lease", "-n", "orchardist-system", node)
+            renewed = lease0["spec"]["renewTime"] != lease1["spec"]["renewTime"]
+            if proc.poll() is not None:
+                raise RuntimeError("agent exited during the measurement")
+            floor = bare_python_rss()
 
-        # The same agent supervising one engine (health probes, its log followed, status kept).
-        digest = asyncio.run(push(tinymodel.build(work / "tiny"), f"{registry.host}/bench/tiny:v1"))
-        ref = f"oci://{registry.host}/bench/tiny@{digest}"
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(replica("bench", node, ref, digest)))
-        t0 = time.monotonic()
-        while True:
-            out = cluster.kubectl("get", "mr", "bench", "-o", "json", check=False)
-            if out.returncode == 0 and json.loads(out.stdout).get("status", {}).get("phase") == "Ready":
-                break
-            if agent.poll() is not None or time.monotonic() - t0 > 180:
-                raise RuntimeError(f"replica not Ready:\n{(work / 'agent.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        ready_s = time.monotonic() - t0
-        time.sleep(2.0)
-        busy_peak, _, busy_cpu = sample(agent.pid, SERVING_WINDOW_S)
-        return [
-            f"agent idle over {WINDOW_S:.0f} s, heartbeat every {HEARTBEAT_S:.0f} s"
-            f" (lease renewed: {renewed})",
-            f"RSS peak {peak:.1f} MB (mean {mean:.1f}); goal {GOAL_RSS_MB:.0f} MB"
-            f" -> {peak / GOAL_RSS_MB:.2f}x goal",
-            f"CPU {cpu:.3f} % of one core; goal {GOAL_CPU_PCT:.0f} % -> {cpu / GOAL_CPU_PCT:.2f}x goal",
-            f"bare Python interpreter RSS {floor:.1f} MB -> agent is {peak / floor:.1f}x the floor",
-            f"replica created -> Ready (pull + mlx-lm start) in {ready_s:.1f} s",
-            f"agent supervising one engine over {SERVING_WINDOW_S:.0f} s: RSS peak {busy_peak:.1f} MB"
-            f" ({busy_peak / GOAL_RSS_MB:.2f}x the idle goal), CPU {busy_cpu:.3f} % of one core"
-            f" ({busy_cpu / GOAL_CPU_PCT:.2f}x the idle goal)",
-        ]
-    finally:
-        if agent is not None and agent.poll() is None:
-            agent.terminate()
-            try:
-                agent.wait(20)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-        registry.stop()
-        cluster.stop()
-        shutil.rmtree(work, ignore_errors=True)
+            # The same agent supervising one engine (health probes, its log followed, status kept).
+            digest = asyncio.run(push(tinymodel.build(work / "tiny"), f"{registry.host}/bench/tiny:v1"))
+            ref = f"oci://{registry.host}/bench/tiny@{digest}"
+            cluster.kubectl("apply", "-f", "-", input=json.dumps(replica("bench", node, ref, digest)))
+            t0 = time.monotonic()
+            while True:
+                out = cluster.kubectl("get", "mr", "bench", "-o", "json", check=False)
+                if out.returncode == 0 and json.loads(out.stdout).get("status", {}).get("phase") == "Ready":
+                    break
+                if proc.poll() is not None or time.monotonic() - t0 > 180:
+                    raise RuntimeError(f"replica not Ready:\n{agent.log.read_text()[-3000:]}")
+                time.sleep(0.5)
+            ready_s = time.monotonic() - t0
+            time.sleep(2.0)
+            busy_peak, _, busy_cpu = sample(proc.pid, SERVING_WINDOW_S)
+        finally:
+            agent.stop()
+    return [
+        f"agent idle over {WINDOW_S:.0f} s, heartbeat every {HEARTBEAT_S:.0f} s (lease renewed: {renewed})",
+        f"RSS peak {peak:.1f} MB (mean {mean:.1f}); goal {GOAL_RSS_MB:.0f} MB"
+        f" -> {peak / GOAL_RSS_MB:.2f}x goal",
+        f"CPU {cpu:.3f} % of one core; goal {GOAL_CPU_PCT:.0f} % -> {cpu / GOAL_CPU_PCT:.2f}x goal",
+        f"bare Python interpreter RSS {floor:.1f} MB -> agent is {peak / floor:.1f}x the floor",
+        f"replica created -> Ready (pull + mlx-lm start) in {ready_s:.1f} s",
+        f"agent supervising one engine over {SERVING_WINDOW_S:.0f} s: RSS peak {busy_peak:.1f} MB"
+        f" ({busy_peak / GOAL_RSS_MB:.2f}x the idle goal), CPU {busy_cpu:.3f} % of one core"
+        f" ({busy_cpu / GOAL_CPU_PCT:.2f}x the idle goal)",
+    ]
 
 
 if __name__ == "__main__":

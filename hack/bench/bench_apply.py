@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = 100
 REPLICAS = 2
 MACS = 50
@@ -47,142 +42,114 @@ def _wait_count(cluster: Any, ns: str, want: int, timeout: float) -> float:
 
 
 def run() -> list[str]:
+    from tests.fixtures.agents import bench_stack, operator_argv, stop_process
+
     from orchardist.controller.kube import replica_path
-    from orchardist.dev.cluster import Cluster, find_kubebins
-    from orchardist.dev.registry import Registry
     from orchardist.dev.tinymodel import build
     from orchardist.kube import RawApi
     from orchardist.oci.push import push
 
-    work = Path(tempfile.mkdtemp(prefix="bench-apply-"))
-    cluster = Cluster.start(work / "cluster", bin_dir=find_kubebins())
-    registry = Registry.start(work / "registry", die_with_parent=True)
-    operator: subprocess.Popen[bytes] | None = None
-    try:
-        for crd in sorted((REPO / "crds").glob("*.yaml")):
-            cluster.kubectl("apply", "--server-side", "-f", str(crd))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
-        tag = f"oci://{registry.host}/bench/tiny:v1"
-        asyncio.run(push(build(work / "tiny"), tag))
-        for ns in ("orchardist-system", "bench", "one", "floor"):
-            cluster.kubectl("create", "namespace", ns)
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        macs: list[dict[str, Any]] = []
-        leases: list[dict[str, Any]] = []
-        for i in range(MACS):
-            name = f"mac-{i:03d}"
-            macs.append(
-                {"apiVersion": "orchardist.io/v1alpha1", "kind": "MacNode", "metadata": {"name": name}}
-            )
-            leases.append(
-                {
-                    "apiVersion": "coordination.k8s.io/v1",
-                    "kind": "Lease",
-                    "metadata": {"name": name, "namespace": "orchardist-system"},
-                    "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": now},
+    with bench_stack("bench-apply-") as (work, cluster, registry):
+        operator: subprocess.Popen[bytes] | None = None
+        try:
+            tag = f"oci://{registry.host}/bench/tiny:v1"
+            asyncio.run(push(build(work / "tiny"), tag))
+            for ns in ("orchardist-system", "bench", "one", "floor"):
+                cluster.kubectl("create", "namespace", ns)
+            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            macs: list[dict[str, Any]] = []
+            leases: list[dict[str, Any]] = []
+            for i in range(MACS):
+                name = f"mac-{i:03d}"
+                mac = {"apiVersion": "orchardist.io/v1alpha1", "kind": "MacNode", "metadata": {"name": name}}
+                macs.append(mac)
+                leases.append(
+                    {
+                        "apiVersion": "coordination.k8s.io/v1",
+                        "kind": "Lease",
+                        "metadata": {"name": name, "namespace": "orchardist-system"},
+                        "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": now},
+                    }
+                )
+            cluster.kubectl("apply", "-f", "-", input=_docs(macs + leases))
+            status = {
+                "status": {
+                    "memory": {"totalBytes": 64 * GiB, "gpuWorkingSetBytes": 48 * GiB},
+                    "chip": {"family": "M4 Pro"},
+                    "memoryBandwidthBytesPerSecond": 273 * 10**9,
+                    "engines": [{"name": "mlx-lm", "version": "0.1.0"}],
                 }
-            )
-        cluster.kubectl("apply", "-f", "-", input=_docs(macs + leases))
-        status = {
-            "status": {
-                "memory": {"totalBytes": 64 * GiB, "gpuWorkingSetBytes": 48 * GiB},
-                "chip": {"family": "M4 Pro"},
-                "memoryBandwidthBytesPerSecond": 273 * 10**9,
-                "engines": [{"name": "mlx-lm", "version": "0.1.0"}],
             }
-        }
-        for m in macs:
+            for m in macs:
+                cluster.kubectl(
+                    "patch",
+                    "macnode",
+                    m["metadata"]["name"],
+                    "--subresource=status",
+                    "--type=merge",
+                    "-p",
+                    json.dumps(status),
+                )
+
+            argv = operator_argv(cluster, "--all-namespaces", "--standalone", "--lease-grace", "3600")
+            with (work / "operator.log").open("wb") as out:
+                operator = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 60
+            while b"controller started" not in (work / "operator.log").read_bytes():
+                if operator.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((work / "operator.log").read_text()[-3000:])
+                time.sleep(0.2)
+            time.sleep(2.0)  # watches established
+
+            def md(name: str, ns: str) -> dict[str, Any]:
+                return {
+                    "apiVersion": "orchardist.io/v1alpha1",
+                    "kind": "ModelDeployment",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {
+                        "model": tag,
+                        "engine": "mlx-lm",
+                        "replicas": REPLICAS,
+                        "contextLength": 1024,
+                        "maxConcurrentSequences": 2,
+                    },
+                }
+
+            t0 = time.monotonic()
+            cluster.kubectl("apply", "-f", "-", input=_docs([md("solo", "one")]))
+            one = _wait_count(cluster, "one", REPLICAS, 120) - t0
+
+            t0 = time.monotonic()
             cluster.kubectl(
-                "patch",
-                "macnode",
-                m["metadata"]["name"],
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                json.dumps(status),
+                "apply", "-f", "-", input=_docs([md(f"m{i:03d}", "bench") for i in range(DEPLOYMENTS)])
             )
+            applied = time.monotonic() - t0
+            total = _wait_count(cluster, "bench", DEPLOYMENTS * REPLICAS, 600) - t0
 
-        argv = [
-            sys.executable,
-            "-m",
-            "orchardist",
-            "operator",
-            "run",
-            "--kubeconfig",
-            str(cluster.kubeconfig),
-            "--all-namespaces",
-            "--standalone",
-            "--lease-grace",
-            "3600",
-            "--log-format",
-            "json",
-        ]
-        with (work / "operator.log").open("wb") as out:
-            operator = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while b"controller started" not in (work / "operator.log").read_bytes():
-            if operator.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((work / "operator.log").read_text()[-3000:])
-            time.sleep(0.2)
-        time.sleep(2.0)  # watches established
-
-        def md(name: str, ns: str) -> dict[str, Any]:
-            return {
-                "apiVersion": "orchardist.io/v1alpha1",
-                "kind": "ModelDeployment",
-                "metadata": {"name": name, "namespace": ns},
-                "spec": {
-                    "model": tag,
-                    "engine": "mlx-lm",
-                    "replicas": REPLICAS,
-                    "contextLength": 1024,
-                    "maxConcurrentSequences": 2,
-                },
-            }
-
-        t0 = time.monotonic()
-        cluster.kubectl("apply", "-f", "-", input=_docs([md("solo", "one")]))
-        one = _wait_count(cluster, "one", REPLICAS, 120) - t0
-
-        t0 = time.monotonic()
-        cluster.kubectl(
-            "apply", "-f", "-", input=_docs([md(f"m{i:03d}", "bench") for i in range(DEPLOYMENTS)])
-        )
-        applied = time.monotonic() - t0
-        total = _wait_count(cluster, "bench", DEPLOYMENTS * REPLICAS, 600) - t0
-
-        kube = RawApi(cluster.api_client())
-        sample = json.loads(cluster.kubectl("get", "modelreplicas", "-n", "bench", "-o", "json").stdout)[
-            "items"
-        ][0]
-        t0 = time.monotonic()
-        for i in range(DEPLOYMENTS * REPLICAS):
-            body = {
-                "apiVersion": sample["apiVersion"],
-                "kind": "ModelReplica",
-                "metadata": {"name": f"floor-{i:03d}", "namespace": "floor"},
-                "spec": sample["spec"],
-            }
-            kube.create(replica_path("floor"), body)
-        floor = time.monotonic() - t0
-        n = DEPLOYMENTS * REPLICAS
-        return [
-            f"{DEPLOYMENTS} deployments x {REPLICAS} replicas on {MACS} Macs: all {n} bound "
-            f"{total:.2f} s after kubectl apply (the apply itself took {applied:.2f} s)",
-            f"one deployment alone: {REPLICAS} replicas bound in {one:.2f} s",
-            f"floor: the bench creating the same {n} replicas itself, one POST each: {floor:.2f} s; "
-            f"controller / floor = {total / floor:.1f}x",
-        ]
-    finally:
-        if operator is not None and operator.poll() is None:
-            operator.terminate()
-            try:
-                operator.wait(20)
-            except subprocess.TimeoutExpired:
-                operator.kill()
-        registry.stop()
-        cluster.stop()
-        shutil.rmtree(work, ignore_errors=True)
+            kube = RawApi(cluster.api_client())
+            listed = cluster.kubectl("get", "modelreplicas", "-n", "bench", "-o", "json").stdout
+            sample = json.loads(listed)["items"][0]
+            t0 = time.monotonic()
+            for i in range(DEPLOYMENTS * REPLICAS):
+                body = {
+                    "apiVersion": sample["apiVersion"],
+                    "kind": "ModelReplica",
+                    "metadata": {"name": f"floor-{i:03d}", "namespace": "floor"},
+                    "spec": sample["spec"],
+                }
+                kube.create(replica_path("floor"), body)
+            floor = time.monotonic() - t0
+            n = DEPLOYMENTS * REPLICAS
+            return [
+                f"{DEPLOYMENTS} deployments x {REPLICAS} replicas on {MACS} Macs: all {n} bound "
+                f"{total:.2f} s after kubectl apply (the apply itself took {applied:.2f} s)",
+                f"one deployment alone: {REPLICAS} replicas bound in {one:.2f} s",
+                f"floor: the bench creating the same {n} replicas itself, one POST each: {floor:.2f} s; "
+                f"controller / floor = {total / floor:.1f}x",
+            ]
+        finally:
+            if operator is not None:
+                stop_process(operator)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,9 +24,19 @@ from typing import Any
 from orchardist.dev import tinymodel
 from orchardist.dev.cluster import Cluster
 from orchardist.planning import macs, memory, profile
-from tests.e2e.test_agent_node import ORCHARDIST, Agent, kget, make_agent, registered, wait_for
-from tests.e2e.test_agent_replicas import alive, chat, engine_pid, stop_recorded_engines
-from tests.e2e.test_controller import Operator
+from tests.fixtures.agents import (
+    ORCHARDIST,
+    Agent,
+    Operator,
+    alive,
+    chat,
+    engine_pid,
+    kget,
+    make_agent,
+    registered,
+    stop_recorded_engines,
+    wait_for,
+)
 
 GiB = 2**30
 SYSTEM = "orchardist-system"
@@ -128,44 +137,10 @@ class Fleet:
 
     # -- processes -------------------------------------------------------------------------------
     def start_operator(self) -> Operator:
-        argv = [
-            sys.executable,
-            "-m",
-            "orchardist",
-            "operator",
-            "run",
-            "--kubeconfig",
-            str(self.cluster.kubeconfig),
-            "--namespace",
-            self.ns,
-            "--standalone",
-            "--lease-grace",
-            str(self.grace),
-            "--resync",
-            "1",
-            "--log-format",
-            "json",
-        ]
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        op = Operator(proc)
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                op.lines.append(line.rstrip("\n"))
-
-        threading.Thread(target=pump, daemon=True).start()
+        args = ("--namespace", self.ns, "--standalone", "--lease-grace", str(self.grace), "--resync", "1")
+        op = Operator.spawn(self.cluster, *args)
         self.operator = op
-        wait_for(
-            "the operator to start", lambda: op.said("controller started") or proc.poll() is not None, 90
-        )
-        assert proc.poll() is None, "\n".join(op.lines[-40:])
+        op.wait_started(90)
         return op
 
     def add_agent(self, mac: str) -> Agent:

@@ -8,125 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 
 from orchardist.dev.cluster import Cluster
+from tests.fixtures.agents import ORCHARDIST, Agent, kget, make_agent, registered, wait_for
 
 pytestmark = pytest.mark.cluster
-
-ORCHARDIST = Path(sys.executable).with_name("orchardist")
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0, every: float = 0.3) -> T:
-    """Poll until `probe` returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except subprocess.CalledProcessError as exc:
-            last = exc.stderr
-        if last:
-            return last  # type: ignore[no-any-return]
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
-
-
-def kget(cluster: Cluster, *args: str) -> Any:
-    """`kubectl get ... -o json` as JSON, or None when not found."""
-    out = cluster.kubectl("get", *args, "-o", "json", check=False)
-    if out.returncode != 0:
-        if "NotFound" in out.stderr:
-            return None
-        raise subprocess.CalledProcessError(out.returncode, args, out.stdout, out.stderr)
-    return json.loads(out.stdout)
-
-
-@dataclass
-class Agent:
-    """One `orchardist agent run` subprocess and where it keeps its things."""
-
-    node: str
-    workdir: Path
-    cluster: Cluster
-    argv: list[str]
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.workdir / "agent.log"
-
-    def start(self) -> Agent:
-        env = self.cluster.env()
-        env.pop("KUBECONFIG", None)  # the agent is told explicitly
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        return self
-
-    def signal(self, sig: signal.Signals) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
-
-
-def make_agent(
-    cluster: Cluster,
-    workdir: Path,
-    *,
-    node: str | None = None,
-    extra: tuple[str, ...] = (),
-    heartbeat: float = 1.0,
-) -> Agent:
-    node = node or f"mac-{secrets.token_hex(3)}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(ORCHARDIST),
-        "agent",
-        "run",
-        "--kubeconfig",
-        str(cluster.kubeconfig),
-        "--node-name",
-        node,
-        "--simulate",
-        "m4-pro-64gb",
-        "--store",
-        str(workdir / "store"),
-        "--state-dir",
-        str(workdir / "state"),
-        "--address",
-        "127.0.0.1",
-        "--bind-address",
-        "127.0.0.1",
-        "--heartbeat-interval",
-        str(heartbeat),
-        "--log-format",
-        "json",
-        *extra,
-    ]
-    return Agent(node=node, workdir=workdir, cluster=cluster, argv=argv)
 
 
 @pytest.fixture
@@ -137,17 +30,6 @@ def agent(cluster: Cluster, tmp_path: Path) -> Iterator[Agent]:
     finally:
         a.stop()
         cluster.kubectl("delete", "macnode", a.node, "--ignore-not-found", "--wait=false", check=False)
-
-
-def registered(cluster: Cluster, agent: Agent) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        assert agent.proc is None or agent.proc.poll() is None, f"agent exited:\n{agent.tail()}"
-        node = kget(cluster, "macnode", agent.node)
-        ready = [c for c in ((node or {}).get("status") or {}).get("conditions", []) if c["type"] == "Ready"]
-        return node if ready and ready[0]["status"] == "True" else None
-
-    node: dict[str, Any] = wait_for(f"MacNode {agent.node} Ready", probe, timeout=60)
-    return node
 
 
 def renew_time(cluster: Cluster, node: str) -> str | None:

@@ -16,7 +16,6 @@ import signal
 import socket
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,18 @@ from orchardist.dev.cluster import Cluster
 from orchardist.oci.auth import Credentials
 from orchardist.oci.push import push
 from orchardist_agent.engines import Runtime
-from tests.e2e.test_agent_node import Agent, kget, make_agent, registered, wait_for
+from tests.fixtures.agents import (
+    Agent,
+    alive,
+    chat,
+    condition,
+    engine_pid,
+    kget,
+    make_agent,
+    registered,
+    stop_recorded_engines,
+    wait_for,
+)
 from tests.fixtures.registry import AuthRegistry
 
 pytestmark = [pytest.mark.cluster, pytest.mark.registry, pytest.mark.engine]
@@ -87,10 +97,6 @@ def status_of(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
     return dict((obj or {}).get("status") or {})
 
 
-def condition(status: dict[str, Any], ctype: str) -> dict[str, Any]:
-    return next((c for c in status.get("conditions", []) if c["type"] == ctype), {})
-
-
 def wait_phase(
     cluster: Cluster, agent: Agent, namespace: str, name: str, phase: str, timeout: float = 120
 ) -> dict[str, Any]:
@@ -104,43 +110,6 @@ def wait_phase(
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nagent log:\n{agent.tail(30)}") from None
     return result
-
-
-def chat(endpoint: str) -> dict[str, Any]:
-    body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0})
-    req = urllib.request.Request(
-        f"http://{endpoint}/v1/chat/completions",
-        data=body.encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        answer: dict[str, Any] = json.loads(resp.read())
-    return answer
-
-
-def engine_pid(status: dict[str, Any]) -> int:
-    m = re.search(r"pid (\d+)", condition(status, "Started").get("message", ""))
-    assert m, status
-    return int(m.group(1))
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for our purposes.
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
-
-
-def stop_recorded_engines(state_dir: Path) -> None:
-    """Safety net: engines outlive the agent by design, so a test stops what its agent recorded."""
-    for rec_path in (state_dir / "engines").glob("*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            pid = int(json.loads(rec_path.read_text())["pid"])
-            if "mlx_lm" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
-                os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.fixture

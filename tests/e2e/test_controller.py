@@ -10,17 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -28,27 +24,13 @@ from orchardist.dev.cluster import Cluster
 from orchardist.kube import RawApi
 from orchardist.oci.push import push
 from orchardist_agent.engines import Runtime
-from tests.e2e.test_agent_node import make_agent
-from tests.e2e.test_agent_replicas import chat, stop_recorded_engines
+from tests.fixtures.agents import Operator, chat, make_agent, stop_recorded_engines, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.registry]
 
 GiB = 2**30
-T = TypeVar("T")
 SYSTEM = "orchardist-system"
 GRACE = 6.0  # seconds: the tests' Lease grace, so expiry is quick
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0, every: float = 0.3) -> T:
-    """Poll until ``probe`` returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 def micro(dt: datetime) -> str:
@@ -60,39 +42,6 @@ async def tiny_tag(registry: str, tiny_model: Path) -> tuple[str, str]:
     """(tag reference, digest) of the tiny model pushed to the registry fixture."""
     digest = await push(tiny_model, f"{registry}/controller-e2e/tiny:v1")
     return f"oci://{registry}/controller-e2e/tiny:v1", digest
-
-
-@dataclass
-class Operator:
-    """One `orchardist operator run` subprocess; its JSON log lines are kept for assertions."""
-
-    proc: subprocess.Popen[str]
-    lines: list[str] = field(default_factory=list)
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in list(self.lines):
-            with contextlib.suppress(ValueError):
-                doc = json.loads(line)
-                if doc.get("event") == name:
-                    out.append(doc)
-        return out
-
-    def said(self, text: str) -> bool:
-        return any(text in line for line in list(self.lines))
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @dataclass
@@ -134,45 +83,12 @@ class World:
 
     # -- the operator --------------------------------------------------------------------------
     def start_operator(self, *extra: str, scope: tuple[str, ...] = ()) -> Operator:
-        argv = [
-            sys.executable,
-            "-m",
-            "orchardist",
-            "operator",
-            "run",
-            "--kubeconfig",
-            str(self.cluster.kubeconfig),
-            *(scope or ("--namespace", self.ns)),
-            "--lease-grace",
-            str(GRACE),
-            "--resync",
-            "1",
-            "--log-format",
-            "json",
-            *extra,
-        ]
+        args = [*(scope or ("--namespace", self.ns)), "--lease-grace", str(GRACE), "--resync", "1", *extra]
         if "--peering" not in extra and not scope:
-            argv.append("--standalone")
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        op = Operator(proc)
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                op.lines.append(line.rstrip("\n"))
-
-        threading.Thread(target=pump, daemon=True).start()
+            args.append("--standalone")
+        op = Operator.spawn(self.cluster, *args)
         self.operators.append(op)
-        wait_for(
-            "the operator to start", lambda: op.said("controller started") or proc.poll() is not None, 60
-        )
-        assert proc.poll() is None, "\n".join(op.lines[-40:])
+        op.wait_started(60)
         return op
 
     # -- simulated Macs --------------------------------------------------------------------------

@@ -40,8 +40,7 @@ from tests.e2e.fleet_helpers import (
     push_cli,
     wait_gone,
 )
-from tests.e2e.test_agent_node import registered, wait_for
-from tests.e2e.test_agent_replicas import alive, chat, engine_pid
+from tests.fixtures.agents import alive, chat, engine_pid, registered, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.registry, pytest.mark.engine, pytest.mark.timeout(1800)]
 
