@@ -17,6 +17,7 @@ import pytest
 
 from orchardist.dev import procs
 from orchardist.dev.cluster import Cluster
+from tests.fixtures.agents import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "orchardist"
@@ -246,16 +247,6 @@ def _run_agent(agent: Agent, node: str, workdir: Path) -> subprocess.Popen[bytes
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def test_the_real_agent_runs_with_only_its_own_credentials(
     cluster: Cluster, agents: dict[str, Agent], tmp_path: Path
 ) -> None:
@@ -280,7 +271,7 @@ def test_the_real_agent_runs_with_only_its_own_credentials(
         assert renewed
         assert "forbidden" not in log.read_text().lower(), log.read_text()[-3000:]
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def test_the_real_agent_cannot_pose_as_another_node(agents: dict[str, Agent], tmp_path: Path) -> None:
@@ -298,7 +289,7 @@ def test_the_real_agent_cannot_pose_as_another_node(agents: dict[str, Agent], tm
             in log.read_text()
         )
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def test_the_real_operator_runs_with_only_its_chart_credentials(
@@ -347,7 +338,7 @@ def test_the_real_operator_runs_with_only_its_chart_credentials(
         text = log.read_text()
         assert "forbidden" not in text.lower(), text[-3000:]
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def test_the_policies_type_check_clean(cluster: Cluster, agents: dict[str, Agent]) -> None:
