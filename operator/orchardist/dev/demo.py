@@ -179,13 +179,10 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         _stop_all(state, quiet=True)
         steps("control plane: etcd, kube-apiserver, kube-controller-manager (built from Go modules)")
-        cluster = Cluster.start(state)
+        # The CRDs go in before the controller-manager starts, so its garbage collector knows them
+        # at once; the operator runs --standalone, so no kopf peering CRDs are needed.
+        cluster = Cluster.start(state, crds=root / "crds")
         steps.note(f"ready in {cluster.ready_seconds:.1f} s at {cluster.server}")
-        cluster.kubectl("apply", "--server-side", "-f", str(root / "crds"))
-        peering = root / "operator" / "orchardist" / "controller" / "kopf-peering.yaml"
-        if peering.is_file():
-            cluster.kubectl("apply", "--server-side", "-f", str(peering))
-        cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
         cluster.kubectl("create", "namespace", "orchardist-system", check=False)
         demo.mkdir(parents=True, exist_ok=True)
 
