@@ -18,9 +18,10 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-GROUP = "orchardist.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+from orchardist.api.constants import API_VERSION, GROUP, VERSION
+
+__all__ = ["API_VERSION", "GROUP", "JSON", "MERGE_PATCH", "SYSTEM_NAMESPACE", "VERSION", "RawApi", "api_client"]
+
 SYSTEM_NAMESPACE = "orchardist-system"
 MERGE_PATCH = "application/merge-patch+json"
 JSON = dict[str, Any]
