@@ -1,7 +1,8 @@
 """The agent's settings: parsed once from the command line, then read-only.
 
 Defaults follow where each OS keeps caches (macOS `~/Library/Caches`, XDG elsewhere) so a model
-store survives agent upgrades and is skipped by backups.
+store survives agent upgrades and is skipped by backups. Sizes (``--store-budget``) go through the
+project's one byte-count parser, ``orchardist.api.quantity.parse_bytes``, re-exported here.
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)B?\s*$", re.IGNORECASE)
-_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+from orchardist.api.quantity import parse_bytes
 
-
-def parse_bytes(text: str) -> int:
-    """`500Gi`, `64G`, `1.5TiB`, `1048576` -> bytes (binary suffixes with `i`, decimal without)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (e.g. 500Gi, 64G, 1048576)")
-    number, unit, binary = m.groups()
-    base = 1024 if binary or unit == "" else 1000
-    return int(float(number) * base ** _UNITS[unit.upper()])
+__all__ = [
+    "AgentConfig",
+    "default_node_name",
+    "default_state_dir",
+    "default_store",
+    "parse_bytes",
+    "parse_runtime",
+]
 
 
 def parse_runtime(text: str) -> tuple[str, Path]:

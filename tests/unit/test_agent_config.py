@@ -7,28 +7,24 @@ from pathlib import Path
 
 import pytest
 
+from orchardist.api import quantity
 from orchardist_agent import cli
 from orchardist_agent.config import default_node_name, parse_bytes, parse_runtime
 
 
-@pytest.mark.parametrize(
-    ("text", "want"),
-    [
-        ("1048576", 2**20),
-        ("500Gi", 500 * 2**30),
-        ("64G", 64 * 10**9),
-        ("1.5TiB", int(1.5 * 2**40)),
-        ("2Mi", 2**21),
-    ],
-)
-def test_parse_bytes(text: str, want: int) -> None:
-    assert parse_bytes(text) == want
+def test_sizes_use_the_one_byte_count_parser() -> None:
+    """--store-budget and every other size read the same way as the rest of the project."""
+    assert parse_bytes is quantity.parse_bytes
+    assert parse_bytes("500Gi") == 500 * 2**30
+    assert parse_bytes("2P") == 2 * 10**15
 
 
-@pytest.mark.parametrize("text", ["", "lots", "5 parsecs", "-3Gi"])
-def test_parse_bytes_refuses(text: str) -> None:
-    with pytest.raises(ValueError, match="not a size"):
-        parse_bytes(text)
+def test_a_bad_store_budget_is_refused_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    cli.register(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--store-budget=-3Gi"])
+    assert "argument --store-budget: a byte count cannot be negative: '-3Gi'" in capsys.readouterr().err
 
 
 def test_parse_runtime() -> None:
