@@ -1,8 +1,10 @@
-"""The registry adapter: OCI distribution API over aiohttp (the only module here that does HTTP).
+"""The registry adapter: the OCI distribution API over aiohttp.
 
-One aiohttp session per registry. Blobs stream in 1 MiB chunks (callers hash inline: the fastest
-path measured on loopback). Auth: anonymous, basic, and the bearer-token flow driven by the
-``WWW-Authenticate`` challenge; 429/503 are retried honouring ``Retry-After`` up to a limit.
+HTTP in this package happens here and in :mod:`orchardist.oci.transfer`, which reads big blob
+bodies from the responses :meth:`RegistryClient.open_blob` returns. One aiohttp session per
+registry. Auth: anonymous, basic, and the bearer-token flow driven by the ``WWW-Authenticate``
+challenge. 429/503 are retried a few times, waiting what ``Retry-After`` asks (refusing when it
+asks too long) or else by the project's backoff policy, :mod:`orchardist.retry`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from orchardist import log
+from orchardist import log, retry
 from orchardist.oci import mediatypes as mt
 from orchardist.oci.auth import Challenge, Credentials, parse_challenge
 from orchardist.oci.errors import (
@@ -253,7 +255,7 @@ class RegistryClient:
                         f"{what}: rate limited by {self.registry}; retry after {wait:.0f} s", retry_after=wait
                     )
                 attempt += 1
-                await asyncio.sleep(wait if wait is not None else min(2.0**attempt, 30.0))
+                await asyncio.sleep(wait if wait is not None else retry.delay(attempt))
                 continue
             try:
                 if resp.status not in ok:

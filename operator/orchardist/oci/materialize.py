@@ -1,0 +1,79 @@
+"""Model directories from verified blobs: inside the store, and exported to a caller's directory.
+
+Both are plain blocking filesystem work (links, tar extraction, fsync); async callers run them
+with ``asyncio.to_thread``. Every path goes through :mod:`orchardist.oci.safepath`, so nothing a
+manifest or an archive names can land outside the directory being built.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+from orchardist.oci.fsutil import fsync_path, link_or_copy, remove_tree
+from orchardist.oci.layouts import Layout
+from orchardist.oci.safepath import check_tree, ensure_dir, extract_tar, prepare, safe_relpath
+
+_COMPRESSION = {"tar": None, "tar+gzip": "gzip", "tar+zstd": "zstd"}
+
+
+def materialize(
+    layout: Layout, blob_path: Callable[[str], Path], final: Path
+) -> tuple[list[tuple[str, int]], int]:
+    """Build ``final`` in a staging dir beside it, check it, then rename it into place.
+
+    Returns the files (relative path, size) and the bytes extracted from archives (on disk besides
+    the blobs). A failure leaves nothing behind.
+    """
+    staging = final.parent / f".staging-{final.name[:12]}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    files: list[tuple[str, int]] = []
+    extracted = 0
+    try:
+        for e in layout.entries:
+            blob = blob_path(e.layer.digest)
+            if e.archive is None:
+                dest = prepare(staging, safe_relpath(e.path), "file")
+                link_or_copy(blob, dest)
+                files.append((e.path, e.layer.size))
+                continue
+            into = ensure_dir(staging, safe_relpath(e.path)) if e.path else staging
+            with open(blob, "rb") as f:
+                got = extract_tar(f, into, _COMPRESSION[e.archive], f"layer {e.layer.digest[:19]}")
+            prefix = f"{e.path}/" if e.path else ""
+            files.extend((prefix + p, s) for p, s in got)
+            extracted += sum(s for _, s in got)
+        check_tree(staging)
+        remove_tree(final)
+        staging.rename(final)
+        fsync_path(final.parent)
+    except BaseException:
+        remove_tree(staging)
+        raise
+    return files, extracted
+
+
+def export(src: Path, dest: Path) -> Path:
+    """Recreate the model directory ``src`` at ``dest``: files linked when possible, symlinks kept."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for dirpath, dirnames, names in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        for d in dirnames:
+            full = Path(dirpath) / d
+            if full.is_symlink():
+                continue
+            ensure_dir(dest, PurePosixPath(*(rel / d).parts))
+        for n in names:
+            s = Path(dirpath) / n
+            target = prepare(dest, PurePosixPath(*(rel / n).parts), "file")
+            if s.is_symlink():
+                target.symlink_to(s.readlink())
+            else:
+                link_or_copy(s, target)
+        for d in dirnames:
+            full = Path(dirpath) / d
+            if full.is_symlink():
+                prepare(dest, PurePosixPath(*(rel / d).parts), "file").symlink_to(full.readlink())
+    return dest

@@ -1,0 +1,258 @@
+"""Pulling one model into the store: missing blobs fetched (verified, resumable), then materialized.
+
+:func:`download` is one blob: it streams into ``tmp/<hex>.partial`` through
+:mod:`orchardist.oci.transfer`, resumes with a Range request after a cut (retried by the project's
+one backoff policy, :mod:`orchardist.retry`), checks the sha256 and fsyncs. :class:`Puller` runs a
+whole model: room made by GC first, the config, then the layers a few at a time (each blob fetched
+once however many pulls want it), then the model directory. Disk work runs in threads so the
+event loop keeps serving other pulls and the agent meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import tenacity
+
+from orchardist import log, retry
+from orchardist.oci.client import CONFIG_LIMIT, Manifest, RegistryClient
+from orchardist.oci.errors import DigestMismatchError, RegistryUnreachableError, StoreFullError
+from orchardist.oci.fsutil import atomic_write, fsync_path
+from orchardist.oci.index import ModelRecord, StoreIndex, blob_list, hex_of
+from orchardist.oci.layouts import Layer, read_layout
+from orchardist.oci.materialize import materialize
+from orchardist.oci.progress import Tracker
+from orchardist.oci.reference import Reference
+from orchardist.oci.transfer import BlobFile, hash_prefix, open_body, receive
+
+_log = log.get(__name__)
+
+#: What a resumed request can cure: the connection dropped, stalled or never came up.
+INTERRUPTIONS = (aiohttp.ClientError, TimeoutError, RegistryUnreachableError)
+
+
+@dataclass
+class _Received:
+    """Where a download stands: bytes in the partial file, and the hash over exactly those."""
+
+    offset: int
+    h: Any
+
+
+async def download(
+    client: RegistryClient,
+    repo: str,
+    layer: Layer,
+    partial: Path,
+    on_bytes: Callable[[int], None],
+    *,
+    attempts: int,
+    fast: bool = True,
+    on_request: Callable[[], None] = lambda: None,
+) -> None:
+    """Fetch ``layer`` into ``partial`` (verified and fsynced on return); resume whatever is there.
+
+    A digest mismatch discards the partial file and is not retried; interruptions are retried up
+    to ``attempts`` requests in all, each resuming after the last byte written.
+    """
+    got = await asyncio.to_thread(_resume_point, partial, layer.size)
+    if got.offset:
+        on_bytes(got.offset)
+
+    async def one_request() -> None:
+        on_request()
+        async with client.open_blob(repo, layer.digest, got.offset) as resp:
+            if resp.status == 200 and got.offset:
+                _log.info("registry ignored Range; restarting blob", digest=layer.digest)
+                on_bytes(-got.offset)
+                got.offset, got.h = 0, hashlib.sha256()
+            body = open_body(resp, fast=fast)
+            with BlobFile(partial, got.offset) as f:
+                got.offset = await receive(
+                    body, f, got.h, got.offset, size=layer.size, digest=layer.digest, on_bytes=on_bytes
+                )
+        if got.offset < layer.size:
+            raise RegistryUnreachableError(f"blob {layer.digest}: connection closed at byte {got.offset}")
+
+    def resume_from_disk(state: tenacity.RetryCallState) -> None:
+        # Every byte in the partial file went through the hash too: resume right after it.
+        got.offset = partial.stat().st_size if partial.exists() else 0
+        outcome = state.outcome
+        _log.info(
+            "blob download interrupted; resuming",
+            digest=layer.digest,
+            offset=got.offset,
+            error=str(outcome.exception()) if outcome is not None else "",
+        )
+
+    try:
+        if got.offset < layer.size:
+            async for attempt in retry.retrying(
+                attempts=attempts, retry_on=INTERRUPTIONS, before_sleep=resume_from_disk
+            ):
+                with attempt:
+                    await one_request()
+    except INTERRUPTIONS as exc:
+        raise RegistryUnreachableError(
+            f"blob {layer.digest[:19]}: download interrupted {attempts} times, last: {exc}"
+        ) from exc
+    except DigestMismatchError:
+        await asyncio.to_thread(partial.unlink, missing_ok=True)
+        raise
+    digest = "sha256:" + got.h.hexdigest()
+    if digest != layer.digest:
+        await asyncio.to_thread(partial.unlink, missing_ok=True)
+        raise DigestMismatchError(f"blob {layer.digest}: received content hashes to {digest}; discarded")
+    await asyncio.to_thread(fsync_path, partial)
+
+
+def _resume_point(partial: Path, size: int) -> _Received:
+    """What an earlier try left in ``partial``: its length and hash (nothing when it is too long)."""
+    try:
+        have = partial.stat().st_size
+    except FileNotFoundError:
+        have = 0
+    if not have or have > size:
+        return _Received(0, hashlib.sha256())
+    return _Received(have, hash_prefix(partial, have))
+
+
+class Puller:
+    """Fetches models into a :class:`StoreIndex`; the store facade owns pins and calls :meth:`pull_new`.
+
+    ``active`` counts the blobs of pulls in progress (GC spares them); ``make_room(need_bytes)``
+    and ``save()`` are the facade's GC and index write, both awaited.
+    """
+
+    def __init__(
+        self,
+        index: StoreIndex,
+        *,
+        budget_bytes: int,
+        make_room: Callable[[int], Awaitable[object]],
+        save: Callable[[], Awaitable[None]],
+        max_parallel: int,
+        attempts: int,
+        fast: bool,
+    ) -> None:
+        self.index = index
+        self.budget_bytes = budget_bytes
+        self.make_room = make_room
+        self.save = save
+        self.max_parallel = max_parallel
+        self.attempts = attempts
+        self.fast = fast
+        self.active: Counter[str] = Counter()
+        self.blob_gets = 0  # blob requests made (observability and tests)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def lock(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    async def pull_new(
+        self, client: RegistryClient, r: Reference, manifest: Manifest, tracker: Tracker
+    ) -> ModelRecord:
+        """Download what is missing and materialize the model; returns its (saved) record."""
+        digest = manifest.digest
+        layout = read_layout(manifest.data)
+        blobs = blob_list(layout)
+        layers = list({e.layer.digest: e.layer for e in layout.entries}.values())
+        total = sum(layer.size for layer in layers)
+        extracted_estimate = sum(e.layer.size for e in layout.entries if e.archive)
+        if total + extracted_estimate > self.budget_bytes:
+            raise StoreFullError(
+                f"{r}: needs {total + extracted_estimate} bytes, "
+                f"more than the store budget of {self.budget_bytes}"
+            )
+        self.active.update(blobs)
+        try:
+            missing = [layer for layer in layers if layer.digest not in self.index.blobs]
+            await self.make_room(
+                sum(layer.size for layer in missing) + extracted_estimate + layout.config.size
+            )
+            tracker.start(digest, total, len(layers))
+            tracker.add(total - sum(layer.size for layer in missing))
+            await self._ensure_small(client, r.repository, layout.config)
+            sem = asyncio.Semaphore(self.max_parallel)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for layer in missing:
+                        tg.create_task(self._ensure_blob(client, r.repository, layer, tracker, sem))
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
+            tracker.set_phase("materializing")
+            files, extracted = await asyncio.to_thread(
+                materialize, layout, self.index.blob_path, self.index.model_path(digest)
+            )
+            await asyncio.to_thread(atomic_write, self.index.manifest_path(digest), manifest.raw)
+            record = ModelRecord(
+                reference=str(r),
+                layout=layout.name,
+                format=layout.format,
+                blobs=blobs,
+                files=sorted(files),
+                blob_bytes=sum(self.index.blobs[b] for b in blobs),
+                extracted_bytes=extracted,
+                last_used=time.time(),
+            )
+            self.index.models[digest] = record
+            await self.save()
+        finally:
+            self.active.subtract(blobs)
+            self.active += Counter()  # drop zero counts
+        return record
+
+    async def _ensure_small(self, client: RegistryClient, repo: str, layer: Layer) -> None:
+        if layer.digest in self.index.blobs:
+            return
+        async with self.lock(layer.digest):
+            if layer.digest in self.index.blobs:
+                return
+            data = await client.get_blob(repo, layer.digest, limit=CONFIG_LIMIT)
+            tmp = await asyncio.to_thread(self.index.write_small, layer.digest, data)
+            await self._commit(layer.digest, tmp)
+
+    async def _ensure_blob(
+        self, client: RegistryClient, repo: str, layer: Layer, tracker: Tracker, sem: asyncio.Semaphore
+    ) -> None:
+        async with sem, self.lock(layer.digest):
+            if layer.digest in self.index.blobs:  # a concurrent pull fetched it meanwhile
+                tracker.add(layer.size)
+            else:
+                partial = self.index.tmp_dir / f"{hex_of(layer.digest)}.partial"
+                await download(
+                    client,
+                    repo,
+                    layer,
+                    partial,
+                    tracker.add,
+                    attempts=self.attempts,
+                    fast=self.fast,
+                    on_request=self._count_get,
+                )
+                await self._commit(layer.digest, partial)
+        tracker.layer_done()
+
+    def _count_get(self) -> None:
+        self.blob_gets += 1
+
+    async def _commit(self, digest: str, tmp: Path) -> None:
+        self.index.blobs[digest] = await asyncio.to_thread(self.index.commit_blob, digest, tmp)
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real failure of a task group (not the cancellations it caused)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
