@@ -1,119 +1,70 @@
-"""The process helpers on real short-lived processes: records survive a round trip, stop() ends a
-process group, and a record whose PID now belongs to another process is never signalled."""
+"""The pure parts of process identity and the control plane's process records (no process is started
+here: tests/integration/test_procs.py runs real ones)."""
 
 from __future__ import annotations
 
-import http.server
-import os
-import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from orchardist import processes
 from orchardist.dev import cluster, procs
+from orchardist.processes import Identity, Verdict
 
-SLEEPER = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"]
-
-
-@pytest.fixture
-def sleeper(tmp_path: Path) -> Iterator[procs.ProcRecord]:
-    rec = procs.start("sleeper", SLEEPER, tmp_path / "logs" / "sleeper.log")
-    yield rec
-    procs.stop(rec, grace=1)
+REC = Identity(pid=4242, started="boot-a:12.34", digest=processes.argv_digest(["etcd", "--data-dir", "d"]))
 
 
-def test_free_port_is_bindable() -> None:
-    port = procs.free_port()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
-    assert 1024 <= port <= 65535
+@pytest.mark.parametrize(
+    ("found", "exists", "verdict"),
+    [
+        (REC, True, "same"),
+        (None, False, "gone"),  # nothing at the pid any more
+        (None, True, "other"),  # a zombie or another user's process: unreadable, never ours
+        (Identity(4242, "boot-a:99.00", REC.digest), True, "other"),  # pid reused
+        (Identity(4242, "boot-b:12.34", REC.digest), True, "other"),  # same ticks, another boot
+        (Identity(4242, REC.started, processes.argv_digest(["etcd"])), True, "other"),  # other program
+    ],
+)
+def test_compare_a_record_with_what_runs_at_its_pid(
+    found: Identity | None, exists: bool, verdict: Verdict
+) -> None:
+    assert processes.compare(REC, found, exists=exists) == verdict
 
 
-def test_start_records_pid_and_start_time_in_own_group(sleeper: procs.ProcRecord) -> None:
-    assert procs.is_running(sleeper)
-    assert os.getpgid(sleeper.pid) == sleeper.pid
-    assert sleeper.start_time == procs.start_time(sleeper.pid)
+@pytest.mark.parametrize(
+    ("argv", "joined"),
+    [
+        (["a", "b c"], "a b c"),  # arguments joined by single spaces, as records always held them
+        ([], ""),
+        (("python", "-m", "mlx_lm", "server"), "python -m mlx_lm server"),
+    ],
+)
+def test_argv_digest_is_the_sha256_of_the_joined_arguments(argv: list[str], joined: str) -> None:
+    import hashlib
+
+    assert processes.argv_digest(argv) == hashlib.sha256(joined.encode()).hexdigest()
 
 
-def test_records_round_trip_through_files(sleeper: procs.ProcRecord, tmp_path: Path) -> None:
-    procs.save([sleeper], tmp_path / "pids")
-    [loaded] = procs.load(tmp_path / "pids")
-    assert loaded == sleeper
-    assert procs.is_running(loaded)
+def record(name: str, start: str) -> procs.ProcRecord:
+    return procs.ProcRecord(name=name, pid=100, start_time=start, argv=[name, "--x"], log=f"/l/{name}.log")
 
 
-def test_stop_terminates_and_reports(sleeper: procs.ProcRecord) -> None:
-    assert procs.stop(sleeper, grace=5) is True
-    assert not procs.is_running(sleeper)
-    assert procs.stop(sleeper) is False  # already gone
+def test_a_record_round_trips_and_carries_its_identity() -> None:
+    rec = record("etcd", "boot:5.00")
+    assert procs.ProcRecord.from_json(rec.to_json()) == rec
+    assert rec.identity == Identity(100, "boot:5.00", processes.argv_digest(["etcd", "--x"]))
 
 
-def test_stop_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> None:
-    code = (
-        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-        "print('ok', flush=True); time.sleep(60)"
-    )
-    rec = procs.start("stubborn", [sys.executable, "-c", code], tmp_path / "stubborn.log")
-    deadline = time.monotonic() + 10
-    while "ok" not in Path(rec.log).read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    t0 = time.monotonic()
-    assert procs.stop(rec, grace=0.5) is True
-    assert not procs.is_running(rec)
-    assert time.monotonic() - t0 < 5
-
-
-def test_reused_pid_is_not_signalled(sleeper: procs.ProcRecord) -> None:
-    # Same PID, different start time: what a record looks like after the PID was reused.
-    stale = replace(
-        sleeper, start_time=str(int(sleeper.start_time) - 1) if sleeper.start_time.isdigit() else "x"
-    )
-    assert not procs.is_running(stale)
-    assert procs.stop(stale) is False
-    assert procs.is_running(sleeper)  # the live process was left alone
-
-
-def test_start_failure_is_reported_with_log(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        procs.start("missing", [str(tmp_path / "no-such-binary")], tmp_path / "m.log")
-
-
-def test_wait_http_fails_fast_when_the_process_dies(tmp_path: Path) -> None:
-    rec = procs.start("dies", [sys.executable, "-c", "print('bye')"], tmp_path / "dies.log")
-    t0 = time.monotonic()
-    with pytest.raises(procs.ProcessError, match="exited"):
-        procs.wait_http(f"http://127.0.0.1:{procs.free_port()}/", timeout=30, proc=rec)
-    assert time.monotonic() - t0 < 10
-
-
-def test_wait_http_times_out_and_then_succeeds_on_a_real_server() -> None:
-    port = procs.free_port()
-    with pytest.raises(procs.ProcessError, match="not ready"):
-        procs.wait_http(f"http://127.0.0.1:{port}/readyz", timeout=0.3)
-
-    class Ready(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", port), Ready)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        waited = procs.wait_http(f"http://127.0.0.1:{port}/readyz", timeout=10, expect="ok")
-        assert waited < 10
-    finally:
-        server.shutdown()
+def test_records_load_in_start_order(tmp_path: Path) -> None:
+    """Stamps sort by their seconds (after the boot id); an unknown stamp format sorts first."""
+    recs = [
+        record("apiserver", "b:20.50"),
+        record("etcd", "b:3.25"),
+        record("old", "Mon Nov 30"),
+        record("z", "9"),
+    ]
+    procs.save(recs, tmp_path)
+    assert [r.name for r in procs.load(tmp_path)] == ["old", "etcd", "z", "apiserver"]
 
 
 def test_missing_control_plane_binaries_are_a_clear_error(
@@ -131,45 +82,3 @@ def test_cluster_start_refuses_a_foreign_non_empty_state_dir(tmp_path: Path) -> 
     with pytest.raises(FileExistsError, match="holds no cluster record"):
         cluster.Cluster.start(tmp_path, bin_dir=tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
-
-
-def test_down_of_a_dead_recorded_cluster_removes_its_state(tmp_path: Path) -> None:
-    rec = procs.start("etcd", [sys.executable, "-c", "pass"], tmp_path / "state" / "logs" / "etcd.log")
-    state = tmp_path / "state"
-    procs.save([rec], state / "pids")
-    (state / "cluster.json").write_text(
-        '{"bin_dir": "/nonexistent", "api_port": 1, "etcd_port": 2, "token": "t", "order": ["etcd"]}'
-    )
-    deadline = time.monotonic() + 10
-    while procs.is_running(rec) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert cluster.down(state) == []
-    assert not state.exists()
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is a Linux feature")
-def test_die_with_parent_stops_the_child_when_its_starter_is_killed(tmp_path: Path) -> None:
-    starter = (
-        "import sys; from pathlib import Path; from orchardist.dev import procs\n"
-        f"log = Path({str(tmp_path / 'child.log')!r})\n"
-        f"rec = procs.start('child', {SLEEPER!r}, log, die_with_parent=True)\n"
-        "print('RECORD', rec.to_json().replace(chr(10), ' '), flush=True)\n"
-        "import time; time.sleep(60)\n"
-    )
-    parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True)
-    assert parent.stdout is not None
-    line = ""
-    while not line.startswith("RECORD "):  # other output (logging) may come first
-        line = parent.stdout.readline()
-        assert line, "the starter exited without starting its child"
-    child = procs.ProcRecord.from_json(line.removeprefix("RECORD "))
-    try:
-        assert procs.is_running(child)
-        parent.kill()
-        parent.wait()
-        deadline = time.monotonic() + 10
-        while procs.is_running(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not procs.is_running(child)
-    finally:
-        procs.stop(child, grace=1)

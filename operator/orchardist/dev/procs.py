@@ -2,8 +2,8 @@
 
 Processes are started in their own session (so one signal reaches the whole group and a dying
 parent shell does not take them along) with output to a log file. A :class:`ProcRecord` keeps the
-PID *and* the kernel's start time, so stopping from a stale record never signals an unrelated
-process that happens to have reused the PID.
+PID, the kernel's start stamp and the command line, so stopping from a stale record never signals
+an unrelated process that happens to have reused the PID (the check is :mod:`orchardist.processes`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orchardist import log
+from orchardist import log, processes
 
 _log = log.get(__name__)
 
@@ -43,6 +43,10 @@ class ProcRecord:
     start_time: str
     argv: list[str]
     log: str
+
+    @property
+    def identity(self) -> processes.Identity:
+        return processes.Identity(self.pid, self.start_time, processes.argv_digest(self.argv))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -67,33 +71,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (opaque string), or None when no live process has it.
-
-    Linux: field 22 of /proc/<pid>/stat (clock ticks since boot); zombies count as gone. Elsewhere
-    (macOS): ``ps -o lstart=``.
-    """
-    stat = Path(f"/proc/{pid}/stat")
-    if Path("/proc/self/stat").exists():
-        try:
-            text = stat.read_text()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            return None
-        fields = text[text.rindex(")") + 2 :].split()
-        if fields[0] in ("Z", "X"):
-            return None
-        return fields[19]
-    out = subprocess.run(["ps", "-o", "stat=,lstart=", "-p", str(pid)], capture_output=True, text=True)
-    line = out.stdout.strip()
-    if out.returncode != 0 or not line or line.startswith("Z"):
-        return None
-    return line.split(None, 1)[1]
-
-
 def is_running(rec: ProcRecord) -> bool:
-    """True when the recorded process is still the same live process."""
+    """True when the recorded process is still the same live process (pid, start, command line)."""
     _reap(rec.pid)
-    return start_time(rec.pid) == rec.start_time
+    return processes.same(rec.identity)
 
 
 def start(
@@ -124,13 +105,17 @@ def start(
             preexec_fn=_tie_to_parent if die_with_parent and sys.platform == "linux" else None,
         )
     _children[proc.pid] = proc
-    started = start_time(proc.pid)
-    if started is None:
+    found = processes.settle(proc.pid, argv)
+    if found is None:
+        if proc.poll() is None:  # it runs, but a record of it could never be checked: refuse it
+            proc.kill()
+            proc.wait()
+            raise ProcessError(f"{name} does not show the command line it was started with ({argv[0]})")
         proc.wait()
         raise ProcessError(
             f"{name} exited at once (code {proc.returncode}); log: {log_path}\n{tail(log_path)}"
         )
-    rec = ProcRecord(name=name, pid=proc.pid, start_time=started, argv=list(argv), log=str(log_path))
+    rec = ProcRecord(name=name, pid=proc.pid, start_time=found.started, argv=list(argv), log=str(log_path))
     _log.debug("started", proc=name, pid=proc.pid, log=str(log_path))
     return rec
 
@@ -230,8 +215,8 @@ def _signal(rec: ProcRecord, sig: signal.Signals) -> None:
         return
     try:
         # The process leads its own group (start_new_session), so its pgid is its pid.
-        if os.getpgid(rec.pid) == rec.pid and sys.platform != "win32":
-            os.killpg(rec.pid, sig)
+        if os.getpgid(rec.pid) == rec.pid:
+            processes.signal_group(rec.pid, sig)
         else:
             os.kill(rec.pid, sig)
     except ProcessLookupError:
@@ -252,7 +237,8 @@ def load(directory: Path) -> list[ProcRecord]:
 
 
 def _start_key(rec: ProcRecord) -> float:
+    """Seconds in the start stamp (after the boot id on Linux); 0 for a stamp of another format."""
     try:
-        return float(rec.start_time)
+        return float(rec.start_time.rpartition(":")[2])
     except ValueError:
         return 0.0
