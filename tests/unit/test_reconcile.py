@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from orchardist.api.modeldeployment import ModelDeploymentSpec
+from orchardist.api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus
+from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller import plan as P  # noqa: N812 - short, reads like a namespace
+from orchardist.controller import world as W  # noqa: N812
 from orchardist.controller.fitting import fit_for, plan_request
+from orchardist.controller.outcome import Plan
 from orchardist.controller.scheduler import GIB, Fit, Mac, Misfit, Taint
 from orchardist.planning.profile import from_config
 
@@ -16,19 +19,36 @@ D2 = "sha256:" + "22" * 32
 NOW = "2026-11-26T12:00:00Z"
 
 
+def memory_plan(reserved: int) -> dict[str, Any]:
+    """A memory plan the ModelReplica type accepts, holding ``reserved`` bytes of the working set."""
+    return {
+        "weightBytes": reserved // 2,
+        "overheadBytes": reserved // 8,
+        "kvBudgetBytes": reserved // 4,
+        "kvBytesPerToken": 1024,
+        "blockSize": 16,
+        "numBlocks": 256,
+        "maxModelLen": 4096,
+        "maxNumSeqs": 4,
+        "maxNumBatchedTokens": 4096,
+        "gpuMemoryUtilization": 0.5,
+        "reservedBytes": reserved,
+    }
+
+
 def fixed(size_gib: float) -> Any:
     need = int(size_gib * GIB)
 
     def fit(mac: Mac, free: int) -> Fit | Misfit:
         if free >= need:
-            return Fit({"reservedBytes": need, "maxModelLen": 4096, "maxNumSeqs": 4}, need)
+            return Fit(memory_plan(need), need)
         return Misfit(need, free, f"weights need {size_gib:.1f} GiB")
 
     return fit
 
 
-def pin(digest: str = D1, size: float = 4) -> P.Pin:
-    return P.Pin(digest, f"oci://127.0.0.1:5000/m@{digest}", {"weightBytes": int(size * GIB)}, fixed(size))
+def pin(digest: str = D1, size: float = 4) -> W.Pin:
+    return W.Pin(digest, f"oci://127.0.0.1:5000/m@{digest}", {"weightBytes": int(size * GIB)}, fixed(size))
 
 
 def mac(name: str, ws: float = 48, **kw: Any) -> Mac:
@@ -40,15 +60,15 @@ def spec(**kw: Any) -> ModelDeploymentSpec:
 
 
 def observed(
-    s: ModelDeploymentSpec, macs: list[Mac], replicas: list[P.Replica] | None = None, **kw: Any
-) -> P.Observed:
-    base = P.Observed(
+    s: ModelDeploymentSpec, macs: list[Mac], replicas: list[W.Replica] | None = None, **kw: Any
+) -> W.Observed:
+    base = W.Observed(
         name="qwen",
         namespace="ns",
         uid="uid-1",
         generation=1,
         spec=s,
-        status={},
+        status=ModelDeploymentStatus(),
         replicas=replicas or [],
         macs=macs,
         pin=pin(),
@@ -65,8 +85,8 @@ def rep(
     phase: str | None = "Ready",
     endpoint: str | None = None,
     **kw: Any,
-) -> P.Replica:
-    return P.Replica(
+) -> W.Replica:
+    return W.Replica(
         name=name,
         node=node,
         revision=P.revision(s, digest),
@@ -77,11 +97,15 @@ def rep(
     )
 
 
-def apply(obs: P.Observed, plan: P.Plan) -> P.Observed:
-    """What the adapter does with a plan, on the simulated world (replicas come up Pending)."""
+def apply(obs: W.Observed, plan: Plan) -> W.Observed:
+    """What the adapter does with a plan, on the simulated world (replicas come up Pending).
+
+    Created bodies and the written status go through the API types, as the API server and the
+    watch would take them.
+    """
     deleted = {n for n, _ in plan.delete}
     replicas = [r for r in obs.replicas if r.name not in deleted]
-    replicas += [P.replica_from(body) for body in plan.create]
+    replicas += [W.replica_from(ModelReplica.model_validate(body)) for body in plan.create]
     slices = {s["metadata"]["name"]: s for s in obs.slices}
     for s in plan.slices:
         slices[s["metadata"]["name"]] = s
@@ -90,7 +114,7 @@ def apply(obs: P.Observed, plan: P.Plan) -> P.Observed:
     return replace(
         obs,
         replicas=replicas,
-        status=plan.status or obs.status,
+        status=ModelDeploymentStatus.model_validate(plan.status) if plan.status else obs.status,
         service=plan.service or obs.service,
         slices=list(slices.values()),
     )
@@ -348,7 +372,7 @@ def test_real_memory_planner_binds_the_engine_plan() -> None:
     profile = from_config(config, weight_bytes=1_200_000_000)
     s = spec(contextLength=8192, maxConcurrentSequences=4)
     fit = fit_for(profile, plan_request(s))
-    p = P.Pin(D1, f"oci://127.0.0.1:5000/m@{D1}", profile.to_status(), fit)
+    p = W.Pin(D1, f"oci://127.0.0.1:5000/m@{D1}", profile.to_status(), fit)
     plan = P.decide(observed(s, [mac("mini", ws=16, total_bytes=24 * GIB, bandwidth=120 * 10**9)], pin=p))
     (body,) = plan.create
     mp = body["spec"]["memoryPlan"]

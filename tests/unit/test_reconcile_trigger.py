@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller.reconciler import Controller
 
 
@@ -69,12 +70,37 @@ async def test_one_deployment_never_runs_twice_at_once() -> None:
     assert c.most == 1
 
 
-def replica(phase: str | None, **status: Any) -> dict[str, Any]:
-    return {
-        "metadata": {"name": "r0", "uid": "u1"},
-        "spec": {"nodeName": "studio-1", "model": "oci://r/m@sha256:aa", "engine": "mlx-lm"},
-        "status": {"phase": phase, **status},
-    }
+DIGEST = "sha256:" + "aa" * 32
+PLAN = {
+    "weightBytes": 1 << 30,
+    "overheadBytes": 1 << 28,
+    "kvBudgetBytes": 1 << 29,
+    "kvBytesPerToken": 1024,
+    "numBlocks": 256,
+    "maxModelLen": 4096,
+    "maxNumSeqs": 4,
+    "maxNumBatchedTokens": 4096,
+    "gpuMemoryUtilization": 0.5,
+    "reservedBytes": 2 << 30,
+}
+
+
+def replica(phase: str | None, **status: Any) -> ModelReplica:
+    return ModelReplica.model_validate(
+        {
+            "metadata": {"name": "r0", "uid": "u1"},
+            "spec": {
+                "nodeName": "studio-1",
+                "deployment": "md",
+                "model": f"oci://r.example/m@{DIGEST}",
+                "digest": DIGEST,
+                "engine": "mlx-lm",
+                "memoryPlan": PLAN,
+                "servedModelName": "md",
+            },
+            "status": {"phase": phase, **status},
+        }
+    )
 
 
 EVENTS = [
@@ -95,7 +121,7 @@ EVENTS = [
 
 @pytest.mark.parametrize(("case", "before", "body", "expected"), EVENTS, ids=[e[0] for e in EVENTS])
 def test_replica_phase_events(
-    case: str, before: str | None, body: dict[str, Any], expected: tuple[str, str] | None
+    case: str, before: str | None, body: ModelReplica, expected: tuple[str, str] | None
 ) -> None:
     """Each phase change of a replica becomes one Event on its deployment, worded for people."""
     c = counting()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from orchardist.api.common import Condition
 from orchardist.controller.status import Cond, Facts, conditions, phase, render
 
 D = "sha256:" + "ab" * 32
@@ -195,8 +196,8 @@ def test_render_keeps_transition_time_while_status_holds() -> None:
         "Degraded": Cond(False, "AsExpected", ""),
     }
     previous = [
-        {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
-        {"type": "Stalled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+        Condition.model_validate({"type": t, "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"})
+        for t in ("Ready", "Stalled")
     ]
     out = {c["type"]: c for c in render(conds, 7, previous, "2026-02-02T00:00:00Z")}
     assert out["Ready"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -133,7 +132,3 @@ ENV_DESCRIPTION = (
     "Extra environment variables for the engine process. Variables the agent sets (VLLM_HOST_IP, "
     "VLLM_PORT, HF_HUB_OFFLINE, ...) are refused."
 )
-
-
-def digest_ok(value: str) -> bool:
-    return re.fullmatch(DIGEST, value) is not None

@@ -26,9 +26,12 @@ import kopf
 from orchardist import kube as kube_setup
 from orchardist import log
 from orchardist.api.constants import GROUP, LABEL_DEPLOYMENT, VERSION
-from orchardist.controller import plan as P  # noqa: N812 - the plan module, read as a namespace
+from orchardist.api.macnode import MacNode
+from orchardist.api.modelreplica import ModelReplica
+from orchardist.controller import world
 from orchardist.controller.kube import ensure_peering
 from orchardist.controller.reconciler import Controller, deployment_ref
+from orchardist.controller.world import LABEL_MANAGED_BY, MANAGED_BY, SERVICE_NAME_LABEL, SLICE_MANAGED_BY
 
 LOG = log.get(__name__)
 SYSTEM_NAMESPACE = kube_setup.SYSTEM_NAMESPACE
@@ -63,9 +66,9 @@ def settings(opts: Options, identity: str) -> kopf.OperatorSettings:
     # Only the heartbeat Leases of the Macs, not every Lease of the cluster (leader elections etc.).
     s.watching.field_selectors["coordination.k8s.io", "leases"] = f"metadata.namespace={SYSTEM_NAMESPACE}"
     # Only the Services and EndpointSlices this controller manages (read from watches, not GETs).
-    s.watching.label_selectors["v1", "services"] = f"{P.LABEL_MANAGED_BY}={P.MANAGED_BY}"
+    s.watching.label_selectors["v1", "services"] = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
     s.watching.label_selectors["discovery.k8s.io", "v1", "endpointslices"] = (
-        f"{P.SLICE_MANAGED_BY}={P.MANAGED_BY}"
+        f"{SLICE_MANAGED_BY}={MANAGED_BY}"
     )
     # Leader election: one operator acts; a standby takes over when the leader's record expires.
     if opts.peering:
@@ -119,17 +122,28 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
     def login(**_: Any) -> kopf.ConnectionInfo:
         return connection_info(opts.kubeconfig)
 
+    # Our three kinds are parsed here, once per watch event; everything after reads the models.
     @kopf.index(*md, id="md_index", when=serves, registry=registry)
     def md_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): _snapshot(body)}
+        return {(namespace, name): world.parse_deployment(_snapshot(body))}
 
     @kopf.index(*mr, id="mr_index", registry=registry)
-    def mr_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        return {(namespace, labels.get(LABEL_DEPLOYMENT, "")): _snapshot(body)}
+    def mr_index(
+        namespace: str | None, name: str, labels: kopf.Labels, body: kopf.Body, **_: Any
+    ) -> dict[Any, Any]:
+        replica = world.parse(ModelReplica, _snapshot(body))
+        if isinstance(replica, str):
+            LOG.warning("replica left out", namespace=namespace, replica=name, error=replica)
+            return {}
+        return {(namespace, labels.get(LABEL_DEPLOYMENT, "")): replica}
 
     @kopf.index(*mn, id="mn_index", registry=registry)
     def mn_index(name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        return {name: _snapshot(body)}
+        node = world.parse(MacNode, _snapshot(body))
+        if isinstance(node, str):
+            LOG.warning("MacNode left out", node=name, error=node)
+            return {}
+        return {name: node}
 
     @kopf.index("v1", "services", id="svc_index", registry=registry)
     def svc_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
@@ -137,11 +151,11 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
 
     @kopf.index("discovery.k8s.io", "v1", "endpointslices", id="slice_index", registry=registry)
     def slice_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        return {(namespace, labels.get(P.SERVICE_NAME_LABEL, "")): _snapshot(body)}
+        return {(namespace, labels.get(SERVICE_NAME_LABEL, "")): _snapshot(body)}
 
     @kopf.index("coordination.k8s.io", "v1", "leases", id="lease_index", when=in_system, registry=registry)
     def lease_index(name: str, spec: kopf.Spec, **_: Any) -> dict[Any, Any]:
-        return {name: {"spec": dict(spec)}}
+        return {name: world.renewed_at(spec)}
 
     @kopf.on.startup(registry=registry)
     async def startup(**kwargs: Any) -> None:
@@ -184,18 +198,19 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         if not owner or namespace is None or not serves(namespace):
             return
         etype = event.get("type")
+        # kopf indexes before it calls handlers: the index holds this event's replica, parsed.
+        replica = None if etype == "DELETED" else ctl.indexed_replica(namespace, owner, name)
         if etype == "DELETED":
-            ctl.forget_replica(body)
-        else:
-            ev = ctl.replica_phase_event(body, initial=etype is None)
+            ctl.forget_replica(str(body.metadata.uid))
+        elif replica is not None:
+            ev = ctl.replica_phase_event(replica, initial=etype is None)
             if ev is not None:
-                uid = next(
-                    (o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or ()), None
-                )
+                uid = next((o.get("uid") for o in replica.metadata.get("ownerReferences") or ()), None)
                 kopf.event(deployment_ref(namespace, owner, uid), type=ev[0], reason=ev[1], message=ev[2])
         if etype is None:
             return  # the initial listing: resume handlers reconcile every deployment anyway
-        if etype == "ADDED" and not body.get("status") and ctl.created_here(namespace, owner, name):
+        unreported = replica is not None and replica.status.phase is None
+        if etype == "ADDED" and unreported and ctl.created_here(namespace, owner, name):
             return  # our own create coming back: the reconcile that made it already counted it
         await _quietly(ctl.trigger(namespace, owner))
 
@@ -221,4 +236,4 @@ async def _quietly(coro: Any) -> None:
         LOG.warning("reconcile failed", error=f"{type(exc).__name__}: {exc}")
 
 
-__all__ = ["FINALIZER", "Options", "P", "connection_info", "register", "settings"]
+__all__ = ["FINALIZER", "Options", "connection_info", "register", "settings"]

@@ -12,41 +12,39 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import kopf
-from pydantic import ValidationError
 
 from orchardist import log
-from orchardist.api.constants import LABEL_DEPLOYMENT
-from orchardist.api.modeldeployment import ModelDeployment
-from orchardist.controller import plan as P  # noqa: N812 - the plan module, read as a namespace
+from orchardist.api.constants import API_VERSION, MODEL_DEPLOYMENT
+from orchardist.api.macnode import MacNode
+from orchardist.api.modeldeployment import ModelDeployment, ModelDeploymentStatus
+from orchardist.api.modelreplica import ModelReplica
+from orchardist.controller import plan, world
 from orchardist.controller import status as st
-from orchardist.controller.fitting import fit_for, plan_request
 from orchardist.controller.kube import Adapter, ServiceConflictError, md_path
-from orchardist.controller.scheduler import FitFn, Mac
-from orchardist.oci import auth as oci_auth
-from orchardist.oci import profile as oci_profile
-from orchardist.oci.errors import OCIError
-from orchardist.oci.reference import Reference, parse
-from orchardist.planning.profile import ModelProfile
+from orchardist.controller.pinning import Pins
+from orchardist.controller.scheduler import Mac
+from orchardist.controller.world import RE_RESOLVE, Refused
 
 LOG = log.get(__name__)
-RESOLVE_TTL = 5.0  # seconds a tag's digest is reused without asking the registry again
 WRITE_MEMORY = 2.0  # seconds our own status/Service/slice writes stand in for the (lagging) watch
 Key = tuple[str, str]
 JSON = dict[str, Any]
+V = TypeVar("V", covariant=True)
+Deployment = ModelDeployment | Refused
 
 
-class Store(Protocol):
+class Store(Protocol[V]):
     """What kopf's ``Index`` offers: key -> a collection of values."""
 
     def get(self, key: Any, default: Any = None) -> Any: ...
     def __iter__(self) -> Any: ...
-    def items(self) -> Any: ...
+    def items(self) -> Iterable[tuple[Any, Iterable[V]]]: ...
 
 
 @dataclass
@@ -67,27 +65,28 @@ class Controller:
 
     adapter: Adapter
     config: Config = field(default_factory=Config)
-    deployments: Store | None = None
-    replicas: Store | None = None
-    macnodes: Store | None = None
-    leases: Store | None = None
-    services: Store | None = None  # (namespace, name) -> our Services
-    slices: Store | None = None  # (namespace, service name) -> our EndpointSlices
-    profiles: dict[str, ModelProfile] = field(default_factory=dict)
-    fits: dict[tuple[str, Any], FitFn] = field(default_factory=dict)
-    assumed: dict[Key, dict[str, JSON]] = field(default_factory=dict)  # (ns, deployment) -> name -> body
+    deployments: Store[Deployment] | None = None  # (namespace, name) -> the deployment
+    replicas: Store[ModelReplica] | None = None  # (namespace, deployment) -> its replicas
+    macnodes: Store[MacNode] | None = None  # name -> the MacNode
+    leases: Store[datetime | None] | None = None  # node name -> when its Lease was last renewed
+    services: Store[JSON] | None = None  # (namespace, name) -> our Services
+    slices: Store[JSON] | None = None  # (namespace, service name) -> our EndpointSlices
+    assumed: dict[Key, dict[str, ModelReplica]] = field(default_factory=dict)  # (ns, deployment) -> name ->
     forgotten: set[Key] = field(default_factory=set)  # (ns, replica name) deleted by us
     phases: dict[str, str | None] = field(default_factory=dict)  # replica uid -> last phase seen
-    _recent: dict[tuple[str, str | None], tuple[float, str]] = field(default_factory=dict)
     _written: dict[Key, tuple[float, JSON | None, list[JSON]]] = field(default_factory=dict)
-    _status_written: dict[Key, tuple[float, JSON]] = field(default_factory=dict)
-    _inflight: dict[tuple[str, str | None], asyncio.Future[tuple[str, ModelProfile]]] = field(
-        default_factory=dict
-    )
+    _status_written: dict[Key, tuple[float, ModelDeploymentStatus]] = field(default_factory=dict)
     place_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     _pending: dict[Key, _Pending] = field(default_factory=dict)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    pins: Pins = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pins = Pins(self._secret_data, self.config.resolve_timeout)
+
+    async def _secret_data(self, namespace: str, name: str) -> dict[str, str]:
+        return await self.adapter.secret_data(namespace, name)
 
     # -- triggering ---------------------------------------------------------------------------
 
@@ -123,123 +122,125 @@ class Controller:
 
     # -- one reconcile -------------------------------------------------------------------------
 
-    def _body(
-        self, namespace: str, name: str, fallback: Mapping[str, Any] | None
-    ) -> Mapping[str, Any] | None:
+    def _deployment(self, namespace: str, name: str, fallback: Mapping[str, Any] | None) -> Deployment | None:
+        """The deployment from the index (parsed once per event), else the body a handler passed."""
         if self.deployments is not None:
-            for body in self.deployments.get((namespace, name), ()):
-                return dict(body)
-            return None if fallback is None else fallback
-        return fallback
+            for entry in self.deployments.get((namespace, name), ()):
+                return cast(Deployment, entry)
+        return None if fallback is None else world.parse_deployment(fallback)
 
     async def _reconcile(
         self, namespace: str, name: str, fallback: Mapping[str, Any] | None, force: bool
     ) -> None:
-        body = self._body(namespace, name, fallback)
-        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
-            return  # gone or going: ownerReferences let the garbage collector remove the rest
-        meta = body.get("metadata") or {}
-        try:
-            md = ModelDeployment.model_validate(dict(body))
-        except ValidationError as exc:
-            await self._invalid(namespace, name, body, exc)
+        md = self._deployment(namespace, name, fallback)
+        if isinstance(md, Refused):
+            if not md.deleting:
+                await self._refused(md)
             return
+        if md is None or md.metadata.get("deletionTimestamp"):
+            return  # gone or going: ownerReferences let the garbage collector remove the rest
+        meta = md.metadata
+        uid = str(meta.get("uid"))
         annotations = meta.get("annotations") or {}
-        re_resolve = force or P.RE_RESOLVE in annotations
-        current = self._status_of(namespace, name, body)
-        pin, error = await self._pin(namespace, md, current, re_resolve)
+        re_resolve = force or RE_RESOLVE in annotations
+        current = self._status_of(namespace, name, md)
+        pin, error = await self.pins.pin(namespace, md, current, re_resolve)
         svc_name = md.spec.service.name or name
         service, slices = await self._exposure(namespace, svc_name)
         # Placement reads and books the shared free memory: one deployment at a time, until the
         # new replicas exist (and are assumed); the rest of the plan touches only this deployment.
         async with self.place_lock:
             now = self.clock()
-            obs = P.Observed(
+            everything = self._all_replicas()
+            obs = world.Observed(
                 name=name,
                 namespace=namespace,
-                uid=str(meta.get("uid")),
+                uid=uid,
                 generation=int(meta.get("generation") or 0),
                 spec=md.spec,
                 status=current,
-                replicas=[P.replica_from(b) for b in self._replicas_of(namespace, name)],
-                macs=self._macs(now),
+                replicas=[world.replica_from(r) for r in everything if world.belongs_to(r, namespace, name)],
+                macs=self._macs(now, everything),
                 pin=pin,
-                now=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                now=st.rfc3339(now),
                 resolve_error=error,
                 service=service,
                 slices=slices,
             )
-            plan = P.decide(obs)
-            created = await self.adapter.create_replicas(namespace, plan)
+            decided = plan.decide(obs)
+            created = await self.adapter.create_replicas(namespace, decided)
             bucket = self.assumed.setdefault((namespace, name), {})
-            for c in plan.create:
+            for c in decided.create:
                 if c["metadata"]["name"] in created:
-                    bucket[c["metadata"]["name"]] = c
+                    bucket[c["metadata"]["name"]] = ModelReplica.model_validate(c)
+        ref = deployment_ref(namespace, name, uid)
         try:
-            await self.adapter.finish(namespace, name, obs.uid, plan, service)
+            await self.adapter.finish(namespace, name, uid, decided, service)
         except ServiceConflictError as exc:
-            kopf.event(_ref(body), type="Warning", reason="ServiceConflict", message=str(exc))
+            kopf.event(ref, type="Warning", reason="ServiceConflict", message=str(exc))
             raise kopf.TemporaryError(str(exc), delay=30) from exc
-        if plan.service is not None or plan.slices or plan.delete_slices:
+        if decided.service is not None or decided.slices or decided.delete_slices:
             written = {s["metadata"]["name"]: s for s in slices}
-            written.update({s["metadata"]["name"]: s for s in plan.slices})
-            for gone in plan.delete_slices:
+            written.update({s["metadata"]["name"]: s for s in decided.slices})
+            for gone in decided.delete_slices:
                 written.pop(gone, None)
             self._written[(namespace, svc_name)] = (
                 time.monotonic(),
-                plan.service or service,
+                decided.service or service,
                 list(written.values()),
             )
-        for replica, _ in plan.delete:
+        for replica, _ in decided.delete:
             bucket.pop(replica, None)
             self.forgotten.add((namespace, replica))
-        if plan.status is not None:
-            self._status_written[(namespace, name)] = (time.monotonic(), plan.status)
-        if pin is not None and P.RE_RESOLVE in annotations:
-            await self.adapter.forget_annotation(namespace, name, P.RE_RESOLVE)
-        for ev in plan.events:
-            kopf.event(_ref(body), type=ev.type, reason=ev.reason, message=ev.message[:1024])
-        if not plan.empty:
+        if decided.status is not None:
+            self._status_written[(namespace, name)] = (
+                time.monotonic(),
+                ModelDeploymentStatus.model_validate(decided.status),
+            )
+        if pin is not None and RE_RESOLVE in annotations:
+            await self.adapter.forget_annotation(namespace, name, RE_RESOLVE)
+        for ev in decided.events:
+            kopf.event(ref, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+        if not decided.empty:
             LOG.info(
                 "reconciled",
                 namespace=namespace,
                 deployment=name,
-                created=len(plan.create),
-                deleted=len(plan.delete),
-                status=plan.status is not None,
+                created=len(decided.create),
+                deleted=len(decided.delete),
+                status=decided.status is not None,
             )
 
-    async def _invalid(
-        self, namespace: str, name: str, body: Mapping[str, Any], exc: ValidationError
-    ) -> None:
+    async def _refused(self, md: Refused) -> None:
         """A spec the API server let through but the types refuse: say so in status, do nothing else."""
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        message = f"the spec does not validate at {where}: {first.get('msg')}"
-        generation = int((body.get("metadata") or {}).get("generation") or 0)
         conds = {
-            "Ready": st.Cond(False, "InvalidSpec", message),
+            "Ready": st.Cond(False, "InvalidSpec", md.message),
             "Reconciling": st.Cond(False, st.AS_EXPECTED, "waiting for a person (see Stalled)"),
-            "Stalled": st.Cond(True, "InvalidSpec", message),
+            "Stalled": st.Cond(True, "InvalidSpec", md.message),
             "Degraded": st.Cond(False, st.AS_EXPECTED, ""),
         }
-        previous = list((body.get("status") or {}).get("conditions") or ())
-        now = self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
-        rendered = st.render(conds, generation, previous, now)
-        new = {"observedGeneration": generation, "phase": "Failed", "conditions": rendered}
+        previous = md.status.conditions
+        rendered = st.render(conds, md.generation, previous, st.rfc3339(self.clock()))
+        new = {"observedGeneration": md.generation, "phase": "Failed", "conditions": rendered}
         strip = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in rendered]
-        have = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in previous]
+        have = [c.to_json() for c in previous]
+        have = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in have]
         if strip != have:
-            await self.adapter.kube.merge_patch(md_path(namespace, name) + "/status", {"status": new})
-            kopf.event(_ref(body), type="Warning", reason="InvalidSpec", message=message[:1024])
+            await self.adapter.kube.merge_patch(md_path(md.namespace, md.name) + "/status", {"status": new})
+            kopf.event(
+                deployment_ref(md.namespace, md.name, md.uid),
+                type="Warning",
+                reason="InvalidSpec",
+                message=md.message[:1024],
+            )
 
-    def _status_of(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    def _status_of(self, namespace: str, name: str, md: ModelDeployment) -> ModelDeploymentStatus:
         """The deployment's status: what this process just wrote, while the watch may still lag."""
         recent = self._status_written.get((namespace, name))
         if recent is not None and time.monotonic() - recent[0] < WRITE_MEMORY:
-            return dict(recent[1])
+            return recent[1]
         self._status_written.pop((namespace, name), None)
-        return dict(body.get("status") or {})
+        return md.status
 
     async def _exposure(self, namespace: str, svc_name: str) -> tuple[JSON | None, list[JSON]]:
         """The Service and our EndpointSlices as they are: from the watches (free), else by GET.
@@ -260,197 +261,103 @@ class Controller:
         service = next(iter(self.services.get(key, ())), None)
         return (dict(service) if service is not None else None), [dict(s) for s in self.slices.get(key, ())]
 
-    # -- pinning and profiles ------------------------------------------------------------------
-
-    async def _pin(
-        self, namespace: str, md: ModelDeployment, status: Mapping[str, Any], re_resolve: bool
-    ) -> tuple[P.Pin | None, str | None]:
-        spec = md.spec
-        try:
-            ref = parse(spec.model)
-        except (OCIError, ValueError) as exc:
-            return None, f"spec.model: {exc}"
-        pinned_digest = status.get("resolvedDigest")
-        pinned_model = status.get("resolvedModel")
-        same_repo = False
-        if pinned_model:
-            try:
-                was = parse(str(pinned_model))
-                same_repo = (was.registry, was.repository) == (ref.registry, ref.repository)
-            except (OCIError, ValueError):
-                same_repo = False
-        if ref.digest:
-            target, digest_hint = ref, ref.digest
-        elif pinned_digest and same_repo and not re_resolve:
-            target, digest_hint = ref.with_digest(str(pinned_digest)), str(pinned_digest)
-        else:
-            target, digest_hint = ref, None
-        profile = self.profiles.get(digest_hint) if digest_hint else None
-        if digest_hint is not None and profile is not None:
-            return self._make_pin(digest_hint, ref.pinned(digest_hint), profile, md), None
-        try:
-            creds = await self._credentials(namespace, md, ref)
-            digest, fetched = await self._resolve(target, creds, fresh=re_resolve)
-        except (OCIError, ValueError, OSError, TimeoutError) as exc:
-            message = f"cannot read {target} from its registry: {exc}"
-            LOG.warning(
-                "resolve failed", namespace=namespace, deployment=md.metadata.get("name"), error=message
-            )
-            if pinned_digest and pinned_model and same_repo and not ref.digest:
-                cached = self.profiles.get(str(pinned_digest))
-                if cached is not None:
-                    return self._make_pin(str(pinned_digest), str(pinned_model), cached, md), None
-            return None, message
-        self.profiles[digest] = fetched
-        return self._make_pin(digest, ref.pinned(digest), fetched, md), None
-
-    async def _resolve(
-        self, target: Reference, creds: oci_auth.Credentials | None, *, fresh: bool
-    ) -> tuple[str, ModelProfile]:
-        """One registry round per reference at a time; a tag resolved a moment ago is not asked again.
-
-        A hundred deployments of one tag applied together cost one resolution, not a hundred; the
-        answer is reused for ``RESOLVE_TTL`` seconds unless the user asked for a fresh one.
-        """
-        key = (str(target), creds.username if creds else None)
-        hit = self._recent.get(key)
-        if hit and not fresh and time.monotonic() - hit[0] < RESOLVE_TTL and hit[1] in self.profiles:
-            return hit[1], self.profiles[hit[1]]
-        flight = self._inflight.get(key)
-        if flight is None:
-            flight = asyncio.ensure_future(
-                asyncio.wait_for(oci_profile.model_profile(target, creds), self.config.resolve_timeout)
-            )
-            self._inflight[key] = flight
-            flight.add_done_callback(lambda _: self._inflight.pop(key, None))
-        digest, profile = await asyncio.shield(flight)
-        self._recent[key] = (time.monotonic(), digest)
-        return digest, profile
-
-    def _make_pin(self, digest: str, model: str, profile: ModelProfile, md: ModelDeployment) -> P.Pin:
-        request = plan_request(md.spec)
-        key = (digest, request)
-        fit = self.fits.get(key)
-        if fit is None:
-            fit = self.fits[key] = fit_for(profile, request)
-        return P.Pin(digest, model, profile.to_status(), fit)
-
-    async def _credentials(
-        self, namespace: str, md: ModelDeployment, ref: Reference
-    ) -> oci_auth.Credentials | None:
-        if md.spec.pull_secret_ref is None:
-            return None
-        data = await self.adapter.secret_data(namespace, md.spec.pull_secret_ref.name)
-        return oci_auth.from_secret_data(data, ref)
-
     # -- the world from the indexes ------------------------------------------------------------
 
-    def _all_replicas(self) -> list[JSON]:
-        out: list[JSON] = []
+    def _all_replicas(self) -> list[ModelReplica]:
+        """Every replica: the watch's, minus those this process deleted, plus those it just created."""
+        out: list[ModelReplica] = []
         seen: set[Key] = set()
         indexed: set[Key] = set()
         if self.replicas is not None:
-            for _, bodies in self.replicas.items():
-                for b in bodies:
-                    meta = b.get("metadata") or {}
-                    key = (str(meta.get("namespace")), str(meta.get("name")))
+            for _, replicas in self.replicas.items():
+                for r in replicas:
+                    key = (str(r.metadata.get("namespace")), str(r.metadata.get("name")))
                     indexed.add(key)
                     if key in self.forgotten:
                         continue
                     seen.add(key)
-                    out.append(b)
+                    out.append(r)
         self.forgotten &= indexed  # deleted ones the watch no longer shows need no memory
         for (ns, _), bucket in list(self.assumed.items()):
-            for rname, b in list(bucket.items()):
+            for rname, r in list(bucket.items()):
                 if (ns, rname) in indexed:
                     del bucket[rname]
                 elif (ns, rname) not in seen:
-                    out.append(b)
+                    out.append(r)
         return out
 
-    def _replicas_of(self, namespace: str, name: str) -> list[JSON]:
-        return [
-            b
-            for b in self._all_replicas()
-            if (b.get("metadata") or {}).get("namespace") == namespace
-            and ((b.get("metadata") or {}).get("labels") or {}).get(LABEL_DEPLOYMENT) == name
-        ]
-
-    def _macs(self, now: datetime) -> list[Mac]:
-        reserved = P.reserved_by_node(self._all_replicas())
+    def _macs(self, now: datetime, replicas: Iterable[ModelReplica]) -> list[Mac]:
+        reserved = world.reserved_by_node(replicas)
         macs: list[Mac] = []
         if self.macnodes is None:
             return macs
-        for name, bodies in self.macnodes.items():
-            for body in bodies:
-                lease = next(iter(self.leases.get(name, ()) if self.leases is not None else ()), None)
-                ready = P.lease_ready(lease, now, self.config.lease_grace)
-                macs.append(P.mac_from(body, ready, reserved.get(str(name), 0)))
+        for name, nodes in self.macnodes.items():
+            for node in nodes:
+                renewed = next(iter(self.leases.get(name, ()) if self.leases is not None else ()), None)
+                ready = world.lease_ready(renewed, now, self.config.lease_grace)
+                macs.append(world.mac_from(node, ready, reserved.get(str(name), 0)))
                 break
         return macs
 
     # -- replica events --------------------------------------------------------------------------
 
-    def replica_phase_event(self, body: Mapping[str, Any], initial: bool) -> tuple[str, str, str] | None:
+    def replica_phase_event(self, replica: ModelReplica, initial: bool) -> tuple[str, str, str] | None:
         """The Event to post on the deployment when a replica changes phase (None: nothing new)."""
-        meta = body.get("metadata") or {}
-        uid = str(meta.get("uid"))
-        st = body.get("status") or {}
-        phase = st.get("phase")
+        st_ = replica.status
+        uid = str(replica.metadata.get("uid"))
+        phase = st_.phase
         before = self.phases.get(uid, "unseen")
         self.phases[uid] = phase
         if initial or before == phase or (before == "unseen" and phase in (None, "Pending")):
             return None
-        spec = body.get("spec") or {}
-        who = f"{meta.get('name')} on {spec.get('nodeName')}"
-        progress = st.get("progress") or {}
+        spec = replica.spec
+        who = f"{replica.metadata.get('name')} on {spec.node_name}"
         if phase == "Pulling":
-            total = progress.get("bytesTotal")
-            size = f" ({int(total) / (1 << 30):.1f} GiB)" if total else ""
-            return "Normal", "Pulling", f"{who}: pulling {spec.get('model')}{size}"
+            total = st_.progress.bytes_total if st_.progress else None
+            size = f" ({total / (1 << 30):.1f} GiB)" if total else ""
+            return "Normal", "Pulling", f"{who}: pulling {spec.model}{size}"
         if phase == "Starting":
-            return "Normal", "Pulled", f"{who}: model in place, starting {spec.get('engine')}"
+            return "Normal", "Pulled", f"{who}: model in place, starting {spec.engine}"
         if phase == "Ready":
-            return "Normal", "Started", f"{who}: serving at {st.get('endpoint')}"
+            return "Normal", "Started", f"{who}: serving at {st_.endpoint}"
         if phase == "Failed":
-            err = st.get("lastError") or {}
-            return "Warning", str(err.get("reason") or "Failed"), f"{who}: {err.get('message') or 'failed'}"
+            err = st_.last_error
+            reason = (err.reason if err else None) or "Failed"
+            return "Warning", reason, f"{who}: {(err.message if err else None) or 'failed'}"
+        return None
+
+    def indexed_replica(self, namespace: str, deployment: str, name: str) -> ModelReplica | None:
+        """The replica as the index holds it (parsed when its event arrived)."""
+        if self.replicas is None:
+            return None
+        for r in self.replicas.get((namespace, deployment), ()):
+            if r.metadata.get("name") == name:
+                return cast(ModelReplica, r)
         return None
 
     def created_here(self, namespace: str, deployment: str, replica: str) -> bool:
         """Whether this process created the replica and still holds it as assumed."""
         return replica in self.assumed.get((namespace, deployment), {})
 
-    def forget_replica(self, body: Mapping[str, Any]) -> None:
-        self.phases.pop(str((body.get("metadata") or {}).get("uid")), None)
+    def forget_replica(self, uid: str) -> None:
+        self.phases.pop(uid, None)
 
     def needs_placement(self) -> list[Key]:
-        """Deployments still short of replicas (a new or changed Mac may let them in)."""
-        out: list[Key] = []
+        """Deployments a new or changed Mac may help (see :func:`plan.needs_placement`)."""
         if self.deployments is None:
-            return out
-        for key, bodies in self.deployments.items():
-            for b in bodies:
-                spec, st = b.get("spec") or {}, b.get("status") or {}
-                if int(st.get("replicas") or 0) < int(spec.get("replicas", 1)) or st.get("phase") in (
-                    "Pending",
-                    "Failed",
-                ):
-                    out.append(key)
-                break
-        return out
-
-
-def _ref(body: Mapping[str, Any]) -> kopf.Body:
-    """What kopf needs to post an Event about a ModelDeployment."""
-    meta = body.get("metadata") or {}
-    raw = {
-        "apiVersion": body.get("apiVersion", "orchardist.io/v1alpha1"),
-        "kind": body.get("kind", "ModelDeployment"),
-        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid")},
-    }
-    return kopf.Body(cast(kopf.RawBody, raw))
+            return []
+        return [
+            key
+            for key, entries in self.deployments.items()
+            if any(isinstance(md, ModelDeployment) and plan.needs_placement(md) for md in entries)
+        ]
 
 
 def deployment_ref(namespace: str, name: str, uid: str | None) -> kopf.Body:
-    return _ref({"metadata": {"name": name, "namespace": namespace, "uid": uid}})
+    """What kopf needs to post an Event about a ModelDeployment."""
+    raw = {
+        "apiVersion": API_VERSION,
+        "kind": MODEL_DEPLOYMENT,
+        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+    }
+    return kopf.Body(cast(kopf.RawBody, raw))

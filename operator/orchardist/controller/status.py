@@ -3,15 +3,25 @@
 Conditions follow kstatus: ``Ready`` is what ``kubectl wait --for=condition=Ready`` waits on;
 ``Reconciling`` is True while the controller is still moving towards the spec; ``Stalled`` is True
 when it cannot get there without a person (no Mac fits, the tag does not resolve, a pull or engine
-fails); ``Degraded`` is True while some replicas are down. Every condition carries the
-``observedGeneration`` it describes and keeps its ``lastTransitionTime`` while its status holds.
+fails); ``Degraded`` is True while it serves less than it should (replicas down or on NotReady Macs,
+ready replicas the Service cannot reach). Every condition carries the ``observedGeneration`` it
+describes and keeps its ``lastTransitionTime`` while its status holds. ``phase`` is a display word
+derived from the conditions; nothing decides on it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+
+from orchardist.api.common import Condition
+from orchardist.api.modeldeployment import ModelDeploymentStatus
+from orchardist.controller.exposure import split_endpoint
+from orchardist.controller.outcome import Event
+from orchardist.controller.scheduler import Unschedulable
+from orchardist.controller.world import Observed, Replica, selector, service_name
 
 AS_EXPECTED = "AsExpected"
 CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Degraded")
@@ -141,17 +151,25 @@ def phase(conds: Mapping[str, Cond], f: Facts) -> str:
     return "Progressing"
 
 
+def rfc3339(when: datetime) -> str:
+    """A time as the API server writes it (UTC, whole seconds)."""
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def render(
-    conds: Mapping[str, Cond], generation: int, previous: Sequence[Mapping[str, Any]], now: str
+    conds: Mapping[str, Cond], generation: int, previous: Sequence[Condition], now: str
 ) -> list[dict[str, Any]]:
     """Conditions as API objects, keeping ``lastTransitionTime`` of those whose status did not change."""
-    before = {c.get("type"): c for c in previous}
+    before = {c.type: c for c in previous}
     out: list[dict[str, Any]] = []
     for ctype in CONDITION_TYPES:
         c = conds[ctype]
         status = "True" if c.status else "False"
         prev = before.get(ctype)
-        since = prev.get("lastTransitionTime") if prev and prev.get("status") == status else None
+        kept = prev.last_transition_time if prev is not None and prev.status == status else None
+        since = rfc3339(kept) if kept is not None else None
         out.append(
             {
                 "type": ctype,
@@ -163,3 +181,136 @@ def render(
             }
         )
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole status of one deployment
+
+
+def _failure(r: Replica) -> tuple[str, str] | None:
+    err = r.last_error
+    if r.phase == "Failed" or (r.restarts and err and not r.ready):
+        reason = (err.reason if err else None) or ("CrashLoop" if r.restarts else "Failed")
+        message = (err.message if err else None) or f"replica {r.name} failed"
+        return reason, f"{r.name} on {r.node}: {message}"[:1024]
+    return None
+
+
+def _percent(replicas: Sequence[Replica]) -> str | None:
+    done = total = 0
+    for r in replicas:
+        if r.phase == "Pulling" and r.progress:
+            done += r.progress.bytes_done or 0
+            total += r.progress.bytes_total or 0
+    return f"{100 * done // total}%" if total else None
+
+
+def report(
+    obs: Observed,
+    rev: str | None,
+    live: Sequence[Replica],
+    lost: Sequence[Replica],
+    creates: Sequence[Mapping[str, Any]],
+    unsched: Unschedulable | None,
+) -> tuple[dict[str, Any] | None, list[Event]]:
+    """The new status (None when it would not change) and the Events for conditions that changed.
+
+    ``live``: replicas kept, on Ready Macs; ``lost``: replicas held aside on NotReady (or returning)
+    Macs; ``creates``: the bodies this reconcile creates.
+    """
+    spec = obs.spec
+    updated = [r for r in live if rev is not None and r.revision == rev]
+    failures = [f for f in (_failure(r) for r in updated) if f is not None]
+    facts = Facts(
+        desired=spec.replicas,
+        existing=len(live) + len(lost) + len(creates),
+        ready=sum(r.ready for r in live),
+        updated=len(updated) + len(creates),
+        updated_ready=sum(r.ready for r in updated),
+        old=len(live) - len(updated) if rev is not None else 0,
+        lost=len(lost),
+        pulling=sum(r.phase == "Pulling" for r in updated),
+        starting=sum(r.phase == "Starting" for r in updated),
+        pending=sum(r.phase in (None, "Pending") for r in updated) + len(creates),
+        percent=_percent(updated),
+        digest=obs.pin.digest if obs.pin else None,
+        resolve_error=obs.resolve_error if obs.pin is None else None,
+        unschedulable=unsched.message if unsched else None,
+        failures=tuple(failures),
+        unroutable=tuple(
+            f"{r.name} at {r.endpoint}" for r in updated if r.ready and split_endpoint(r.endpoint) is None
+        ),
+    )
+    conds = conditions(facts)
+    previous = obs.status.conditions
+    summaries = [
+        {
+            k: v
+            for k, v in {
+                "name": r.name,
+                "nodeName": r.node,
+                "phase": r.phase or "Pending",
+                "endpoint": r.endpoint,
+                "progress": r.progress.to_json() if r.progress else None,
+            }.items()
+            if v is not None
+        }
+        for r in [*live, *lost]
+    ] + [
+        {"name": c["metadata"]["name"], "nodeName": c["spec"]["nodeName"], "phase": "Pending"}
+        for c in creates
+    ]
+    new: dict[str, Any] = {
+        "observedGeneration": obs.generation,
+        "phase": phase(conds, facts),
+        "replicas": facts.existing,
+        "readyReplicas": facts.ready,
+        "updatedReplicas": facts.updated,
+        "ready": f"{facts.ready}/{spec.replicas}",
+        "selector": selector(obs.name),
+        "replicaStatuses": sorted(summaries, key=lambda s: s["name"]),
+        "endpoint": f"{service_name(obs)}.{obs.namespace}.svc:{spec.service.port}",
+    }
+    if obs.pin is not None:
+        new["resolvedDigest"] = obs.pin.digest
+        new["resolvedModel"] = obs.pin.model
+        new["modelProfile"] = {k: v for k, v in obs.pin.profile.items() if v is not None}
+    else:  # keep the last pin on display while the tag does not resolve
+        kept = obs.status.to_json()
+        for key in ("resolvedDigest", "resolvedModel", "modelProfile"):
+            if key in kept:
+                new[key] = kept[key]
+    new["conditions"] = render(conds, obs.generation, previous, obs.now)
+    events = _condition_events(conds, previous)
+    return (None if _same(obs.status, new) else new), events
+
+
+def _condition_events(conds: Mapping[str, Cond], previous: Sequence[Condition]) -> list[Event]:
+    """One Event per condition that changed: Ready in Normal, Stalled/Degraded as Warnings and clears."""
+    before = {c.type: c for c in previous}
+    events: list[Event] = []
+    for ctype in ("Ready", "Stalled", "Degraded"):
+        c, prev = conds[ctype], before.get(ctype)
+        was = (prev.status, prev.reason) if prev is not None else (None, None)
+        if ("True" if c.status else "False", c.reason) == was:
+            continue
+        if ctype == "Ready" and c.status:
+            events.append(Event("Normal", c.reason, c.message))
+        elif ctype != "Ready" and c.status:
+            events.append(Event("Warning", c.reason, c.message))
+        elif ctype != "Ready" and was[0] == "True":
+            events.append(Event("Normal", f"{ctype}Cleared", f"{ctype} cleared: {conds['Ready'].message}"))
+    return events
+
+
+def _same(have: ModelDeploymentStatus, want: Mapping[str, Any]) -> bool:
+    """Whether writing ``want`` would change nothing but condition transition times."""
+
+    def strip(s: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in s.items() if k in want}
+        out["conditions"] = [
+            {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in s.get("conditions") or ()
+        ]
+        return out
+
+    return strip(have.to_json()) == strip(want)
