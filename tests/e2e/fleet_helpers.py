@@ -35,8 +35,8 @@ from tests.fixtures.agents import (
     make_agent,
     registered,
     stop_recorded_engines,
-    wait_for,
 )
+from tests.fixtures.wait import wait_for
 
 GiB = 2**30
 SYSTEM = "orchardist-system"
@@ -218,10 +218,12 @@ class Fleet:
             live = self.live(name)
             return reps if len(reps) == count == len(live) else None
 
-        try:
-            return wait_for(f"{count} Ready replicas of {name}", probe, timeout=timeout, every=1.0)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.describe()}") from None
+        return wait_for(
+            probe,
+            timeout=timeout,
+            interval=1.0,
+            message=lambda: f"{count} Ready replicas of {name}\n{self.describe()}",
+        )
 
     def check_processes(self) -> None:
         """A test fails at once (with the log) when a process it relies on has died."""
@@ -277,10 +279,13 @@ class Fleet:
             "delete", "modeldeployments", "--all", "-n", self.ns, "--wait=false", check=False
         )
         with contextlib.suppress(AssertionError):
-            wait_for("the replicas deleted", lambda: not self.replicas(), timeout=90, every=1.0)
+            wait_for(lambda: not self.replicas(), timeout=90, interval=1.0, message="the replicas deleted")
         with contextlib.suppress(AssertionError):
             wait_for(
-                "the engines stopped by their agents", lambda: not self.engine_pids(), timeout=60, every=1.0
+                lambda: not self.engine_pids(),
+                timeout=60,
+                interval=1.0,
+                message="the engines stopped by their agents",
             )
         for a in self.agents.values():
             a.stop()
@@ -344,4 +349,9 @@ def pids_of(replicas: list[dict[str, Any]]) -> dict[str, int]:
 
 def wait_gone(pids: Iterator[int] | list[int], timeout: float = 90.0) -> None:
     todo = list(pids)
-    wait_for(f"engines {todo} to exit", lambda: not [p for p in todo if alive(p)], timeout=timeout, every=0.5)
+    wait_for(
+        lambda: not [p for p in todo if alive(p)],
+        timeout=timeout,
+        interval=0.5,
+        message=lambda: f"engines {todo} to exit (still running: {[p for p in todo if alive(p)]})",
+    )

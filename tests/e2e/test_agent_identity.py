@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import pytest
 from orchardist.dev import procs
 from orchardist.dev.cluster import Cluster
 from tests.fixtures.agents import stop_process
+from tests.fixtures.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "orchardist"
@@ -89,16 +90,23 @@ def _wait_for_policies(cluster: Cluster, agent: Agent, timeout: float = 30) -> N
     ]  # fmt: skip
     try:
         for args, body, message in probes:
-            deadline = time.monotonic() + timeout
-            while True:
-                out = agent.kubectl(*args, input=body)
-                if out.returncode != 0 and message in out.stderr:
-                    break
-                if time.monotonic() > deadline:
-                    pytest.fail(f"policy ({message}) not enforced after {timeout} s: {out.stderr}")
-                time.sleep(0.3)
+            _wait_refused(agent, args, body, message, timeout)
     finally:
         cluster.kubectl("delete", "mr", "probe-on-b", "-n", SYSTEM_NS, "--ignore-not-found", check=False)
+
+
+def _wait_refused(agent: Agent, args: list[str], body: str | None, message: str, timeout: float) -> None:
+    """Repeat one dry-run write as ``agent`` until a policy refuses it with ``message``."""
+    stderr = [""]
+
+    def refused() -> bool:
+        out = agent.kubectl(*args, input=body)
+        stderr[0] = out.stderr
+        return out.returncode != 0 and message in out.stderr
+
+    wait_for(
+        refused, timeout=timeout, interval=0.3, message=lambda: f"policy ({message}) enforced: {stderr[0]}"
+    )
 
 
 def _macnode(name: str) -> str:
@@ -136,6 +144,21 @@ def _replica(name: str, node: str, namespace: str) -> str:
         },
     }  # fmt: skip
     return json.dumps(obj)
+
+
+# What the operator watches (its handlers and indexes), cluster-wide; the chart's RBAC allows each.
+OPERATOR_WATCHES = ("modeldeployments", "modelreplicas", "macnodes", "leases", "services", "endpointslices")
+_WATCH_GAUGE = re.compile(r"^apiserver_longrunning_requests\{(?P<labels>[^}]*)\} (?P<value>\S+)$", re.M)
+
+
+def open_watches(cluster: Cluster) -> dict[str, float]:
+    """Open WATCH requests per resource, from the kube-apiserver's own gauge (every client counts)."""
+    counts: dict[str, float] = {}
+    for m in _WATCH_GAUGE.finditer(cluster.kubectl("get", "--raw", "/metrics").stdout):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group("labels")))
+        if labels.get("verb") == "WATCH" and not labels.get("subresource"):
+            counts[labels["resource"]] = counts.get(labels["resource"], 0) + float(m.group("value"))
+    return counts
 
 
 STATUS = json.dumps({"status": {"agentVersion": "0.1.0", "address": "192.0.2.10"}})
@@ -254,21 +277,27 @@ def test_the_real_agent_runs_with_only_its_own_credentials(
     proc = _run_agent(agents[A], A, tmp_path / "a")
     log = tmp_path / "a" / "agent.log"
     try:
-        deadline = time.monotonic() + 60
-        ready = renewed = None
-        while time.monotonic() < deadline and not (ready and renewed):
+
+        def ready_and_renewed() -> bool:
             assert proc.poll() is None, f"agent exited:\n{log.read_text()[-3000:]}"
             node = cluster.kubectl("get", "macnode", A, "-o", "json", check=False)
-            if node.returncode == 0:
-                conditions = json.loads(node.stdout).get("status", {}).get("conditions", [])
-                ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
             lease = cluster.kubectl("get", "lease", A, "-n", SYSTEM_NS, "-o", "json", check=False)
-            if lease.returncode == 0:
-                spec = json.loads(lease.stdout)["spec"]
-                renewed = spec.get("holderIdentity") == A and spec.get("renewTime")
-            time.sleep(0.5)
-        assert ready, f"MacNode {A} not Ready with the agent's own token:\n{log.read_text()[-3000:]}"
-        assert renewed
+            if node.returncode != 0 or lease.returncode != 0:
+                return False
+            conditions = json.loads(node.stdout).get("status", {}).get("conditions", [])
+            spec = json.loads(lease.stdout)["spec"]
+            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+            return ready and spec.get("holderIdentity") == A and bool(spec.get("renewTime"))
+
+        wait_for(
+            ready_and_renewed,
+            timeout=60,
+            interval=0.5,
+            message=lambda: (
+                f"MacNode {A} Ready and its Lease renewed with the agent's own token:\n"
+                + log.read_text()[-3000:]
+            ),
+        )
         assert "forbidden" not in log.read_text().lower(), log.read_text()[-3000:]
     finally:
         stop_process(proc)
@@ -279,11 +308,12 @@ def test_the_real_agent_cannot_pose_as_another_node(agents: dict[str, Agent], tm
     proc = _run_agent(agents[A], "mac-id-impostor", tmp_path / "impostor")
     log = tmp_path / "impostor" / "agent.log"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "may only write its own" not in log.read_text():
-            if proc.poll() is not None:
-                break
-            time.sleep(0.5)
+        wait_for(
+            lambda: "may only write its own" in log.read_text() or proc.poll() is not None,
+            timeout=60,
+            interval=0.5,
+            message=lambda: f"the impostor refused (or exited):\n{log.read_text()[-3000:]}",
+        )
         assert (
             f"orchardist agent {A} may only write its own MacNode, not MacNode mac-id-impostor"
             in log.read_text()
@@ -295,8 +325,8 @@ def test_the_real_agent_cannot_pose_as_another_node(agents: dict[str, Agent], tm
 def test_the_real_operator_runs_with_only_its_chart_credentials(
     cluster: Cluster, agents: dict[str, Agent], namespace: str, tmp_path: Path
 ) -> None:
-    """`orchardist operator run` (peering on, as the chart runs it) with the chart's operator token:
-    it watches everything it needs and writes ModelDeployment status, without a single Forbidden."""
+    """`orchardist operator run` (standalone) with the chart's operator token: it opens a watch on
+    everything it needs and writes ModelDeployment status, without a single Forbidden."""
     token = cluster.kubectl("create", "token", "identity-orchardist-operator", "-n", SYSTEM_NS).stdout.strip()
     kubeconfig = tmp_path / "operator.kubeconfig"
     config = json.loads(agents[A].kubeconfig.read_text())
@@ -323,18 +353,40 @@ def test_the_real_operator_runs_with_only_its_chart_credentials(
         "json",
     ]
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    before = open_watches(cluster)
     with log.open("ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 60
-        reasons: list[str] = []
-        while time.monotonic() < deadline and not reasons:
+
+        def resolve_failed() -> bool:
             assert proc.poll() is None, f"operator exited:\n{log.read_text()[-3000:]}"
             obj = json.loads(cluster.kubectl("get", "md", "op-rbac", "-n", namespace, "-o", "json").stdout)
-            reasons = [c.get("reason", "") for c in obj.get("status", {}).get("conditions", [])]
-            time.sleep(0.5)
-        assert "ResolveFailed" in reasons, f"no status written:\n{log.read_text()[-3000:]}"
-        time.sleep(2)  # let every watch start
+            return any(
+                c.get("reason") == "ResolveFailed" for c in obj.get("status", {}).get("conditions", [])
+            )
+
+        wait_for(
+            resolve_failed,
+            timeout=60,
+            interval=0.5,
+            message=lambda: f"status ResolveFailed written:\n{log.read_text()[-3000:]}",
+        )
+
+        def watching() -> bool:
+            assert proc.poll() is None, f"operator exited:\n{log.read_text()[-3000:]}"
+            now = open_watches(cluster)
+            return all(now.get(r, 0) > before.get(r, 0) for r in OPERATOR_WATCHES)
+
+        # A refused watch is never opened: the operator's watches are open, one more per resource.
+        wait_for(
+            watching,
+            timeout=60,
+            interval=0.5,
+            message=lambda: (
+                f"a new watch on each of {OPERATOR_WATCHES}: before {before}, "
+                f"now {open_watches(cluster)}\n{log.read_text()[-3000:]}"
+            ),
+        )
         text = log.read_text()
         assert "forbidden" not in text.lower(), text[-3000:]
     finally:
@@ -345,11 +397,11 @@ def test_the_policies_type_check_clean(cluster: Cluster, agents: dict[str, Agent
     """The controller-manager type-checks each policy's CEL against its resource's schema."""
     for resource in ("macnodes", "leases", "modelreplicas"):
         name = f"identity-orchardist-agent-{resource}"
-        deadline = time.monotonic() + 60
-        status: dict[str, Any] = {}
-        while time.monotonic() < deadline and "typeChecking" not in status:
+
+        def checked(name: str = name) -> dict[str, Any] | None:
             policy = cluster.kubectl("get", "validatingadmissionpolicy", name, "-o", "json")
-            status = json.loads(policy.stdout).get("status", {})
-            time.sleep(0.5)
-        assert "typeChecking" in status, (name, status)
+            status: dict[str, Any] = json.loads(policy.stdout).get("status", {})
+            return status if "typeChecking" in status else None
+
+        status = wait_for(checked, timeout=60, interval=0.5, message=f"{name} type-checked")
         assert not status["typeChecking"].get("expressionWarnings"), (name, status)

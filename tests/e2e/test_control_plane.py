@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from kubernetes import client
 
 from orchardist.dev import procs
 from orchardist.dev.cluster import Cluster
+from tests.fixtures.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILES = sorted((REPO / "crds").glob("*.yaml"))
@@ -155,13 +155,13 @@ def test_deleting_a_deployment_garbage_collects_its_replicas(cluster: Cluster, n
     cluster.kubectl("create", "-f", "-", input=json.dumps(replica))
     # Foreground: the owner is only gone once the garbage collector has deleted the replica.
     cluster.kubectl("delete", "md", "owner", "-n", namespace, "--cascade=foreground", "--wait=false")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        left = cluster.kubectl("get", "md,mr", "-n", namespace, "-o", "name").stdout.split()
-        if not left:
-            break
-        time.sleep(0.5)
-    assert not left, f"not garbage-collected after 60 s: {left}"
+    left: list[str] = []
+
+    def collected() -> bool:
+        left[:] = cluster.kubectl("get", "md,mr", "-n", namespace, "-o", "name").stdout.split()
+        return not left
+
+    wait_for(collected, timeout=60, interval=0.5, message=lambda: f"garbage-collected; left: {left}")
 
 
 def test_dev_cluster_up_then_down_leaves_nothing(tmp_path: Path, cluster: Cluster) -> None:

@@ -40,7 +40,8 @@ from tests.e2e.fleet_helpers import (
     push_cli,
     wait_gone,
 )
-from tests.fixtures.agents import alive, chat, engine_pid, registered, wait_for
+from tests.fixtures.agents import alive, chat, engine_pid, registered
+from tests.fixtures.wait import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.registry, pytest.mark.engine, pytest.mark.timeout(1800)]
 
@@ -227,9 +228,9 @@ def test_too_big_for_every_mac_is_unschedulable_naming_the_closest(world: World)
     fleet.deploy("huge", w.tag, replicas=1, context=w.context, seqs=w.seqs)
     try:
         cond = wait_for(
-            "huge Ready=False Unschedulable",
             lambda: (c := fleet.condition("huge", "Ready")).get("reason") == "Unschedulable" and c,
             timeout=90,
+            message="huge Ready=False Unschedulable",
         )
         assert cond["status"] == "False"
         node = fleet.agents[closest].node
@@ -239,7 +240,7 @@ def test_too_big_for_every_mac_is_unschedulable_naming_the_closest(world: World)
         assert float(m.group(3)) == pytest.approx(shortfall[closest], abs=0.11), (cond["message"], shortfall)
         stalled = fleet.condition("huge", "Stalled")
         assert (stalled.get("status"), stalled.get("reason")) == ("True", "Unschedulable"), stalled
-        time.sleep(2)  # a couple of resyncs later: still nothing created
+        time.sleep(2)  # deliberate: an absence shows only over time; two resyncs (--resync 1), no replica
         assert fleet.replicas("huge") == []
     finally:
         fleet.cluster.kubectl("delete", "md", "huge", "-n", fleet.ns, "--wait=true", "--timeout=60s")
@@ -263,10 +264,12 @@ def test_killed_agent_lease_expires_and_its_replicas_move(world: World) -> None:
         fleet.check_processes()
         return all(len(fleet.ready(n, avoid=victim.node)) == counts[n] for n in counts)
 
-    try:
-        wait_for("replacements Ready on the other Macs", replaced, timeout=GRACE + 300, every=1.0)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{fleet.describe()}") from None
+    wait_for(
+        replaced,
+        timeout=GRACE + 300,
+        interval=1.0,
+        message=lambda: f"replacements Ready on the other Macs\n{fleet.describe()}",
+    )
     moved_in = time.monotonic() - t0
     print(f"replicas replaced and Ready {moved_in:.1f} s after the SIGKILL (grace {GRACE:.0f} s)")
     assert moved_in >= GRACE - 1, "replaced before the Lease grace ran out"
@@ -280,10 +283,10 @@ def test_killed_agent_lease_expires_and_its_replicas_move(world: World) -> None:
     victim.start()
     registered(fleet.cluster, victim)
     wait_for(
-        "the surplus trimmed",
         lambda: all(len(fleet.replicas(n)) == counts[n] for n in counts),
         timeout=120,
-        every=1.0,
+        interval=1.0,
+        message=lambda: f"the surplus trimmed\n{fleet.describe()}",
     )
     for n in counts:
         fleet.wait_ready(n, counts[n], timeout=120)
@@ -300,14 +303,22 @@ def test_restarted_agent_adopts_its_engines(world: World) -> None:
     before = {r["metadata"]["name"]: (engine_pid(r["status"]), r["status"]["endpoint"]) for r in mine}
 
     with Prober([ep for _, ep in before.values()]) as prober:
-        time.sleep(1.0)
+        wait_for(
+            lambda: prober.answers >= len(before),
+            timeout=60,
+            message=lambda: f"a first round of answers before the SIGTERM (failures: {prober.failures})",
+        )
         assert agent.signal(signal.SIGTERM) == 0, agent.tail()
         for pid, ep in before.values():
             assert alive(pid)
             assert chat(ep)["choices"]  # served with no agent at all
         agent.start()
         registered(fleet.cluster, agent)
-        wait_for("the agent to adopt its engines", lambda: "adopted engine" in agent.tail(400), timeout=60)
+        wait_for(
+            lambda: "adopted engine" in agent.tail(400),
+            timeout=60,
+            message=lambda: f"the agent to adopt its engines:\n{agent.tail()}",
+        )
 
         def all_ready_again() -> dict[str, tuple[int, str]] | None:
             now = {
@@ -317,10 +328,19 @@ def test_restarted_agent_adopts_its_engines(world: World) -> None:
             }
             return now if set(now) == set(before) else None
 
-        after = wait_for("its replicas Ready again", all_ready_again, timeout=90, every=1.0)
-        time.sleep(2.0)  # and a little after
+        after = wait_for(
+            all_ready_again,
+            timeout=90,
+            interval=1.0,
+            message=lambda: f"its replicas Ready again\n{fleet.describe()}",
+        )
+        # And a little after: another round of answers from every endpoint once the agent is back.
+        seen = prober.answers
+        wait_for(
+            lambda: prober.answers >= seen + len(before), timeout=60, message="answers after the restart"
+        )
     assert after == before
-    assert prober.answers > 0 and not prober.failures, prober.failures
+    assert not prober.failures, prober.failures
     for n in ("small", "medium", "large"):
         assert len(fleet.live(n)) == world.workloads[n].replicas  # nothing was replaced meanwhile
 
@@ -339,9 +359,11 @@ def test_rollout_to_a_new_digest_completes_without_dropping_ready(world: World) 
     t0 = time.monotonic()
     fleet.cluster.kubectl("annotate", "md", "small", "-n", fleet.ns, "orchardist.io/re-resolve=now")
     lowest_ready, most_live = w.replicas, w.replicas
-    samples = []
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:
+    samples: list[tuple[float, int, int, int, int]] = []
+
+    def sample_until_rolled() -> bool:
+        """Record (t, live, ready, md ready, new ready); true once every replica is on the new digest."""
+        nonlocal lowest_ready, most_live
         fleet.check_processes()
         live = fleet.live("small")
         ready = [r for r in live if (r.get("status") or {}).get("phase") == "Ready"]
@@ -350,15 +372,18 @@ def test_rollout_to_a_new_digest_completes_without_dropping_ready(world: World) 
         most_live = max(most_live, len(live))
         fresh = [r for r in ready if r["spec"]["digest"] == new_digest]
         samples.append((round(time.monotonic() - t0, 1), len(live), len(ready), md_ready, len(fresh)))
-        if (
+        return (
             len(live) == w.replicas == len(ready)
             and all(r["spec"]["digest"] == new_digest for r in live)
             and len(fleet.replicas("small")) == w.replicas
-        ):
-            break
-        time.sleep(0.5)
-    else:
-        raise AssertionError(f"rollout did not finish: {samples[-10:]}\n{fleet.describe()}")
+        )
+
+    wait_for(
+        sample_until_rolled,
+        timeout=400,
+        interval=0.5,
+        message=lambda: f"rollout did not finish: {samples[-10:]}\n{fleet.describe()}",
+    )
     took = time.monotonic() - t0
     print(f"rollout done in {took:.1f} s; (t, live, ready, md ready, new ready) samples: {samples}")
     max_unavailable = 0  # the default rollout settings
@@ -373,7 +398,11 @@ def test_rollout_to_a_new_digest_completes_without_dropping_ready(world: World) 
         assert r["spec"]["model"].endswith("@" + new_digest)
         assert engine_pid(r["status"]) not in old_pids.values()
         assert chat(r["status"]["endpoint"])["choices"]
-    wait_for("md small Ready", lambda: fleet.condition("small", "Ready").get("status") == "True", timeout=30)
+    wait_for(
+        lambda: fleet.condition("small", "Ready").get("status") == "True",
+        timeout=30,
+        message="md small Ready",
+    )
 
 
 def test_returned_mac_lost_its_stale_replicas(world: World) -> None:
