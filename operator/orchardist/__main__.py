@@ -1,3 +1,5 @@
+"""``python -m orchardist``: the same command line as the ``orchardist`` script."""
+
 import sys
 
 from orchardist.cli import main

@@ -2,7 +2,9 @@
 
 ``profile``: a model's KV and weight facts from ``config.json`` or a GGUF header; ``memory``: the
 vllm-metal KV rule and the chosen engine flags; ``macs``: the chip table and named Mac profiles;
-``cli``: ``orchardist plan``. Imports nothing but the standard library (and, per the contract, ``api``).
+``capacity``: a Mac as the planner sees it, from a profile or a MacNode. No I/O here (the ``plan``
+command's reading and printing is ``orchardist.plancmd``); imports nothing of ours but ``api``
+(checked by ``.importlinter``).
 """
 
 from orchardist.planning.memory import MemoryPlan, NodeCapacity, PlanRequest, plan
