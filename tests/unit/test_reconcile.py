@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from orchardist.api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus
+import pytest
+
+from orchardist.api.modeldeployment import ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus
 from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller import plan as P  # noqa: N812 - short, reads like a namespace
 from orchardist.controller import world as W  # noqa: N812
@@ -379,3 +381,75 @@ def test_real_memory_planner_binds_the_engine_plan() -> None:
     assert mp["maxModelLen"] == 8192 and mp["maxNumSeqs"] == 4
     assert mp["kvBytesPerToken"] == profile.kv_bytes_per_token
     assert 0 < mp["reservedBytes"] <= 16 * GIB
+
+
+def deployment(want: int = 2, generation: int = 3, **status: Any) -> ModelDeployment:
+    """spec.replicas = ``want``; ``status`` as the last reconcile wrote it."""
+    return ModelDeployment.model_validate(
+        {
+            "metadata": {"name": "qwen", "namespace": "ns", "generation": generation},
+            "spec": {"model": "oci://127.0.0.1:5000/m:v1", "replicas": want},
+            "status": status,
+        }
+    )
+
+
+def stalled(reason: str) -> dict[str, Any]:
+    return {"type": "Stalled", "status": "True", "reason": reason}
+
+
+PLACEMENT = [
+    # (case, deployment, whether a new or changed Mac should trigger its reconcile)
+    ("never reconciled", deployment(), True),
+    ("spec changed since the last status", deployment(observedGeneration=2, replicas=2), True),
+    ("fewer replicas than asked for", deployment(observedGeneration=3, replicas=1), True),
+    ("all there", deployment(observedGeneration=3, replicas=2), False),
+    (
+        "all there, display phase says Pending",  # the phase is a display word: it decides nothing
+        deployment(observedGeneration=3, replicas=2, phase="Pending"),
+        False,
+    ),
+    (
+        "stalled: no Mac fits",
+        deployment(observedGeneration=3, replicas=2, conditions=[stalled("Unschedulable")]),
+        True,
+    ),
+    (
+        "stalled on a failed pull (display phase Failed): another Mac does not help",
+        deployment(observedGeneration=3, replicas=2, phase="Failed", conditions=[stalled("PullFailed")]),
+        False,
+    ),
+    (
+        "stalled on the registry, nothing created yet",  # once it resolves, a new Mac may take them
+        deployment(observedGeneration=3, replicas=0, conditions=[stalled("ResolveFailed")]),
+        True,
+    ),
+    (
+        "stalled on the registry, all replicas there: another Mac does not help",
+        deployment(observedGeneration=3, replicas=2, conditions=[stalled("ResolveFailed")]),
+        False,
+    ),
+    ("scaled to zero", deployment(want=0), False),
+    (
+        "Unschedulable cleared",
+        deployment(
+            observedGeneration=3,
+            replicas=2,
+            conditions=[{"type": "Stalled", "status": "False", "reason": "Unschedulable"}],
+        ),
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "md", "expected"), PLACEMENT, ids=[p[0] for p in PLACEMENT])
+def test_needs_placement(case: str, md: ModelDeployment, expected: bool) -> None:
+    """A Mac appearing or changing retries the deployments it may help, decided on spec and conditions."""
+    assert P.needs_placement(md) is expected
+
+
+def test_a_deployment_being_deleted_needs_no_placement() -> None:
+    """Going away: a new Mac must not bring it replicas."""
+    md = deployment()
+    md.metadata["deletionTimestamp"] = NOW
+    assert P.needs_placement(md) is False

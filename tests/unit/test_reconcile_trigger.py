@@ -10,6 +10,7 @@ import pytest
 
 from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller.reconciler import Controller
+from orchardist.controller.world import parse_deployment
 
 
 class Counting(Controller):
@@ -138,3 +139,41 @@ def test_the_initial_listing_posts_nothing() -> None:
     c = counting()
     assert c.replica_phase_event(replica("Ready"), initial=True) is None
     assert c.replica_phase_event(replica("Ready"), initial=False) is None
+
+
+class Index(dict[Any, list[Any]]):
+    """kopf's Index as the controller reads it: key -> the values indexed under it."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return super().get(key, default)
+
+
+def test_needs_placement_reads_the_parsed_deployments_in_the_index() -> None:
+    """Only valid deployments short of replicas come back; a refused spec is never retried by a Mac."""
+    short = parse_deployment(
+        {
+            "metadata": {"name": "a", "namespace": "ns", "generation": 1},
+            "spec": {"model": "oci://r.example/m:v1"},
+        }
+    )
+    done = parse_deployment(
+        {
+            "metadata": {"name": "b", "namespace": "ns", "generation": 1},
+            "spec": {"model": "oci://r.example/m:v1"},
+            "status": {"observedGeneration": 1, "replicas": 1},
+        }
+    )
+    refused = parse_deployment({"metadata": {"name": "c", "namespace": "ns"}, "spec": {}})
+    c = counting()
+    c.deployments = Index({("ns", "a"): [short], ("ns", "b"): [done], ("ns", "c"): [refused]})
+    assert c.needs_placement() == [("ns", "a")]
+
+
+def test_the_event_handler_finds_the_replica_the_index_parsed() -> None:
+    """A replica event is read from the index (parsed once), by namespace, deployment and name."""
+    c = counting()
+    r = replica("Ready")
+    c.replicas = Index({("ns", "md"): [r]})
+    assert c.indexed_replica("ns", "md", "r0") is r
+    assert c.indexed_replica("ns", "md", "r1") is None
+    assert c.indexed_replica("other", "md", "r0") is None

@@ -4,10 +4,11 @@
   resync that notices Leases running out) all call :meth:`Controller.trigger`.
 - ModelReplica: an ``event`` handler posts pull/start/failure Events on the owning deployment and
   re-triggers its reconcile, so the EndpointSlice follows readiness within a reconcile (< 1 s).
-- MacNode: an ``event`` handler retries deployments still short of replicas when a Mac appears or
-  changes, and reconciles everything when one is deleted.
+- MacNode: an ``event`` handler retries the deployments a Mac may help (``plan.needs_placement``)
+  when one appears or changes, and reconciles everything when one is deleted.
 - Indexes (MacNodes, Leases in ``orchardist-system``, ModelReplicas, ModelDeployments) are the
-  controller's view of the cluster; kopf holds handlers back until they are filled, so a restarted
+  controller's view of the cluster, holding our kinds already parsed into the API types and each
+  Lease as its renewal time; kopf holds handlers back until they are filled, so a restarted
   operator never mistakes "not listed yet" for "absent".
 """
 
