@@ -11,8 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from orchardist import processes as procs
 from orchardist_agent.engines import EngineSpec, Plan, Runtime
-from orchardist_agent.supervisor import Supervisor, SupervisorConfig, procs
+from orchardist_agent.supervisor import Supervisor, SupervisorConfig
 
 pytestmark = pytest.mark.engine
 
@@ -74,7 +75,7 @@ async def test_vllm_cpu_serves_from_the_driver_command_line(
 
     # The process runs exactly the driver's command line and environment.
     launch = spec.launch(int(st.endpoint.rsplit(":", 1)[1]))
-    assert procs.cmdline(st.pid) == " ".join(launch.argv)
+    assert procs.cmdline(st.pid) == list(launch.argv)
     environ = process_env(st.pid)
     assert {k: environ.get(k) for k in launch.env} == dict(launch.env)
     assert environ["VLLM_CPU_KVCACHE_SPACE"] == "1"

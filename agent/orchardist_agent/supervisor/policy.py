@@ -1,13 +1,10 @@
-"""Pure restart policy: how long to wait before the next start after consecutive failures."""
+"""Pure restart policy details: when a backoff starts over, and how a crash is told in a condition.
+
+The delay itself is the project's one policy, :data:`orchardist.retry.ENGINE_RESTART` (capped
+doubling with jitter, so engines that crashed together do not restart in lockstep).
+"""
 
 from __future__ import annotations
-
-
-def backoff_delay(failures: int, *, base: float, cap: float) -> float:
-    """0 failures -> 0; then base, 2*base, 4*base ... capped (10 s doubling up to 5 min by default)."""
-    if failures <= 0:
-        return 0.0
-    return float(min(cap, base * 2 ** min(failures - 1, 32)))
 
 
 def failures_after_uptime(failures: int, up_seconds: float, *, stable_after: float) -> int:

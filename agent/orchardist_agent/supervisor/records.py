@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from orchardist import log
+from orchardist_agent.engines.base import Launch, Measured, Probe
 
 _log = log.get(__name__)
 
@@ -37,6 +38,62 @@ class Record:
     started_at: str
     restarts: int = 0
     measured: dict[str, Any] = field(default_factory=dict)
+
+
+def of(
+    key: str,
+    launch: Launch,
+    *,
+    pid: int,
+    start_time: str,
+    cmdline_sha256: str,
+    log_path: Path,
+    started_at: str,
+    restarts: int,
+    measured: Measured | None,
+) -> Record:
+    """The record of a running launch (what `launch_of` and `measured_of` read back)."""
+    return Record(
+        key=key,
+        pid=pid,
+        start_time=start_time,
+        cmdline_sha256=cmdline_sha256,
+        fingerprint=launch.fingerprint(),
+        argv=list(launch.argv),
+        env=dict(launch.env),
+        host=launch.host,
+        port=launch.port,
+        health_path=launch.health_path,
+        probe_path=launch.probe.path,
+        probe_body=dict(launch.probe.body),
+        api_key=launch.api_key,
+        log_path=str(log_path),
+        started_at=started_at,
+        restarts=restarts,
+        measured=(
+            {"overhead_bytes": measured.overhead_bytes, "num_blocks": measured.num_blocks}
+            | {"details": dict(measured.details)}
+            if measured
+            else {}
+        ),
+    )
+
+
+def launch_of(rec: Record) -> Launch:
+    """The launch a record describes (without the log parser, which a record cannot carry)."""
+    return Launch(
+        argv=tuple(rec.argv),
+        env=rec.env,
+        host=rec.host,
+        port=rec.port,
+        probe=Probe(path=rec.probe_path, body=rec.probe_body),
+        health_path=rec.health_path,
+        api_key=rec.api_key,
+    )
+
+
+def measured_of(rec: Record) -> Measured | None:
+    return Measured(**rec.measured) if rec.measured else None
 
 
 def path_for(state_dir: Path, key: str) -> Path:

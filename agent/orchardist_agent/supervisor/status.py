@@ -1,0 +1,71 @@
+"""What the supervisor reports and how it is tuned: EngineStatus snapshots and SupervisorConfig."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from orchardist.retry import ENGINE_RESTART, Backoff
+from orchardist_agent.engines.base import Launch, Measured
+from orchardist_agent.supervisor.health import LastError, Phase, Timing
+
+
+class Launchable(Protocol):
+    """What `ensure` needs: the bind host and the launch for a given port (EngineSpec fits)."""
+
+    @property
+    def host(self) -> str: ...
+
+    def launch(self, port: int) -> Launch: ...
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """A snapshot for ModelReplica.status (phase, endpoint, restarts, lastError, startTime, measured)."""
+
+    key: str
+    phase: Phase
+    endpoint: str | None = None
+    pid: int | None = None
+    restarts: int = 0
+    last_error: LastError | None = None
+    measured: Measured | None = None
+    start_time: datetime | None = None
+    adopted: bool = False
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    # Restart delays follow ENGINE_RESTART's shape and jitter; tests shrink the base and cap.
+    backoff_base: float = ENGINE_RESTART.base
+    backoff_max: float = ENGINE_RESTART.cap
+    ready_timeout: float = 900.0
+    probe_interval: float = 10.0
+    probe_timeout: float = 5.0
+    completion_timeout: float = 120.0
+    liveness_failures: int = 3
+    stop_timeout: float = 30.0
+    stable_after: float = 600.0  # Ready this long -> the backoff starts over
+    tick: float = 0.5  # how often a process's existence and its log are checked
+    log_max_bytes: int = 32 << 20
+    log_backups: int = 3
+    tail_lines: int = 25
+    jitter: Callable[[], float] = field(default=random.random, compare=False)  # 0..1; fixed in tests
+
+    @property
+    def restart(self) -> Backoff:
+        return Backoff(base=self.backoff_base, cap=self.backoff_max, jitter=ENGINE_RESTART.jitter)
+
+    @property
+    def timing(self) -> Timing:
+        return Timing(
+            ready_timeout=self.ready_timeout,
+            probe_interval=self.probe_interval,
+            liveness_failures=self.liveness_failures,
+            stable_after=self.stable_after,
+            tick=self.tick,
+        )
