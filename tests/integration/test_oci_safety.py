@@ -7,11 +7,14 @@ import json
 import secrets
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from orchardist.dev.registry import Registry
 from orchardist.oci import mediatypes as mt
+from orchardist.oci import pull as pull_module
+from orchardist.oci import transfer
 from orchardist.oci.errors import DigestMismatchError, TooLargeError, UnsafePathError
 from orchardist.oci.push import push
 from orchardist.oci.store import ContentStore
@@ -39,10 +42,18 @@ def _assert_nothing_materialized(store_root: Path) -> None:
     assert list((store_root / "manifests" / "sha256").iterdir()) == []
 
 
+@pytest.mark.parametrize("fast_path", [True, False], ids=["raw-socket", "aiohttp-stream"])
 async def test_corrupted_blob_is_refused_and_discarded(
-    registry: str, registry_server: Registry, tmp_path: Path
+    registry: str, registry_server: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_path: bool
 ) -> None:
-    model = make_safetensors_model(tmp_path / "m", weight_bytes=256 * 1024, seed=secrets.randbits(32))
+    readers: list[str] = []
+
+    def watched(resp: Any, *, fast: bool = True) -> transfer.Body:
+        readers.append((body := transfer.open_body(resp, fast=fast)).kind)
+        return body
+
+    monkeypatch.setattr(pull_module, "open_body", watched)
+    model = make_safetensors_model(tmp_path / "m", weight_bytes=4 << 20, seed=secrets.randbits(32))
     repo = _repo("corrupt")
     await push(model, f"oci://{registry}/{repo}:v1")
     weights = (model / "model.safetensors").read_bytes()
@@ -52,12 +63,13 @@ async def test_corrupted_blob_is_refused_and_discarded(
     data = registry_server.root / "data/docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
     original = data.read_bytes()
     data.write_bytes(original[:1000] + bytes([original[1000] ^ 0xFF]) + original[1001:])  # same size
-    store = ContentStore(tmp_path / "store", GiB)
+    store = ContentStore(tmp_path / "store", GiB, fast_path=fast_path)
     try:
         with pytest.raises(DigestMismatchError, match="hashes to"):
             await store.pull(f"oci://{registry}/{repo}:v1")
     finally:
         data.write_bytes(original)
+    assert ("raw" in readers) == fast_path  # the 4 MiB weights: the raw socket only on the fast path
     assert not store.blob_path("sha256:" + hexd).exists()
     assert not (tmp_path / "store" / "tmp" / f"{hexd}.partial").exists()  # others stay, for resume
     _assert_nothing_materialized(tmp_path / "store")

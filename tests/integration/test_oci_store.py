@@ -8,12 +8,16 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from orchardist.oci import pull as pull_module
+from orchardist.oci import transfer
 from orchardist.oci.auth import Credentials, from_dockerconfig
-from orchardist.oci.errors import AuthRequiredError
+from orchardist.oci.errors import AuthRequiredError, RegistryUnreachableError
 from orchardist.oci.progress import PullProgress
 from orchardist.oci.push import push
 from orchardist.oci.reference import parse
@@ -33,19 +37,42 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _spy_readers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kind of body reader each blob request used (the real ``open_body``, watched)."""
+    kinds: list[str] = []
+
+    def watched(resp: Any, *, fast: bool = True) -> transfer.Body:
+        body = transfer.open_body(resp, fast=fast)
+        kinds.append(body.kind)
+        return body
+
+    monkeypatch.setattr(pull_module, "open_body", watched)
+    return kinds
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["raw-socket", "aiohttp-stream"])
 async def test_cut_mid_blob_resumes_with_range(
-    registry: str, registry_proxy: CuttingProxy, tmp_path: Path
+    registry: str,
+    registry_proxy: CuttingProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fast_path: bool,
 ) -> None:
     model = make_safetensors_model(tmp_path / "m", weight_bytes=6 * MiB)
     repo = _repo("resume")
     await push(model, f"oci://{registry}/{repo}:v1")
     weights = (model / "model.safetensors").stat().st_size
+    readers = _spy_readers(monkeypatch)
 
     registry_proxy.cut_after(2 * MiB)
     events: list[PullProgress] = []
-    store = ContentStore(tmp_path / "store", GiB, max_parallel=1)
+    store = ContentStore(tmp_path / "store", GiB, max_parallel=1, fast_path=fast_path)
     got = await store.pull(f"oci://{registry_proxy.host}/{repo}:v1", progress=events.append)
 
+    # Small bodies arrive whole with the headers and are read from aiohttp's buffer either way;
+    # the 6 MiB weights (cut, then resumed) take the raw socket only on the fast path.
+    assert readers.count("raw") == (2 if fast_path else 0)
+    assert store.blob_gets == len(readers) == len(registry_proxy.blob_gets) - 1  # the config is small
     assert registry_proxy.cuts == 1
     assert _files(got.path) == _files(model)
     weight_digest = next(
@@ -236,3 +263,56 @@ async def test_push_skips_blobs_the_registry_has(
     assert (
         registry_proxy.uploads <= 1
     )  # every file blob was found by HEAD; at most the new config blob went up
+
+
+async def test_disk_work_of_a_pull_runs_off_the_event_loop(
+    registry: str, registry_proxy: CuttingProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resume hashing, fsync, index writes, materializing, linking, GC deletes and export all run
+    in worker threads: the thread each one ran in is recorded by a wrapper around the real one."""
+    from orchardist.oci import index as index_module
+    from orchardist.oci import materialize as materialize_module
+    from orchardist.oci import store as store_module
+
+    repo = _repo("threads")
+    refs = []
+    for i in range(3):
+        m = make_safetensors_model(tmp_path / f"m{i}", weight_bytes=3 * MiB, seed=20 + i)
+        refs.append(f"oci://{registry_proxy.host}/{repo}:m{i}")
+        await push(m, f"oci://{registry}/{repo}:m{i}")
+    # No retries: the cut fails the first pull, and the next one resumes the partial file it left.
+    store = ContentStore(tmp_path / "store", 7 * MiB, max_parallel=1, retries=0)  # opened before the spies
+
+    ran_in: dict[str, set[int]] = {}
+    spied = [
+        (index_module, "remove_tree"),  # evicting a model
+        (index_module, "atomic_write"),  # the index
+        (index_module, "fsync_path"),  # committing a blob
+        (pull_module, "fsync_path"),  # a finished download
+        (pull_module, "hash_prefix"),  # resuming a cut download
+        (pull_module, "materialize"),
+        (pull_module, "atomic_write"),  # the manifest
+        (materialize_module, "link_or_copy"),
+        (store_module, "export"),
+    ]
+    for module, name in spied:
+        real = getattr(module, name)
+
+        def watched(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            ran_in.setdefault(_name, set()).add(threading.get_ident())
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, watched)
+
+    loop_thread = threading.get_ident()
+    registry_proxy.cut_after(2 * MiB)
+    with pytest.raises(RegistryUnreachableError, match="interrupted 1 times"):
+        await store.pull(refs[0])
+    first = await store.pull(refs[0])
+    await store.pull(refs[1])
+    newest = await store.pull(refs[2])  # over budget: the least recently used model is evicted
+    await store.export(newest, tmp_path / "out")
+
+    assert registry_proxy.cuts == 1 and not first.path.exists()  # a resume and an eviction happened
+    assert sorted(ran_in) == sorted({name for _, name in spied})  # every step ran
+    assert {name for name, threads in ran_in.items() if loop_thread in threads} == set()

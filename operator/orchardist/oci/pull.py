@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import tenacity
 
 from orchardist import log, retry
@@ -31,12 +30,9 @@ from orchardist.oci.layouts import Layer, read_layout
 from orchardist.oci.materialize import materialize
 from orchardist.oci.progress import Tracker
 from orchardist.oci.reference import Reference
-from orchardist.oci.transfer import BlobFile, hash_prefix, open_body, receive
+from orchardist.oci.transfer import INTERRUPTIONS, BlobFile, hash_prefix, open_body, receive
 
 _log = log.get(__name__)
-
-#: What a resumed request can cure: the connection dropped, stalled or never came up.
-INTERRUPTIONS = (aiohttp.ClientError, TimeoutError, RegistryUnreachableError)
 
 
 @dataclass
@@ -75,6 +71,7 @@ async def download(
                 on_bytes(-got.offset)
                 got.offset, got.h = 0, hashlib.sha256()
             body = open_body(resp, fast=fast)
+            _log.debug("blob body", digest=layer.digest, offset=got.offset, reader=body.kind)
             with BlobFile(partial, got.offset) as f:
                 got.offset = await receive(
                     body, f, got.h, got.offset, size=layer.size, digest=layer.digest, on_bytes=on_bytes

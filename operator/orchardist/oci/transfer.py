@@ -31,13 +31,16 @@ from typing import Any
 import aiohttp
 
 from orchardist.oci.client import CHUNK
-from orchardist.oci.errors import DigestMismatchError
+from orchardist.oci.errors import DigestMismatchError, RegistryUnreachableError
 from orchardist.oci.fsutil import start_writeback
 
 SINK_BATCH = 4 << 20  # bytes handed to the hashing/writing thread at a time
 SINK_BUFFERS = 4  # batches in flight: the socket keeps flowing while the threads catch up
 ALIGN = 4096
 READ_TIMEOUT = 120.0  # seconds without a byte before a raw body read gives up (the session's sock_read)
+
+#: What a resumed request can cure: the connection dropped, stalled or never came up.
+INTERRUPTIONS = (aiohttp.ClientError, TimeoutError, RegistryUnreachableError)
 
 
 class BlobFile:
