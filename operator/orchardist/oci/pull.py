@@ -125,15 +125,15 @@ def _resume_point(partial: Path, size: int) -> _Received:
 class Puller:
     """Fetches models into a :class:`StoreIndex`; the store facade owns pins and calls :meth:`pull_new`.
 
-    ``active`` counts the blobs of pulls in progress (GC spares them); ``make_room(need_bytes)``
-    and ``save()`` are the facade's GC and index write, both awaited.
+    ``active`` counts the blobs of pulls in progress (GC spares them); ``budget_bytes()`` reads the
+    facade's budget; ``make_room(need_bytes)`` and ``save()`` are its GC and index write.
     """
 
     def __init__(
         self,
         index: StoreIndex,
         *,
-        budget_bytes: int,
+        budget_bytes: Callable[[], int],
         make_room: Callable[[int], Awaitable[object]],
         save: Callable[[], Awaitable[None]],
         max_parallel: int,
@@ -164,10 +164,10 @@ class Puller:
         layers = list({e.layer.digest: e.layer for e in layout.entries}.values())
         total = sum(layer.size for layer in layers)
         extracted_estimate = sum(e.layer.size for e in layout.entries if e.archive)
-        if total + extracted_estimate > self.budget_bytes:
+        budget = self.budget_bytes()
+        if total + extracted_estimate > budget:
             raise StoreFullError(
-                f"{r}: needs {total + extracted_estimate} bytes, "
-                f"more than the store budget of {self.budget_bytes}"
+                f"{r}: needs {total + extracted_estimate} bytes, more than the store budget of {budget}"
             )
         self.active.update(blobs)
         try:

@@ -91,7 +91,7 @@ class ContentStore:
         self._save_lock = asyncio.Lock()
         self._puller = Puller(
             self.index,
-            budget_bytes=budget_bytes,
+            budget_bytes=lambda: self.budget_bytes,
             make_room=self.gc_async,
             save=self._save,
             max_parallel=max_parallel,
