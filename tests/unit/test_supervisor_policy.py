@@ -1,4 +1,4 @@
-"""The supervisor's pure parts and its small file helpers: backoff, records, log rotation and tailing."""
+"""The supervisor's pure parts and its small file helpers: restart delays, records, log rotation, tails."""
 
 from __future__ import annotations
 
@@ -6,20 +6,29 @@ from pathlib import Path
 
 import pytest
 
-from orchardist_agent.supervisor import logs, records
-from orchardist_agent.supervisor.policy import backoff_delay, failures_after_uptime, tail_message
+from orchardist.retry import ENGINE_RESTART
+from orchardist_agent.engines.base import Launch, Measured, Probe
+from orchardist_agent.supervisor import SupervisorConfig, logs, records
+from orchardist_agent.supervisor.policy import failures_after_uptime, tail_message
 
 
 @pytest.mark.parametrize(
-    ("failures", "delay"),
-    [(0, 0.0), (1, 10.0), (2, 20.0), (3, 40.0), (5, 160.0), (6, 300.0), (50, 300.0), (10**6, 300.0)],
-)
-def test_backoff_doubles_from_10s_to_5min(failures: int, delay: float) -> None:
-    assert backoff_delay(failures, base=10.0, cap=300.0) == delay
+    ("failures", "longest", "shortest"),
+    [(0, 0.0, 0.0), (1, 10.0, 5.0), (2, 20.0, 10.0), (3, 40.0, 20.0), (5, 160.0, 80.0), (6, 300.0, 150.0),
+     (10**6, 300.0, 150.0)],
+)  # fmt: skip
+def test_restarts_wait_the_engine_restart_policy(failures: int, longest: float, shortest: float) -> None:
+    """10 s doubling to 5 min, less up to half of it by jitter, so engines do not restart in lockstep."""
+    restart = SupervisorConfig().restart
+    assert restart == ENGINE_RESTART
+    assert restart.delay(failures, lambda: 0.0) == longest
+    assert restart.delay(failures, lambda: 1.0) == shortest
 
 
-def test_backoff_base_is_configurable() -> None:
-    assert [backoff_delay(n, base=0.5, cap=2.0) for n in range(1, 6)] == [0.5, 1.0, 2.0, 2.0, 2.0]
+def test_restart_base_and_cap_are_configurable_with_the_same_jitter() -> None:
+    restart = SupervisorConfig(backoff_base=0.5, backoff_max=2.0).restart
+    assert [restart.delay(n, lambda: 0.0) for n in range(1, 6)] == [0.5, 1.0, 2.0, 2.0, 2.0]
+    assert restart.jitter == ENGINE_RESTART.jitter
 
 
 @pytest.mark.parametrize(
@@ -69,6 +78,29 @@ def test_records_round_trip_private_and_by_key(tmp_path: Path) -> None:
     assert records.load_all(tmp_path) == [rec]
     records.remove(tmp_path, rec.key)
     assert records.load_all(tmp_path) == []
+
+
+def test_a_record_gives_back_its_launch_and_measurements(tmp_path: Path) -> None:
+    launch = Launch(
+        argv=("/venv/bin/python", "-m", "mlx_lm", "server", "--port", "9"),
+        env={"HF_HUB_OFFLINE": "1"},
+        host="0.0.0.0",
+        port=9,
+        probe=Probe(path="/v1/completions", body={"prompt": "Hi", "max_tokens": 1}),
+        health_path="/health",
+        api_key="k",
+    )
+    measured = Measured(overhead_bytes=5, num_blocks=6, details={"kv_cache_tokens": 96.0})
+    rec = records.of(
+        "ns/r", launch, pid=7, start_time="b:1.00", cmdline_sha256="d", log_path=tmp_path / "r.log",
+        started_at="2026-11-26T12:00:00+00:00", restarts=1, measured=measured,
+    )  # fmt: skip
+    records.write(tmp_path, rec)
+    [back] = records.load_all(tmp_path)
+    assert records.launch_of(back) == launch
+    assert records.launch_of(back).fingerprint() == rec.fingerprint
+    assert records.measured_of(back) == measured
+    assert records.measured_of(records.Record(**{**vars(back), "measured": {}})) is None
 
 
 def test_unreadable_records_are_dropped(tmp_path: Path) -> None:
