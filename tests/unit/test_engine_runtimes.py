@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from orchardist.dev import tinymodel
-from orchardist_agent.engines.runtimes import RuntimeRegistry, dist_version, engine_in
+from orchardist_agent.engines.base import Runtime
+from orchardist_agent.engines.runtimes import (
+    RuntimeRegistry,
+    choose,
+    dist_version,
+    engine_in,
+    version_matches,
+    version_rank,
+)
 
 
 def fake_venv(root: Path, dists: dict[str, str], *, complete: bool = True) -> Path:
@@ -70,6 +78,76 @@ def test_registry_lists_configured_default_and_cached(tmp_path: Path) -> None:
     assert (
         vllm_rt is not None and vllm_rt.bin("python") == (cache / "vllm-0.32.0").resolve() / "bin" / "python"
     )
+    listed = reg.runtimes()
+    assert reg.resolve("mlx-lm", among=listed) == chosen  # the same choice over a cached list
+    unpinned = [r for r in listed if r.prefix != pinned.resolve()]
+    newest = Runtime("mlx-lm", "0.32.2", (cache / "mlx-lm-0.32.2").resolve())
+    assert reg.resolve("mlx-lm", among=unpinned) == newest
+
+
+@pytest.mark.parametrize(
+    ("older", "newer"),
+    [
+        ("0.3.0.dev1", "0.3.0"),  # a development build comes before its release
+        ("0.3.0.dev20260822101010", "0.3.0.dev20260901000000"),
+        ("0.3.0rc1", "0.3.0"),
+        ("0.3.0", "0.3.0.post1"),
+        ("0.3.0", "0.3.0+cpu"),  # a local build of the same release
+        ("0.9.9", "0.10.0"),  # numerically, not as text
+        ("0.32.0", "1.0"),
+        ("unknown", "0.0.1"),  # a version packaging refuses ranks below every valid one
+        ("b5000", "unknown"),  # ... and among those, by text
+    ],
+)
+def test_version_rank(older: str, newer: str) -> None:
+    assert version_rank(older) < version_rank(newer)
+
+
+@pytest.mark.parametrize(
+    ("installed", "wanted", "matches"),
+    [
+        ("0.32.0", "0.32.0", True),
+        ("0.32.0", "0.32", True),  # equal as versions
+        ("0.27.1+cpu", "0.27.1", True),  # a local build serves the public version
+        ("0.27.1+cpu", "0.27.1+cpu", True),
+        ("0.27.1+cpu", "0.27.1+cuda", False),
+        ("0.27.1", "0.27.1+cpu", False),
+        ("0.3.0.dev1", "0.3.0", False),  # a development build is not the release
+        ("0.3.0", "0.3", True),
+        ("0.32.1", "0.32", False),
+        ("unknown", "unknown", True),  # refused by packaging: compared as text
+        ("unknown", "1.0", False),
+    ],
+)
+def test_version_matches(installed: str, wanted: str, matches: bool) -> None:
+    assert version_matches(installed, wanted) is matches
+
+
+RTS = [
+    Runtime("vllm-metal", "0.3.0.dev20260901000000", Path("/rt/dev")),
+    Runtime("vllm-metal", "0.3.0", Path("/rt/release")),
+    Runtime("vllm-metal", "0.2.9", Path("/rt/old")),
+    Runtime("vllm-metal", "unknown", Path("/rt/odd")),
+    Runtime("vllm", "0.27.1+cpu", Path("/rt/vllm")),
+]
+
+
+@pytest.mark.parametrize(
+    ("engine", "version", "configured", "prefix"),
+    [
+        ("vllm-metal", None, None, "/rt/release"),  # the release, not its newer-looking dev build
+        ("vllm-metal", None, "/rt/old", "/rt/old"),  # configured wins over newer
+        ("vllm-metal", "0.3.0", "/rt/old", "/rt/release"),  # ... unless another version is asked for
+        ("vllm-metal", "0.3.0.dev20260901000000", None, "/rt/dev"),
+        ("vllm-metal", "unknown", None, "/rt/odd"),
+        ("vllm", "0.27.1", None, "/rt/vllm"),
+        ("vllm", "0.28", None, None),
+        ("mlx-lm", None, None, None),
+    ],
+)
+def test_choose(engine: str, version: str | None, configured: str | None, prefix: str | None) -> None:
+    got = choose(RTS, engine, version, Path(configured) if configured else None)
+    assert (str(got.prefix) if got else None) == prefix
 
 
 @pytest.mark.parametrize("bad", ["vllm-metal", "=x", "vllm-metal="])

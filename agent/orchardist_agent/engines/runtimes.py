@@ -10,9 +10,11 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
 
 from orchardist_agent.engines.base import Runtime
 
@@ -130,22 +132,50 @@ class RuntimeRegistry:
         """(name, version) pairs for MacNode.status.engines."""
         return sorted({(r.name, r.version) for r in self.runtimes()})
 
-    def resolve(self, engine: str, version: str | None = None) -> Runtime | None:
-        """The runtime for a replica's engine and optional engineVersion (configured first, else newest)."""
-        candidates = [r for r in self.runtimes() if r.name == engine]
-        if version:
-            candidates = [
-                r for r in candidates if r.version == version or r.version.startswith(version + "+")
-            ]
-        if not candidates:
-            return None
-        configured = [
-            r for r in candidates if self.configured.get(engine, Path("/nonexistent")).resolve() == r.prefix
-        ]
-        if configured:
-            return configured[0]
-        return max(candidates, key=lambda r: _numeric(r.version))
+    def resolve(
+        self, engine: str, version: str | None = None, *, among: Sequence[Runtime] | None = None
+    ) -> Runtime | None:
+        """The runtime for a replica's engine and optional engineVersion: configured first, else newest.
+
+        `among` is a list from an earlier `runtimes()` (a caller that caches the slow scan).
+        """
+        found = self.runtimes() if among is None else among
+        configured = self.configured.get(engine)
+        return choose(found, engine, version, configured.expanduser().resolve() if configured else None)
 
 
-def _numeric(version: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", version)[:4])
+def parse_version(version: str) -> Version | None:
+    """The PEP 440 version, or None for one packaging refuses (e.g. "unknown")."""
+    try:
+        return Version(version)
+    except InvalidVersion:
+        return None
+
+
+def version_rank(version: str) -> tuple[bool, Version, str]:
+    """Sort key, newest last: PEP 440 order (0.3.0.dev1 < 0.3.0rc1 < 0.3.0 < 0.3.0.post1 < 0.3.0+cpu);
+    versions packaging refuses rank below every valid one, among themselves by text."""
+    parsed = parse_version(version)
+    return (parsed is not None, parsed or Version("0"), version)
+
+
+def version_matches(installed: str, wanted: str) -> bool:
+    """engineVersion `wanted` names `installed`: equal as PEP 440 versions (0.32 is 0.32.0), and a
+    wanted version without a local label accepts any (0.27.1 is served by 0.27.1+cpu)."""
+    have, want = parse_version(installed), parse_version(wanted)
+    if have is None or want is None:
+        return installed == wanted
+    return have == want if want.local else Version(have.public) == want
+
+
+def choose(
+    runtimes: Sequence[Runtime], engine: str, version: str | None, configured: Path | None
+) -> Runtime | None:
+    """Pure choice among installed runtimes: the configured prefix if it fits, else the newest."""
+    candidates = [r for r in runtimes if r.name == engine]
+    if version:
+        candidates = [r for r in candidates if version_matches(r.version, version)]
+    for r in candidates:
+        if configured is not None and r.prefix == configured:
+            return r
+    return max(candidates, key=lambda r: version_rank(r.version), default=None)
