@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from packaging.version import InvalidVersion, Version
+
 from orchardist_agent.engines.base import (
     EngineArgsError,
     EngineSpec,
@@ -109,16 +111,24 @@ KNOB_SETS: tuple[KnobSet, ...] = (
     ),
 )
 
-_VERSION = re.compile(r"^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:[.-]?dev(\d+))?")
+_RELEASE = re.compile(r"^v?(\d+(?:\.\d+)*)")
 
 
 def version_key(version: str) -> tuple[int, int, int, int]:
-    """'0.3.0.dev20260826120000' -> (0, 3, 0, 20260826120000); '0.2.0' -> (0, 2, 0, _FINAL)."""
-    m = _VERSION.match(version.strip())
-    if not m:
-        raise EngineArgsError(f"unparseable vllm-metal version {version!r}")
-    major, minor, patch, dev = m.groups()
-    return (int(major), int(minor or 0), int(patch or 0), int(dev) if dev else _FINAL)
+    """'0.3.0.dev20260826120000' -> (0, 3, 0, 20260826120000); '0.2.0' -> (0, 2, 0, _FINAL).
+
+    PEP 440 versions are read by packaging; a git-describe tag it refuses ('v0.2.0-20260420-142150',
+    how source builds name themselves) is read as its leading release.
+    """
+    try:
+        parsed = Version(version.strip())
+    except InvalidVersion:
+        m = _RELEASE.match(version.strip())
+        if not m:
+            raise EngineArgsError(f"unparseable vllm-metal version {version!r}") from None
+        parsed = Version(m.group(1))
+    major, minor, patch = (*parsed.release, 0, 0)[:3]
+    return (major, minor, patch, parsed.dev if parsed.dev is not None else _FINAL)
 
 
 def knob_set(version: str) -> KnobSet:
