@@ -62,34 +62,72 @@ def test_llama_server_flags_are_documented(tmp_path: Path) -> None:
     assert [f for f in flags if f not in known] == []
 
 
-def breakdown_lines() -> list[str]:
+def metal_log_lines() -> list[str]:
+    """The captured vllm-metal lines (tests/data/engines/vllm-metal-breakdown-lines.log names each source)."""
     text = (DATA / "vllm-metal-breakdown-lines.log").read_text()
-    return [line for line in text.splitlines() if "Paged" in line and not line.startswith("#")]
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def breakdown_lines() -> list[str]:
+    return [line for line in metal_log_lines() if "memory breakdown" in line]
 
 
 @pytest.mark.parametrize(
-    ("index", "overhead", "blocks", "kv_budget"),
-    [(0, 1_160_000_000, 108, 11_440_000_000), (1, 1_290_000_000, 4605, 9_660_000_000),
-     (2, 620_000_000, 1610, 2_950_000_000), (3, 800_000_000, 4835, 10_140_000_000)],
+    ("index", "overhead", "blocks", "kv_budget", "metal_limit"),
+    [(0, 1_330_000_000, 7409, 46_610_000_000, 55_660_000_000),   # PR #345, M4 Max 64 GB
+     (1, 610_000_000, 3355, 3_960_000_000, 11_450_000_000),      # PR #334, M2 16 GB
+     (2, 1_160_000_000, 108, 11_440_000_000, 30_150_000_000)],   # M3 Pro 36 GB, hybrid model
 )  # fmt: skip
-def test_parse_memory_breakdown(index: int, overhead: int, blocks: int, kv_budget: int) -> None:
+def test_parse_memory_breakdown(
+    index: int, overhead: int, blocks: int, kv_budget: int, metal_limit: int
+) -> None:
     m = parse_memory_breakdown(breakdown_lines()[index])
     assert m is not None
     assert m.overhead_bytes == overhead
     assert m.num_blocks == blocks
     assert round(m.details["kv_budget_bytes"]) == kv_budget
-    assert m.details["per_block_bytes"] * blocks == pytest.approx(m.details["kv_budget_bytes"], rel=0.06)
+    assert round(m.details["metal_limit_bytes"]) == metal_limit
+    # the pool the plugin allocates is num_blocks whole blocks of the budget
+    assert m.details["per_block_bytes"] * blocks == pytest.approx(m.details["kv_budget_bytes"], rel=0.01)
+
+
+def test_every_captured_breakdown_is_read() -> None:
+    assert len(breakdown_lines()) == 3
+
+
+@pytest.mark.parametrize(
+    ("line", "overhead", "blocks", "extra"),
+    [
+        # inline, no capture found: the RAM-sized spelling of Feb 2026, from its logger call
+        # (vllm-project/vllm-metal vllm_metal/v1/worker.py @ fba263c)
+        ("Paged attention memory breakdown: total_ram=17.18GB, fraction=0.90, usable_ram=15.46GB, "
+         "model_memory=4.52GB, overhead=0.80GB, kv_budget=10.14GB, per_block_bytes=2097152, num_blocks=4835, "
+         "max_tokens_cached=77360", 800_000_000, 4835, {"usable_ram_bytes": 15_460_000_000}),
+        # inline, no capture found: a hybrid model's breakdown, from PagedAttentionPlan.format_breakdown
+        # (vllm-project/vllm-metal vllm_metal/v1/cache_policy.py @ 211a1e4)
+        ("Paged attention memory breakdown: metal_limit=30.15GB, fraction=0.92, usable_metal=27.74GB, "
+         "model_memory=15.13GB, overhead=1.16GB, kv_budget_before_hybrid=12.00GB, hybrid_gdn_state=lazy "
+         "(growth_peak_reserve=0.56GB, 187.5MB/seq * peak_slots=3/max_num_seqs=2), kv_budget=11.44GB, "
+         "per_block_bytes=105902080, num_blocks=108, max_tokens_cached=84672", 1_160_000_000, 108,
+         {"kv_budget_bytes": 11_440_000_000, "kv_budget_before_hybrid_bytes": 12_000_000_000}),
+    ],
+)  # fmt: skip
+def test_breakdown_spellings_without_a_capture(
+    line: str, overhead: int, blocks: int, extra: dict[str, float]
+) -> None:
+    m = parse_memory_breakdown(line)
+    assert m is not None
+    assert (m.overhead_bytes, m.num_blocks) == (overhead, blocks)
+    assert {k: round(m.details[k]) for k in extra} == extra
 
 
 @pytest.mark.parametrize(
     "line",
-    [
-        "INFO 08-26 [worker.py:1] Loading model",
-        "Paged attention: not enough Metal memory for KV cache",
-        "",
-    ],
+    [line for line in metal_log_lines() if "memory breakdown" not in line]
+    + ["INFO 08-26 [worker.py:1] Loading model", ""],
 )
 def test_other_lines_are_not_a_breakdown(line: str) -> None:
+    """KV-cache summaries and a failed start's error (its numbers wrapped over lines) are not a breakdown."""
     assert parse_memory_breakdown(line) is None
 
 

@@ -1,17 +1,19 @@
-"""The probe on this (Linux) host, the Linux parsers, and a simulated Mac."""
+"""The Linux parsers, a simulated Mac and the facts' display strings: pure, no processes, no /proc.
+
+The probe on this host (its /proc, disk, interfaces and subprocesses) is in
+tests/integration/test_host_probe.py.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from orchardist import __version__
 from orchardist.planning import macs
-from orchardist_agent.host import linux, probe
+from orchardist_agent.host import linux
+from orchardist_agent.host.facts import display_gi
+from orchardist_agent.host.probe import simulated
 
 MEMINFO = "MemTotal:       32594724 kB\nMemFree:         1234567 kB\nMemAvailable:   20000000 kB\n"
 CPUINFO_X86 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\n"
@@ -20,35 +22,35 @@ CPUINFO_ARM = (
 )
 
 
-def test_meminfo_and_cpuinfo_parsers() -> None:
-    assert linux.parse_meminfo(MEMINFO) == 32_594_724 * 1024
-    assert linux.parse_meminfo("nothing") is None
-    assert linux.parse_cpuinfo(CPUINFO_X86) == ("AMD EPYC 7B13", 2)
-    assert linux.parse_cpuinfo(CPUINFO_ARM) == ("Raspberry Pi 5", 2)
+@pytest.mark.parametrize(
+    ("text", "total"), [(MEMINFO, 32_594_724 * 1024), ("MemTotal: 1024\n", 1024), ("nothing", None)]
+)
+def test_meminfo(text: str, total: int | None) -> None:
+    assert linux.parse_meminfo(text) == total
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads this Linux host's /proc")
-def test_probe_on_this_linux_host(tmp_path: Path) -> None:
-    """Real /proc, real disk, real interfaces: the facts a Linux dev agent reports."""
-    store = tmp_path / "store"
-    got = probe(store)
-    total = linux.parse_meminfo(Path("/proc/meminfo").read_text())
-    assert got.memory.total_bytes == total
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [(CPUINFO_X86, ("AMD EPYC 7B13", 2)), (CPUINFO_ARM, ("Raspberry Pi 5", 2)), ("", (None, 0))],
+)
+def test_cpuinfo(text: str, found: tuple[str | None, int]) -> None:
+    assert linux.parse_cpuinfo(text) == found
+
+
+def test_linux_facts_from_a_proc_directory(tmp_path: Path) -> None:
+    """gather() reads the two files it needs from the directory it is given."""
+    (tmp_path / "meminfo").write_text(MEMINFO)
+    (tmp_path / "cpuinfo").write_text(CPUINFO_X86)
+    got = linux.gather(tmp_path)
+    total = 32_594_724 * 1024
+    assert (got.memory.total_bytes, got.memory.gpu_working_set_bytes) == (total, int(total * 2 / 3))
     assert got.memory.gpu_working_set_source == "estimate"
-    assert got.memory.gpu_working_set_bytes == macs.estimate_working_set(total or 0)
-    assert got.cpu.performance_cores == os.cpu_count()
-    assert got.model_store.path == str(store)
-    free = shutil.disk_usage(tmp_path).free
-    assert got.model_store.free_bytes is not None
-    assert abs(got.model_store.free_bytes - free) < 1 << 30
-    assert got.address is not None and got.address.count(".") == 3
-    assert got.agent_version == __version__
-    assert got.simulated_profile is None
+    assert (got.chip.name, got.cpu.performance_cores, got.cpu.efficiency_cores) == ("AMD EPYC 7B13", 2, 0)
+    assert (got.os_version or "").startswith("Linux ")
 
 
-def test_simulated_profile_with_the_real_address_and_disk(tmp_path: Path) -> None:
-    got = probe(tmp_path, "m4-pro-64gb", address="10.0.0.7")
-    status = got.model_dump(mode="json", by_alias=True, exclude_none=True)
+def test_simulated_profile() -> None:
+    status = simulated(macs.get("m4-pro-64gb")).model_dump(mode="json", by_alias=True, exclude_none=True)
     assert status["chip"] == {"name": "Apple M4 Pro", "family": "M4 Pro", "modelIdentifier": "Mac16,11"}
     assert status["cpu"] == {"performanceCores": 10, "efficiencyCores": 4}
     assert status["gpuCores"] == 20
@@ -61,35 +63,16 @@ def test_simulated_profile_with_the_real_address_and_disk(tmp_path: Path) -> Non
     }
     assert status["memoryBandwidthBytesPerSecond"] == 273 * 10**9
     assert status["simulatedProfile"] == "m4-pro-64gb"
-    assert status["address"] == "10.0.0.7"
-    assert abs(status["modelStore"]["freeBytes"] - shutil.disk_usage(tmp_path).free) < 1 << 30
-
-
-def test_simulated_big_mac_display() -> None:
-    got = probe("/nonexistent/store", "m4-max-128gb")
-    assert got.memory.gpu_working_set == "107.5Gi"
-    assert got.memory.total == "128Gi"
-    assert got.model_store.free_bytes is not None  # measured at the nearest existing parent
 
 
 def test_unknown_simulated_profile_is_an_error() -> None:
     with pytest.raises(KeyError, match="unknown Mac profile"):
-        probe("/tmp", "m9-1tb")
+        macs.get("m9-1tb")
 
 
-def test_run_command_real_processes() -> None:
-    """Real subprocesses: stdout on success; None for a missing tool or a failed command."""
-    from orchardist_agent.host.probe import run_command
-
-    assert run_command([sys.executable, "-c", "print('hello')"]) == "hello\n"
-    assert run_command(["/nonexistent/tool"]) is None
-    assert run_command([sys.executable, "-c", "import sys; sys.exit(3)"]) is None
-
-
-def test_mlx_probe_in_a_runtime_without_mlx_gives_none() -> None:
-    """The MLX probe is valid Python; in a runtime without MLX it fails and the probe falls back."""
-    from orchardist_agent.host import macos
-    from orchardist_agent.host.probe import run_command
-
-    compile(macos.MLX_PROBE, "<mlx probe>", "exec")
-    assert run_command([sys.executable, "-c", macos.MLX_PROBE]) is None
+@pytest.mark.parametrize(
+    ("n", "shown"),
+    [(64 * 2**30, "64Gi"), (int(107.5 * 2**30), "107.5Gi"), (int(7 * 2**30 * 2 / 3), "4.7Gi"), (None, None)],
+)
+def test_display_gi(n: int | None, shown: str | None) -> None:
+    assert display_gi(n) == shown

@@ -204,8 +204,11 @@ _PAIR = re.compile(r"(?P<key>[a-z_]+)=(?P<num>-?\d+(?:\.\d+)?)(?P<gb>GB)?")
 def parse_memory_breakdown(line: str) -> Measured | None:
     """Parse the plugin's `Paged attention memory breakdown: ...` line (GB = 1e9 bytes).
 
-    Both spellings seen in the wild are read: metal_limit/usable_metal (Metal working set) and the
-    older total_ram/usable_ram (RAM sizing).
+    Read as `key=number[GB]` pairs, so every spelling works: metal_limit/usable_metal (Metal working
+    set, captured in tests/data/engines), the older total_ram/usable_ram (RAM sizing), and the extra
+    kv_budget_before_hybrid and hybrid_gdn_state parts of hybrid models. A failed start's error
+    ("not enough Metal memory for KV cache. metal_limit=...") has the same pairs but no pool: not a
+    measurement.
     """
     m = _BREAKDOWN.search(line)
     if not m:

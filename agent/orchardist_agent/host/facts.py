@@ -1,5 +1,7 @@
 """HostFacts: what the host probe observes, field for field ``MacNode.status`` (docs/architecture.md).
 
+The parts are the API's own types (``orchardist.api.macnode``), so a fact the API would refuse (a
+working set larger than RAM, a negative core count) fails here, in the agent, not at the API server.
 camelCase on the wire (``model_dump(by_alias=True)``), snake_case in Python. Only the agent's
 observed facts live here; conditions, engines and cached models are the node loop's.
 """
@@ -8,55 +10,39 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
+from orchardist.api.macnode import Chip, Cpu, Memory, ModelStore
+from orchardist.api.rules import ApiModel
+
+__all__ = [
+    "Chip",
+    "Cpu",
+    "HostFacts",
+    "Memory",
+    "ModelStore",
+    "WorkingSetSource",
+    "display_gi",
+    "memory_facts",
+]
+
+#: Where the GPU working set came from; the values of ``Memory.gpu_working_set_source``.
 WorkingSetSource = Literal["mlx", "sysctl", "estimate", "simulated"]
 
 
-class _Camel(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+class HostFacts(ApiModel):
+    """The observed part of ``MacNodeStatus``: everything but engines, cached models and conditions."""
 
-
-class Chip(_Camel):
-    name: str | None = None  # "Apple M4 Pro"
-    family: str | None = None  # "M4 Pro"
-    model_identifier: str | None = None  # "Mac16,11"
-
-
-class Cpu(_Camel):
-    performance_cores: int | None = None
-    efficiency_cores: int | None = None
-
-
-class Memory(_Camel):
-    total_bytes: int | None = None
-    gpu_working_set_bytes: int | None = None
-    gpu_working_set_source: WorkingSetSource | None = None
-    wired_limit_bytes: int | None = None
-    allocated_bytes: int | None = None
-    total: str | None = None  # display: "64Gi"
-    gpu_working_set: str | None = None  # display: "48Gi"
-
-
-class ModelStore(_Camel):
-    path: str | None = None
-    free_bytes: int | None = None
-    used_bytes: int | None = None
-    budget_bytes: int | None = None
-
-
-class HostFacts(_Camel):
-    chip: Chip = Chip()
-    cpu: Cpu = Cpu()
-    gpu_cores: int | None = None
-    memory: Memory = Memory()
-    memory_bandwidth_bytes_per_second: int | None = None
-    os_version: str | None = None
-    model_store: ModelStore = ModelStore()
-    address: str | None = None
-    agent_version: str | None = None
-    simulated_profile: str | None = None
+    chip: Chip = Field(default_factory=Chip)
+    cpu: Cpu = Field(default_factory=Cpu)
+    gpu_cores: int | None = Field(None, ge=0)
+    memory: Memory = Field(default_factory=Memory)
+    memory_bandwidth_bytes_per_second: int | None = Field(None, ge=0)
+    os_version: str | None = Field(None, max_length=64)
+    model_store: ModelStore = Field(default_factory=ModelStore)
+    address: str | None = Field(None, max_length=253)
+    agent_version: str | None = Field(None, max_length=64)
+    simulated_profile: str | None = Field(None, max_length=128)
 
 
 def display_gi(n: int | None) -> str | None:

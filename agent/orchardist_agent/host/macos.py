@@ -1,7 +1,7 @@
 """macOS: parse what ``sysctl``, ``system_profiler``, ``sw_vers`` and MLX print, and gather it.
 
-The parsers are pure (tested on recorded outputs, tests/data/macos/); :func:`gather` is the one
-place that runs the commands, through an injected runner.
+The parsers are pure (tested on outputs captured on real Macs, tests/data/macos/); :func:`gather` is
+the one place that runs the commands, through an injected runner.
 
 ``sysctl`` is run with the key names shown (``sysctl KEY...``, not ``-n``): a key missing on an
 older macOS (``iogpu.wired_limit_mb`` before 14, ``hw.perflevel*`` on Intel) then drops one line
@@ -10,7 +10,9 @@ instead of shifting every later value into the wrong field.
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
@@ -20,23 +22,30 @@ from .facts import Chip, Cpu, HostFacts, WorkingSetSource, memory_facts
 
 Runner = Callable[[Sequence[str]], "str | None"]
 
+#: Core levels read from sysctl; no Apple chip has had more than two.
+_LEVELS: Final = 2
 SYSCTL_KEYS: Final = (
     "hw.memsize",
     "hw.model",
     "machdep.cpu.brand_string",
-    "hw.perflevel0.physicalcpu",
-    "hw.perflevel1.physicalcpu",
+    *(f"hw.perflevel{i}.{key}" for i in range(_LEVELS) for key in ("physicalcpu", "name")),
     "iogpu.wired_limit_mb",
 )
 SYSCTL: Final = ("sysctl", *SYSCTL_KEYS)
 SYSTEM_PROFILER: Final = ("system_profiler", "SPHardwareDataType", "SPDisplaysDataType", "-json")
-SW_VERS: Final = ("sw_vers", "-productVersion")
+#: Plain ``sw_vers``: its ``ProductVersion:`` line is what captures of real Macs show.
+SW_VERS: Final = ("sw_vers",)
 #: Run in the engine runtime's python: the agent never imports MLX itself. ``mx.device_info`` is the
 #: current name; older MLX only has ``mx.metal.device_info`` (notes 4.2).
 MLX_PROBE: Final = (
     "import json, mlx.core as mx; "
     "info = getattr(mx, 'device_info', None) or mx.metal.device_info; print(json.dumps(info()))"
 )
+
+#: The one core level that is not performance cores. M5 Pro/Max name theirs "Super" and
+#: "Performance"; a virtual Mac has one level, "Standard".
+_EFFICIENCY = "Efficiency"
+_MEMORY = re.compile(r"^\s*(\d+)\s*(GB|TB)\s*$")
 
 
 def parse_sysctl(text: str) -> dict[str, str]:
@@ -58,22 +67,66 @@ def _int(value: Any) -> int | None:
         return None
 
 
+def sysctl_cores(ctl: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """(performance, efficiency) cores from the ``hw.perflevelN`` keys; (None, None) if there are none.
+
+    A level counts as efficiency cores only when it is named "Efficiency"; without names (older
+    macOS) level 0 is the performance cores and level 1 the efficiency cores.
+    """
+    perf = eff = 0
+    seen = False
+    for i in range(_LEVELS):
+        count = _int(ctl.get(f"hw.perflevel{i}.physicalcpu"))
+        if count is None:
+            continue
+        seen = True
+        name = ctl.get(f"hw.perflevel{i}.name") or ("Performance" if i == 0 else _EFFICIENCY)
+        if name == _EFFICIENCY:
+            eff += count
+        else:
+            perf += count
+    return (perf, eff) if seen else (None, None)
+
+
+def _processor_cores(value: Any) -> tuple[int | None, int | None]:
+    """``number_processors`` -> (performance, efficiency).
+
+    "proc 8:4:4" is total:performance:efficiency. macOS 26 prints four fields on M5 Pro/Max,
+    total:super:efficiency:performance ("proc 18:6:0:12"); super and performance cores are both
+    performance cores here. A virtual Mac or a Rosetta process gets a plain number: no split.
+    """
+    if not isinstance(value, str):
+        return None, None
+    parts = [_int(p) for p in value.removeprefix("proc").strip().split(":")]
+    if len(parts) == 3:
+        return parts[1], parts[2]
+    if len(parts) == 4:
+        top, eff, middle = parts[1:]
+        return (top + middle if top is not None and middle is not None else None), eff
+    return None, None
+
+
+def _memory_bytes(value: Any) -> int | None:
+    """``physical_memory`` ("16 GB", binary units as for any RAM size) -> bytes."""
+    m = _MEMORY.match(str(value)) if value is not None else None
+    if not m:
+        return None
+    return int(m.group(1)) << (30 if m.group(2) == "GB" else 40)
+
+
 def parse_system_profiler(text: str) -> dict[str, Any]:
-    """Chip, machine, model identifier, core counts and GPU cores from the ``-json`` output."""
+    """Chip, machine, memory, core counts and GPU cores from the ``-json`` output."""
     data = json.loads(text)
     hardware: Mapping[str, Any] = (data.get("SPHardwareDataType") or [{}])[0]
+    perf, eff = _processor_cores(hardware.get("number_processors"))
     found: dict[str, Any] = {
         "chip_type": hardware.get("chip_type"),
         "machine_name": hardware.get("machine_name"),
         "machine_model": hardware.get("machine_model"),
+        "memory_bytes": _memory_bytes(hardware.get("physical_memory")),
+        "performance_cores": perf,
+        "efficiency_cores": eff,
     }
-    # "proc 14:10:4" = total:performance:efficiency (a newer sample has four fields, "proc 12:0:8:4":
-    # the last two are still P and E); VMs report a plain integer (notes 4.3).
-    procs = str(hardware.get("number_processors", ""))
-    parts = procs.removeprefix("proc").strip().split(":")
-    if len(parts) >= 3:
-        found["performance_cores"] = _int(parts[-2])
-        found["efficiency_cores"] = _int(parts[-1])
     for gpu in data.get("SPDisplaysDataType") or []:
         if gpu.get("sppci_device_type") in (None, "spdisplays_gpu") and "sppci_cores" in gpu:
             found["gpu_cores"] = _int(gpu["sppci_cores"])
@@ -83,19 +136,45 @@ def parse_system_profiler(text: str) -> dict[str, Any]:
 
 
 def parse_sw_vers(text: str) -> str | None:
-    """``sw_vers -productVersion`` prints just the version ("15.5")."""
-    line = text.strip().splitlines()[0].strip() if text.strip() else ""
-    return line or None
+    """The ``ProductVersion:`` line of ``sw_vers``; a bare version (``sw_vers -productVersion``) too."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "ProductVersion":
+            return value.strip() or None
+    if lines and ":" not in lines[0]:
+        return lines[0]
+    return None
 
 
 def parse_mlx_device_info(text: str) -> int | None:
-    """``max_recommended_working_set_size`` from ``mx.device_info()`` printed as JSON."""
-    try:
-        info = json.loads(text.strip().splitlines()[-1])
-    except (ValueError, IndexError):
+    """``max_recommended_working_set_size`` from the last dict printed (JSON, or Python's repr).
+
+    Warnings (``mx.metal.device_info is deprecated ...``) may come first; a dict printed without
+    ``json.dumps`` has single quotes.
+    """
+    dicts = [line.strip() for line in text.splitlines() if line.strip().startswith("{")]
+    if not dicts:
         return None
+    try:
+        info = json.loads(dicts[-1])
+    except ValueError:
+        try:
+            info = ast.literal_eval(dicts[-1])
+        except (ValueError, SyntaxError):
+            return None
     value = info.get("max_recommended_working_set_size") if isinstance(info, dict) else None
     return _int(value) if value else None
+
+
+def _chip_name(candidates: Sequence[str | None]) -> str | None:
+    """The first name of a known chip family, else the first name at all.
+
+    An M1 on macOS 11.0 reports ``machdep.cpu.brand_string: Apple processor`` (archspec issue #38);
+    system_profiler still names the chip there.
+    """
+    names = [c for c in candidates if c]
+    return next((n for n in names if macs.family_of(n)), names[0] if names else None)
 
 
 def facts_from_outputs(
@@ -107,9 +186,9 @@ def facts_from_outputs(
         prof = parse_system_profiler(system_profiler) if system_profiler else {}
     except (ValueError, AttributeError, IndexError, TypeError):  # a garbled report: sysctl still answers
         prof = {}
-    brand = ctl.get("machdep.cpu.brand_string") or prof.get("chip_type") or prof.get("gpu_model")
-    family = macs.family_of(brand) if brand else None
-    total = _int(ctl.get("hw.memsize"))
+    name = _chip_name([ctl.get("machdep.cpu.brand_string"), prof.get("chip_type"), prof.get("gpu_model")])
+    family = macs.family_of(name) if name else None
+    total = _int(ctl.get("hw.memsize")) or prof.get("memory_bytes")
     wired_mb = _int(ctl.get("iogpu.wired_limit_mb"))
     wired = wired_mb * (1 << 20) if wired_mb else None  # 0 = the default heuristic, not a limit
 
@@ -119,19 +198,19 @@ def facts_from_outputs(
         working_set, source = wired, "sysctl"  # a raised wired limit becomes the working set (notes 4.1)
     if working_set is None and total:
         working_set, source = macs.estimate_working_set(total), "estimate"
+    if working_set is not None and total and working_set > total:
+        working_set = total  # a wired limit set above RAM cannot give the GPU more than RAM
 
+    perf, eff = sysctl_cores(ctl)
+    if perf is None:
+        perf, eff = prof.get("performance_cores"), prof.get("efficiency_cores")
     gpu_cores = prof.get("gpu_cores")
-    perf = _int(ctl.get("hw.perflevel0.physicalcpu"))
-    eff = _int(ctl.get("hw.perflevel1.physicalcpu"))
     bandwidth = macs.CHIPS[family].bandwidth_bytes_per_second(gpu_cores) if family else None
     return HostFacts(
         chip=Chip(
-            name=brand, family=family, model_identifier=ctl.get("hw.model") or prof.get("machine_model")
+            name=name, family=family, model_identifier=ctl.get("hw.model") or prof.get("machine_model")
         ),
-        cpu=Cpu(
-            performance_cores=perf if perf is not None else prof.get("performance_cores"),
-            efficiency_cores=eff if eff is not None else prof.get("efficiency_cores"),
-        ),
+        cpu=Cpu(performance_cores=perf, efficiency_cores=eff),
         gpu_cores=gpu_cores,
         memory=memory_facts(total, working_set, source, wired),
         memory_bandwidth_bytes_per_second=bandwidth,

@@ -92,7 +92,8 @@ def probe(
     return facts.model_copy(
         update={
             "model_store": model_store(store),
-            "address": choose_address(host_addresses(run_command), address),
+            # Interfaces are listed only when no address was given.
+            "address": address or choose_address(host_addresses(run_command)),
             "agent_version": __version__,
         }
     )
