@@ -191,6 +191,7 @@ def test_sysctl_keys_asked_include_the_level_names() -> None:
         ("ProductName:\tmacOS\nProductVersionExtra:\t(a)\nProductVersion:\t13.4.1\n", "13.4.1"),  # inline
         ("", None),
         ("ProductName:\t\tmacOS\n", None),
+        ("sw_vers: command not found\n", None),  # inline: never a version from an error line
     ],
 )
 def test_sw_vers(text: str, version: str | None) -> None:

@@ -46,6 +46,7 @@ MLX_PROBE: Final = (
 #: "Performance"; a virtual Mac has one level, "Standard".
 _EFFICIENCY = "Efficiency"
 _MEMORY = re.compile(r"^\s*(\d+)\s*(GB|TB)\s*$")
+_VERSION = re.compile(r"^\d+(\.\d+)*$")
 
 
 def parse_sysctl(text: str) -> dict[str, str]:
@@ -142,7 +143,7 @@ def parse_sw_vers(text: str) -> str | None:
         key, sep, value = line.partition(":")
         if sep and key.strip() == "ProductVersion":
             return value.strip() or None
-    if lines and ":" not in lines[0]:
+    if lines and _VERSION.match(lines[0]):
         return lines[0]
     return None
 
