@@ -18,6 +18,18 @@ if [ "$ok" = 1 ]; then
   echo "$cache/bin"; exit 0
 fi
 mkdir -p "$cache/bin"
+# One build at a time per cache: a second caller waits for the first and then finds the binaries.
+exec 9>"$cache/.lock"
+if ! flock -n 9; then
+  echo "another build of the control plane is running; waiting for it" >&2
+  flock 9
+fi
+ok=1
+for b in $bins; do [ -x "$cache/bin/$b" ] || ok=0; done
+if [ "$ok" = 1 ]; then
+  echo "control plane binaries cached: $cache/bin" >&2
+  echo "$cache/bin"; exit 0
+fi
 minor=$(echo "$K8S_VERSION" | cut -d. -f2)
 export CGO_ENABLED=0 GOFLAGS="-trimpath -mod=mod"
 kldf="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
