@@ -1,4 +1,5 @@
-"""`orchardist plan --node NAME` plans against what a registered Mac's agent reports."""
+"""`orchardist plan --node NAME` plans against what a registered Mac's agent reports and what the
+ModelReplicas bound to it hold."""
 
 from __future__ import annotations
 
@@ -34,6 +35,29 @@ def _register(cluster: Cluster, allocated: int) -> tuple[str, dict[str, Any]]:
     return name, status
 
 
+def _bind_replica(cluster: Cluster, namespace: str, name: str, node: str, reserved: int) -> None:
+    """A ModelReplica as the controller creates it (examples/modelreplica.yaml), bound to ``node``."""
+    doc = yaml.safe_load((ROOT / "examples" / "modelreplica.yaml").read_text())
+    doc["metadata"] = {"name": name, "namespace": namespace, "labels": {"orchardist.io/node": node}}
+    doc["spec"]["nodeName"] = node
+    doc["spec"]["memoryPlan"]["reservedBytes"] = reserved
+    del doc["status"]
+    cluster.kubectl("create", "-f", "-", input=json.dumps(doc))
+
+
+def _expected(name: str, status: dict[str, Any], reserved: int) -> dict[str, Any]:
+    model = from_config(json.loads(CONFIG.read_text()), weight_bytes=WEIGHTS)
+    memory = status["memory"]
+    node = NodeCapacity(
+        gpu_working_set_bytes=memory["gpuWorkingSetBytes"],
+        memory_bandwidth_bytes_per_second=status["memoryBandwidthBytesPerSecond"],
+        total_memory_bytes=memory["totalBytes"],
+        reserved_bytes=reserved,
+        name=name,
+    )
+    return plan(model, node, PlanRequest()).to_json()
+
+
 def _plan_node(cluster: Cluster, name: str) -> tuple[int, dict[str, Any]]:
     out = subprocess.run(
         [sys.executable, "-m", "orchardist", "plan", "--model-config", str(CONFIG), "--weights-bytes",
@@ -44,25 +68,13 @@ def _plan_node(cluster: Cluster, name: str) -> tuple[int, dict[str, Any]]:
     return out.returncode, json.loads(out.stdout)
 
 
-def test_plan_uses_the_macs_reported_working_set_and_what_its_replicas_hold(cluster: Cluster) -> None:
-    model = from_config(json.loads(CONFIG.read_text()), weight_bytes=WEIGHTS)
+def test_plan_uses_the_macs_reported_working_set_and_what_its_agent_says_is_held(cluster: Cluster) -> None:
     fits: dict[int, bool] = {}
     for allocated in (0, 6 * GiB):
         name, status = _register(cluster, allocated)
         try:
             code, got = _plan_node(cluster, name)
-            memory = status["memory"]
-            expected = plan(
-                model,
-                NodeCapacity(
-                    gpu_working_set_bytes=memory["gpuWorkingSetBytes"],
-                    memory_bandwidth_bytes_per_second=status["memoryBandwidthBytesPerSecond"],
-                    total_memory_bytes=memory["totalBytes"],
-                    reserved_bytes=allocated,
-                    name=name,
-                ),
-                PlanRequest(),
-            ).to_json()
+            expected = _expected(name, status, reserved=allocated)
             assert got == expected
             assert code == (0 if expected["fits"] else 1)
             fits[allocated] = got["fits"]
@@ -72,6 +84,23 @@ def test_plan_uses_the_macs_reported_working_set_and_what_its_replicas_hold(clus
     # there is no room left for its KV cache, and the reason says so in GiB.
     assert fits == {0: True, 6 * GiB: False}
     assert "GiB" in got["reason"]
+
+
+def test_replicas_bound_to_the_mac_count_before_its_agent_reports_them(
+    cluster: Cluster, namespace: str
+) -> None:
+    """The controller bound 6 GiB here, the agent still reports 0: the plan counts the 6 GiB (and
+    not a replica bound to another Mac)."""
+    name, status = _register(cluster, allocated=0)
+    try:
+        _bind_replica(cluster, namespace, f"{name}-a", node=name, reserved=4 * GiB)
+        _bind_replica(cluster, namespace, f"{name}-b", node=name, reserved=2 * GiB)
+        _bind_replica(cluster, namespace, f"{name}-elsewhere", node=f"{name}-other", reserved=30 * GiB)
+        code, got = _plan_node(cluster, name)
+        assert got == _expected(name, status, reserved=6 * GiB)
+        assert (code, got["fits"]) == (1, False)
+    finally:
+        cluster.kubectl("delete", "macnode", name, "--wait=false")
 
 
 def test_an_unknown_node_is_named(cluster: Cluster) -> None:
