@@ -186,7 +186,13 @@ class Supervisor:
             actions = self._step(entry, obs)
             obs = None
             for action in actions:
-                obs = await self._perform(entry, action)
+                try:
+                    obs = await self._perform(entry, action)
+                except Exception as e:  # the machine must hear an outcome, or the engine's state sticks
+                    _log.exception("engine action failed", key=entry.key, action=type(action).__name__)
+                    why = f"supervisor error: {e.__class__.__name__}: {e}"
+                    terminated = isinstance(action, health.Terminate)
+                    obs = health.Terminated((why,)) if terminated else health.Failed(why)
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
