@@ -159,7 +159,9 @@ def test_missing_config_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_weights_are_required_without_a_model_dir(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model-config", MLX_70B, "--chip", "m1-8gb"]) == 2
-    assert "--weights-bytes" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "orchardist plan: --weights-bytes N is required unless --model-dir DIR is given\n"
+    )
 
 
 def test_node_without_a_reachable_cluster_says_why(
