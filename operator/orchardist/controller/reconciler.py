@@ -26,10 +26,11 @@ from orchardist.api.modeldeployment import ModelDeployment, ModelDeploymentStatu
 from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller import plan, world
 from orchardist.controller import status as st
-from orchardist.controller.kube import Adapter, ServiceConflictError, md_path
+from orchardist.controller.kube import Adapter, ServiceConflictError
 from orchardist.controller.pinning import Pins
 from orchardist.controller.scheduler import Mac
 from orchardist.controller.world import RE_RESOLVE, Refused
+from orchardist.kube import paths
 
 LOG = log.get(__name__)
 WRITE_MEMORY = 2.0  # seconds our own status/Service/slice writes stand in for the (lagging) watch
@@ -226,7 +227,8 @@ class Controller:
         have = [c.to_json() for c in previous]
         have = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in have]
         if strip != have:
-            await self.adapter.kube.merge_patch(md_path(md.namespace, md.name) + "/status", {"status": new})
+            path = paths.modeldeployment(md.namespace, md.name, status=True)
+            await self.adapter.kube.merge_patch(path, {"status": new})
             kopf.event(
                 deployment_ref(md.namespace, md.name, md.uid),
                 type="Warning",

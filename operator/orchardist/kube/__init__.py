@@ -1,9 +1,9 @@
 """The Kubernetes API adapter shared by the controller, the agent and the dev tools.
 
-Only connection set-up lives here: where credentials come from (an explicit kubeconfig, then
-``$KUBECONFIG``/``~/.kube/config``, then the in-cluster service account). Callers use the official
-client's typed APIs on the returned ``ApiClient``; blocking calls from async code go through
-``asyncio.to_thread``.
+Here: where credentials come from (an explicit kubeconfig, then ``$KUBECONFIG``/``~/.kube/config``,
+then the in-cluster service account) and :class:`RawApi`, blocking raw-JSON calls over the official
+client's connection. Beside it: :mod:`.paths` (every URL), :mod:`.aio` (:class:`Kube`, the async and
+idempotent calls), :mod:`.informer` (list + watch) and :mod:`.events` (core/v1 Events).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -20,7 +20,18 @@ from kubernetes.config.config_exception import ConfigException
 
 from orchardist.api.constants import API_VERSION, GROUP, VERSION
 
-__all__ = ["API_VERSION", "GROUP", "JSON", "MERGE_PATCH", "SYSTEM_NAMESPACE", "VERSION", "RawApi", "api_client"]
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "JSON",
+    "MERGE_PATCH",
+    "SYSTEM_NAMESPACE",
+    "VERSION",
+    "Api",
+    "Kube",
+    "RawApi",
+    "api_client",
+]
 
 SYSTEM_NAMESPACE = "orchardist-system"
 MERGE_PATCH = "application/merge-patch+json"
@@ -44,6 +55,26 @@ def api_client(kubeconfig: str | Path | None = None, context: str | None = None)
             "no Kubernetes credentials: pass --kubeconfig, set KUBECONFIG, or run inside a cluster"
         ) from exc
     return client.ApiClient(cfg)
+
+
+class Api(Protocol):
+    """The blocking calls :class:`RawApi` makes; tests hand a scripted fake in its place."""
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str | int] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        stream: bool = False,
+        timeout: float | None = None,
+    ) -> Any: ...
+
+    def get(self, path: str, **query: str | int) -> JSON: ...
+
+    def watch(self, path: str, **query: str | int) -> Iterator[JSON]: ...
 
 
 class RawApi:
@@ -122,3 +153,6 @@ class RawApi:
                         yield json.loads(line)
         finally:
             resp.release_conn()
+
+
+from orchardist.kube.aio import Kube  # noqa: E402  (it builds on RawApi above)

@@ -24,7 +24,11 @@ def _join(base: str, name: str, status: bool) -> str:
 def _namespaced(group_version: str, plural: str, namespace: str | None, name: str, status: bool) -> str:
     if namespace is None and name:
         raise ValueError(f"a named {plural} object needs a namespace")
-    base = f"{group_version}/namespaces/{quote(namespace, safe='')}/{plural}" if namespace else f"{group_version}/{plural}"
+    base = (
+        f"{group_version}/namespaces/{quote(namespace, safe='')}/{plural}"
+        if namespace
+        else f"{group_version}/{plural}"
+    )
     return _join(base, name, status)
 
 
@@ -62,3 +66,14 @@ def event(namespace: str, name: str = "") -> str:
 
 def namespace(name: str = "") -> str:
     return _join("/api/v1/namespaces", name, False)
+
+
+def customresourcedefinition(name: str = "") -> str:
+    return _join("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", name, False)
+
+
+def kopfpeering(namespace: str | None = None, name: str = "") -> str:
+    """kopf's peering objects: namespaced ``KopfPeering``, or ``ClusterKopfPeering`` without a namespace."""
+    if namespace is None:
+        return _join("/apis/kopf.dev/v1/clusterkopfpeerings", name, False)
+    return _namespaced("/apis/kopf.dev/v1", "kopfpeerings", namespace, name, False)
