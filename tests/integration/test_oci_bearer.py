@@ -2,7 +2,7 @@
 
 The gateway plays the part a hosted registry's auth server plays: it answers ``/v2`` with a
 ``WWW-Authenticate: Bearer`` challenge, issues tokens at ``/token`` for basic credentials, can answer
-429 with ``Retry-After``, and forwards authorized requests to the real ``docker-registry``.
+429 or 503 (with or without ``Retry-After``), and forwards authorized requests to the real ``docker-registry``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -34,8 +35,9 @@ class Gateway:
         self.tokens: dict[str, str] = {}
         self.token_requests: list[dict[str, str]] = []
         self.rate_limit_next = 0
-        self.retry_after = "1"
-        self.served_429 = 0
+        self.retry_after = "1"  # "" sends no Retry-After header
+        self.rate_limit_status = 429
+        self.served_busy = 0
         self.host = ""
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -71,11 +73,11 @@ class Gateway:
     async def v2(self, request: web.Request) -> web.StreamResponse:
         if self.rate_limit_next > 0:
             self.rate_limit_next -= 1
-            self.served_429 += 1
+            self.served_busy += 1
             return web.json_response(
                 {"errors": [{"code": "TOOMANYREQUESTS", "message": "slow down"}]},
-                status=429,
-                headers={"Retry-After": self.retry_after},
+                status=self.rate_limit_status,
+                headers={"Retry-After": self.retry_after} if self.retry_after else {},
             )
         given = request.headers.get("Authorization", "")
         if not given.startswith("Bearer ") or given[7:] not in self.tokens:
@@ -149,10 +151,35 @@ async def test_rate_limit_honours_retry_after(gateway: Gateway, tmp_path: Path) 
     t0 = time.monotonic()
     got = await ContentStore(tmp_path / "a", GiB).pull(ref, auth=creds)
     waited = time.monotonic() - t0
-    assert gateway.served_429 == 2
+    assert gateway.served_busy == 2
     assert waited >= 1.9  # two answers of Retry-After: 1 were waited out, not retried at once
     assert (got.path / "config.json").is_file()
 
     gateway.rate_limit_next, gateway.retry_after = 1, "3600"
     with pytest.raises(RateLimitedError, match="retry after 3600 s"):
         await ContentStore(tmp_path / "b", GiB).pull(ref, auth=creds)
+
+
+async def test_busy_without_retry_after_backs_off_by_the_shared_policy(
+    gateway: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """503 with no Retry-After: each retry waits what orchardist.retry says for that many failures."""
+    import orchardist.retry
+
+    model = make_safetensors_model(tmp_path / "m")
+    ref = f"oci://{gateway.host}/test/busy-{secrets.token_hex(3)}:v1"
+    creds = Credentials("robot", "s3cret")
+    await push(model, ref, auth=creds)
+    asked: list[int] = []
+    real_delay = orchardist.retry.delay
+
+    def watched(failures: int, *args: Any, **kwargs: Any) -> float:
+        asked.append(failures)
+        return real_delay(failures, *args, **kwargs)
+
+    monkeypatch.setattr(orchardist.retry, "delay", watched)
+    gateway.rate_limit_next, gateway.retry_after, gateway.rate_limit_status = 3, "", 503
+    got = await ContentStore(tmp_path / "a", GiB).pull(ref, auth=creds)
+
+    assert gateway.served_busy == 3 and asked == [1, 2, 3]
+    assert (got.path / "config.json").is_file()
