@@ -2,7 +2,8 @@
 
 The gateway plays the part a hosted registry's auth server plays: it answers ``/v2`` with a
 ``WWW-Authenticate: Bearer`` challenge, issues tokens at ``/token`` for basic credentials, can answer
-429 or 503 (with or without ``Retry-After``), and forwards authorized requests to the real ``docker-registry``.
+429 or 503 (with or without ``Retry-After``), and forwards authorized requests to the real
+``docker-registry``.
 """
 
 from __future__ import annotations
