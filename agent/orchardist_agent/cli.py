@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchardist import log
 
@@ -28,6 +28,9 @@ from .config import (
     parse_bytes,
     parse_runtime,
 )
+
+if TYPE_CHECKING:
+    from .node import NodeAgent
 
 LOG = log.get(__name__)
 
@@ -144,8 +147,41 @@ def host_facts(cfg: AgentConfig) -> Callable[[], dict[str, Any]]:
     return facts
 
 
+async def register_node(node: NodeAgent, host: dict[str, Any], stop: asyncio.Event) -> bool:
+    """Register the MacNode, retrying by :data:`orchardist.retry.NETWORK` until it works or ``stop``.
+
+    The API server may come up after the agent (launchd starts it at boot). False when stopped first.
+    """
+    import tenacity
+
+    from orchardist import retry
+
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        LOG.warning(
+            "registration failed; retrying", node=node.name, error=str(exc), attempt=state.attempt_number
+        )
+
+    async def attempt() -> None:
+        async for attempt in retry.retrying(attempts=sys.maxsize, retry_on=Exception, before_sleep=log_retry):
+            with attempt:
+                await node.register(host)
+
+    registering = asyncio.create_task(attempt())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({registering, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not registering.done():
+        registering.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await registering
+        return False
+    registering.result()
+    return True
+
+
 async def main(cfg: AgentConfig) -> int:
-    from orchardist.kube import RawApi, api_client
+    from orchardist.kube import Kube, RawApi, api_client
 
     from .node import NodeAgent, discover_address
 
@@ -154,24 +190,14 @@ async def main(cfg: AgentConfig) -> int:
     facts = host_facts(cfg)
     first = await asyncio.to_thread(facts)  # on macOS system_profiler takes a second or two: once
     address = cfg.address or str(first.get("address") or "") or discover_address()
-    kube = RawApi(api_client(cfg.kubeconfig))
+    kube = Kube(RawApi(api_client(cfg.kubeconfig)))
     node = NodeAgent(kube, cfg.node_name, facts, address=address, heartbeat_interval=cfg.heartbeat_interval)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    delay = 1.0
-    while not stop.is_set():
-        try:
-            await asyncio.to_thread(node.register, first)
-            break
-        except Exception as exc:  # the API server may come up after the agent (launchd at boot)
-            LOG.warning("registration failed; retrying", node=cfg.node_name, error=str(exc), retry_in=delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, 30.0)
-    if stop.is_set():
+    if not await register_node(node, first, stop):
         return 0
     LOG.info(
         "agent running",
@@ -202,7 +228,7 @@ async def main(cfg: AgentConfig) -> int:
             await asyncio.wait_for(task, 10)
     await replicas.shutdown(stop_engines=cfg.stop_engines_on_exit)
     try:
-        await asyncio.wait_for(asyncio.to_thread(node.mark_stopped), 5)
+        await asyncio.wait_for(node.mark_stopped(), 5)
     except Exception as exc:
         LOG.warning("could not mark the node stopped", error=str(exc))
     LOG.info("agent stopped", node=cfg.node_name, engines_left_running=not cfg.stop_engines_on_exit)

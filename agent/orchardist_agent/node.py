@@ -1,9 +1,8 @@
-"""The agent's Kubernetes adapter: its MacNode, its Lease, and raw REST calls for the rest.
+"""The agent's MacNode and Lease: register, heartbeat, and keep the node's status current.
 
-Raw JSON over the official client's ApiClient (connection, auth, TLS from `orchardist.kube`)
-instead of the typed APIs: the agent touches five kinds of objects and reads them as plain
-dicts, and importing the typed core API alone costs ~20 MB of RSS on a Mac that should give its
-memory to models. Blocking calls run in threads (`asyncio.to_thread`).
+Calls go through the shared async adapter (:class:`orchardist.kube.Kube`: raw JSON over the official
+client's connection; the typed APIs would cost the Mac ~20 MB of RSS). Bodies the server returns
+are read through :class:`orchardist.api.macnode.MacNode`.
 
 Ownership (docs/architecture.md): the agent writes only its MacNode's status (never spec or
 labels, which are the user's), its Lease, and the status of replicas bound to it.
@@ -18,28 +17,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from orchardist import __version__, log
-from orchardist.kube import GROUP, SYSTEM_NAMESPACE, VERSION, RawApi
+from orchardist.api.constants import API_VERSION
+from orchardist.api.macnode import MacNode
+from orchardist.kube import SYSTEM_NAMESPACE, Kube, paths
 
 from .reconcile import JSON, merge_conditions, node_conditions, now_iso
 
 LOG = log.get(__name__)
 
 LEASE_DURATION_S = 40
-
-
-def macnode_path(name: str = "") -> str:
-    base = f"/apis/{GROUP}/{VERSION}/macnodes"
-    return f"{base}/{quote(name)}" if name else base
-
-
-def lease_path(namespace: str, name: str = "") -> str:
-    base = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
-    return f"{base}/{quote(name)}" if name else base
 
 
 def micro_time(now: datetime | None = None) -> str:
@@ -62,8 +53,15 @@ def discover_address() -> str:
     return addr if addr and not addr.startswith("0.") else "127.0.0.1"
 
 
-def is_status(exc: BaseException, *codes: int) -> bool:
-    return isinstance(exc, ApiException) and exc.status in codes
+def status_of(obj: Mapping[str, Any]) -> JSON:
+    """A MacNode's status as the server holds it, read through the model (fields it sent only)."""
+    try:
+        node = MacNode.model_validate(obj)
+    except ValidationError as exc:  # written by another version: this agent writes it whole again
+        LOG.warning("macnode status not understood", errors=exc.error_count())
+        return {}
+    out: JSON = node.status.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return out
 
 
 @dataclass
@@ -80,7 +78,7 @@ class NodeAgent:
 
     def __init__(
         self,
-        kube: RawApi,
+        kube: Kube,
         name: str,
         facts: Callable[[], JSON],
         *,
@@ -106,20 +104,16 @@ class NodeAgent:
 
     # -- MacNode ---------------------------------------------------------------------------
 
-    def _ensure_macnode(self) -> JSON:
-        try:
-            node = self.kube.get(macnode_path(self.name))
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MacNode", "metadata": {"name": self.name}}
-            try:
-                node = self.kube.create(macnode_path(), body)
-                LOG.info("macnode created", node=self.name)
-            except ApiException as exc2:
-                if exc2.status != 409:
-                    raise
-                node = self.kube.get(macnode_path(self.name))
+    async def _ensure_macnode(self) -> JSON:
+        node = await self.kube.get(paths.macnode(self.name))
+        if node is not None:
+            return node
+        body = {"apiVersion": API_VERSION, "kind": "MacNode", "metadata": {"name": self.name}}
+        if await self.kube.create(paths.macnode(), body):
+            LOG.info("macnode created", node=self.name)
+        node = await self.kube.get(paths.macnode(self.name))
+        if node is None:
+            raise LookupError(f"MacNode {self.name} vanished right after it was created")
         return node
 
     def working_set(self) -> int:
@@ -152,7 +146,7 @@ class NodeAgent:
             c.pop("observedGeneration", None)
         return status
 
-    def _push_status(self, force: bool = False) -> None:
+    async def _push_status(self, force: bool = False) -> None:
         status = self.compose_status(self._status, now_iso())
         if not force and _without_times(status) == _without_times(self._sent):
             return
@@ -161,23 +155,20 @@ class NodeAgent:
         for key in self._status:
             if key not in patch:
                 patch[key] = None
-        try:
-            node = self.kube.merge_patch(macnode_path(self.name) + "/status", {"status": patch})
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        path = paths.macnode(self.name, status=True)
+        node = await self.kube.patch_existing(path, {"status": patch})
+        if node is None:
             LOG.warning("macnode vanished; registering it again", node=self.name)
-            self._ensure_macnode()
-            node = self.kube.merge_patch(macnode_path(self.name) + "/status", {"status": status})
-        self._status = dict(node.get("status") or status)
+            await self._ensure_macnode()
+            node = await self.kube.merge_patch(path, {"status": status})
+        self._status = status_of(node) or status
         self._sent = status
 
-    def register(self, host: JSON | None = None) -> None:
-        """Create the MacNode if missing and write its whole status (blocking)."""
-        self._host = host if host is not None else self.facts()
-        node = self._ensure_macnode()
-        self._status = dict(node.get("status") or {})
-        self._push_status(force=True)
+    async def register(self, host: JSON | None = None) -> None:
+        """Create the MacNode if missing and write its whole status."""
+        self._host = host if host is not None else await asyncio.to_thread(self.facts)
+        self._status = status_of(await self._ensure_macnode())
+        await self._push_status(force=True)
         LOG.info("macnode registered", node=self.name, address=self.address)
 
     def set_store(self, *, used: int, free: int, budget: int) -> None:
@@ -190,48 +181,38 @@ class NodeAgent:
 
     # -- Lease -----------------------------------------------------------------------------
 
-    def _ensure_namespace(self) -> None:
+    async def _ensure_namespace(self) -> None:
         try:
-            self.kube.get(f"/api/v1/namespaces/{SYSTEM_NAMESPACE}")
-            return
+            if await self.kube.get(paths.namespace(SYSTEM_NAMESPACE)) is not None:
+                return
         except ApiException as exc:
-            if exc.status != 404:
-                if exc.status == 403:
-                    return  # not allowed to look: assume an administrator created it
-                raise
+            if exc.status == 403:
+                return  # not allowed to look: assume an administrator created it
+            raise
         body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NAMESPACE}}
         try:
-            self.kube.create("/api/v1/namespaces", body)
-            LOG.info("namespace created", namespace=SYSTEM_NAMESPACE)
+            if await self.kube.create(paths.namespace(), body):
+                LOG.info("namespace created", namespace=SYSTEM_NAMESPACE)
         except ApiException as exc:
-            if exc.status not in (403, 409):
+            if exc.status != 403:
                 raise
 
-    def renew_lease(self) -> None:
+    async def renew_lease(self) -> None:
         now = micro_time()
         spec = {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_DURATION_S, "renewTime": now}
-        path = lease_path(SYSTEM_NAMESPACE, self.name)
-        if self._lease_ok:
-            try:
-                self.kube.merge_patch(path, {"spec": spec})
-                return
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-                self._lease_ok = False
-        self._ensure_namespace()
+        path = paths.lease(SYSTEM_NAMESPACE, self.name)
+        if self._lease_ok and await self.kube.patch_existing(path, {"spec": spec}) is not None:
+            return
+        self._lease_ok = False
+        await self._ensure_namespace()
         body = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
             "metadata": {"name": self.name, "namespace": SYSTEM_NAMESPACE},
             "spec": {**spec, "acquireTime": now},
         }
-        try:
-            self.kube.create(lease_path(SYSTEM_NAMESPACE), body)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            self.kube.merge_patch(path, {"spec": spec})
+        if not await self.kube.create(paths.lease(SYSTEM_NAMESPACE), body):
+            await self.kube.merge_patch(path, {"spec": spec})
         self._lease_ok = True
 
     # -- the loop --------------------------------------------------------------------------
@@ -245,7 +226,7 @@ class NodeAgent:
             now = loop.time()
             try:
                 if now >= next_beat:
-                    await asyncio.to_thread(self.renew_lease)
+                    await self.renew_lease()
                     next_beat = now + self.heartbeat_interval
                 force = False
                 if now >= next_facts:
@@ -255,7 +236,7 @@ class NodeAgent:
                     next_facts = now + self.facts_interval
                     force = True
                 self._changed.clear()
-                await asyncio.to_thread(self._push_status, force)
+                await self._push_status(force)
             except Exception as exc:  # the API server may be away for a while: keep trying
                 LOG.warning("heartbeat failed", node=self.name, error=str(exc))
                 next_beat = min(next_beat, loop.time() + 2.0)
@@ -268,7 +249,7 @@ class NodeAgent:
                     for w in waiters:
                         w.cancel()
 
-    def mark_stopped(self) -> None:
+    async def mark_stopped(self) -> None:
         """On a clean exit: say so in the Ready condition (the Lease will expire by itself)."""
         status = self.compose_status(self._status, now_iso())
         for c in status["conditions"]:
@@ -279,8 +260,8 @@ class NodeAgent:
                     message="the agent exited",
                     lastTransitionTime=now_iso(),
                 )
-        self.kube.merge_patch(
-            macnode_path(self.name) + "/status", {"status": {"conditions": status["conditions"]}}
+        await self.kube.patch_existing(
+            paths.macnode(self.name, status=True), {"status": {"conditions": status["conditions"]}}
         )
 
 

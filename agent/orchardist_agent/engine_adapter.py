@@ -1,0 +1,150 @@
+"""The replica loop's view of the engine supervisor and of the installed runtimes.
+
+Supervisor keys are ``namespace/name``; its phases map onto :class:`reconcile.EngineState`. Which
+runtime serves an engine (and engineVersion) is :meth:`RuntimeRegistry.resolve`'s answer, asked
+over a list cached for ``RUNTIMES_TTL_S``: scanning the venvs takes a moment and every pass of the
+loop asks.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orchardist import log
+
+from .engines import EngineArgsError, EngineSpec, Runtime
+from .reconcile import EngineState, EngineView
+
+if TYPE_CHECKING:
+    from orchardist.api.modelreplica import ModelReplicaSpec
+
+    from .config import AgentConfig
+    from .supervisor import Supervisor
+
+LOG = log.get(__name__)
+
+Key = tuple[str, str]
+
+
+class EngineAdapter:
+    """Starts, stops and reports the engines of this Mac's replicas."""
+
+    RUNTIMES_TTL_S = 30.0
+
+    def __init__(self, cfg: AgentConfig, supervisor: Supervisor | None = None) -> None:
+        from .engines.runtimes import RuntimeRegistry
+        from .supervisor import Supervisor
+
+        self.cfg = cfg
+        self.registry = RuntimeRegistry(configured=cfg.runtimes)
+        self.supervisor = supervisor or Supervisor(cfg.state_dir / "engines", cfg.log_dir)
+        self.failed: dict[Key, str] = {}  # replicas whose engine cannot even be composed
+        self._runtimes: list[Runtime] = []
+        self._runtimes_at = -math.inf
+
+    async def start(self, notify: Callable[[Key], None]) -> None:
+        """Adopt the engines a previous agent left running, then report every change."""
+        self.supervisor.on_change = lambda st: notify(split(st.key))
+        for st in await self.supervisor.adopt():
+            LOG.info("adopted engine", replica=st.key, pid=st.pid, phase=st.phase, endpoint=st.endpoint)
+
+    def runtimes(self) -> list[Runtime]:
+        now = time.monotonic()
+        if now - self._runtimes_at > self.RUNTIMES_TTL_S:
+            self._runtimes = self.registry.runtimes()
+            self._runtimes_at = now
+        return self._runtimes
+
+    def runtime(self, engine: str, version: str | None) -> Runtime | None:
+        return self.registry.resolve(engine, version, among=self.runtimes())
+
+    def installed(self, engine: str, version: str | None = None) -> bool:
+        return self.runtime(engine, version) is not None
+
+    def keys(self) -> list[Key]:
+        return [split(k) for k in self.supervisor.statuses()]
+
+    def view(self, key: Key) -> EngineView | None:
+        if key in self.failed:
+            return EngineView(EngineState.FAILED, message=self.failed[key])
+        st = self.supervisor.status(join(key))
+        if st is None:
+            return None
+        port = int(st.endpoint.rsplit(":", 1)[1]) if st.endpoint else None
+        measured: dict[str, int] = {}
+        if st.measured is not None:
+            if st.measured.overhead_bytes is not None:
+                measured["overheadBytes"] = int(st.measured.overhead_bytes)
+            if st.measured.num_blocks is not None:
+                measured["numBlocks"] = int(st.measured.num_blocks)
+        return EngineView(
+            state=PHASES[st.phase],
+            port=port,
+            pid=st.pid,
+            restarts=st.restarts,
+            message=st.last_error.message if st.last_error else "",
+            started_at=st.start_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            if st.start_time
+            else None,
+            measured=measured,
+            warnings=tuple(st.warnings),
+        )
+
+    def spec(self, replica: ModelReplicaSpec, model_dir: Path, api_key: str | None) -> EngineSpec:
+        """The driver input for a replica (raises ValueError when its engine is not installed)."""
+        runtime = self.runtime(replica.engine, replica.engine_version)
+        if runtime is None:
+            raise ValueError(f"engine {replica.engine!r} is not installed")
+        return EngineSpec(
+            engine=replica.engine,
+            runtime=runtime,
+            model_dir=model_dir,
+            plan=replica.memory_plan,
+            served_model_name=replica.served_model_name or replica.deployment,
+            host=self.cfg.bind_address,
+            engine_args=tuple(replica.engine_args),
+            env={e.name: e.value for e in replica.env},
+            api_key=api_key,
+            device="metal" if sys.platform == "darwin" else "cpu",
+        )
+
+    async def ensure(self, key: Key, replica: ModelReplicaSpec, model_dir: Path, api_key: str | None) -> None:
+        try:
+            spec = self.spec(replica, model_dir, api_key)
+            await self.supervisor.ensure(join(key), spec)
+        except (EngineArgsError, ValueError) as exc:
+            self.failed[key] = f"cannot start the engine: {exc}"
+            LOG.warning("engine refused", replica=join(key), error=str(exc))
+
+    async def stop(self, key: Key) -> None:
+        self.failed.pop(key, None)
+        await self.supervisor.stop(join(key))
+
+    async def close(self, *, stop_engines: bool) -> None:
+        if stop_engines:
+            await self.supervisor.shutdown()
+        else:
+            await self.supervisor.detach()
+
+
+PHASES = {
+    "Starting": EngineState.STARTING,
+    "Ready": EngineState.READY,
+    "CrashLoop": EngineState.BACKOFF,
+    "Stopped": EngineState.STOPPED,
+}
+
+
+def join(key: Key) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+def split(text: str) -> Key:
+    ns, _, name = text.partition("/")
+    return (ns, name)
