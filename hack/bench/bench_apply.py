@@ -44,9 +44,8 @@ def _wait_count(cluster: Any, ns: str, want: int, timeout: float) -> float:
 def run() -> list[str]:
     from tests.fixtures.agents import bench_stack, operator_argv, stop_process
 
-    from orchardist.controller.kube import replica_path
     from orchardist.dev.tinymodel import build
-    from orchardist.kube import RawApi
+    from orchardist.kube import RawApi, paths
     from orchardist.oci.push import push
 
     with bench_stack("bench-apply-") as (work, cluster, registry):
@@ -137,7 +136,7 @@ def run() -> list[str]:
                     "metadata": {"name": f"floor-{i:03d}", "namespace": "floor"},
                     "spec": sample["spec"],
                 }
-                kube.create(replica_path("floor"), body)
+                kube.create(paths.modelreplica("floor"), body)
             floor = time.monotonic() - t0
             n = DEPLOYMENTS * REPLICAS
             return [

@@ -157,7 +157,7 @@ class Cluster:
         return out
 
     def api_client(self) -> ApiClient:
-        """An admin ApiClient (the shared adapter in orchardist.kube)."""
+        """An admin ApiClient; calls go through the shared adapter (``orchardist.kube.RawApi``/``Kube``)."""
         from orchardist.kube import api_client
 
         return api_client(self.kubeconfig)
@@ -383,11 +383,19 @@ class Cluster:
 
     def wait_for_controller_manager(self, timeout: float = 60.0) -> float:
         """Wait until the controller-manager has made the `default` ServiceAccount (it is working)."""
+        from kubernetes.client.exceptions import ApiException
+
+        from orchardist.kube import RawApi, paths
+
+        api = RawApi(self.api_client(), timeout=5.0)
         t0 = time.monotonic()
         while True:
-            out = self.kubectl("get", "serviceaccount", "default", "-n", "default", "-o", "name", check=False)
-            if out.returncode == 0:
+            try:
+                api.get(paths.serviceaccount("default", "default"))
                 return time.monotonic() - t0
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
             kcm = {r.name: r for r in self.records}.get("kube-controller-manager")
             if kcm is None or not procs.is_running(kcm):
                 log_tail = procs.tail(kcm.log) if kcm else "(not started)"

@@ -77,3 +77,7 @@ def kopfpeering(namespace: str | None = None, name: str = "") -> str:
     if namespace is None:
         return _join("/apis/kopf.dev/v1/clusterkopfpeerings", name, False)
     return _namespaced("/apis/kopf.dev/v1", "kopfpeerings", namespace, name, False)
+
+
+def serviceaccount(namespace: str, name: str = "") -> str:
+    return _namespaced("/api/v1", "serviceaccounts", namespace, name, False)
