@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,7 +23,8 @@ from orchardist.dev.cluster import Cluster
 from orchardist.kube import RawApi
 from orchardist.oci.push import push
 from orchardist_agent.engines import Runtime
-from tests.fixtures.agents import Operator, chat, make_agent, stop_recorded_engines, wait_for
+from tests.fixtures.agents import Operator, chat, make_agent, stop_recorded_engines
+from tests.fixtures.wait import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.registry]
 
@@ -56,15 +56,19 @@ class World:
     operators: list[Operator] = field(default_factory=list)
     alive: set[str] = field(default_factory=set)  # Macs whose simulated agent renews the Lease
     stop: threading.Event = field(default_factory=threading.Event)
+    renewing: threading.Lock = field(default_factory=threading.Lock)  # held while a renewal is sent
 
     def heartbeat(self) -> None:
         """Play every live agent's Lease renewal (every second, well inside the grace)."""
         kube = RawApi(self.cluster.api_client())
         while not self.stop.wait(1.0):
-            for node in list(self.alive):
-                body = {"spec": {"renewTime": micro(datetime.now(UTC))}}
-                with contextlib.suppress(Exception):
-                    kube.merge_patch(f"/apis/coordination.k8s.io/v1/namespaces/{SYSTEM}/leases/{node}", body)
+            with self.renewing:
+                for node in list(self.alive):
+                    body = {"spec": {"renewTime": micro(datetime.now(UTC))}}
+                    with contextlib.suppress(Exception):
+                        kube.merge_patch(
+                            f"/apis/coordination.k8s.io/v1/namespaces/{SYSTEM}/leases/{node}", body
+                        )
 
     # -- kubectl -----------------------------------------------------------------------------
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
@@ -139,9 +143,13 @@ class World:
         return full
 
     def expire(self, node: str) -> None:
-        """The Mac's agent is gone: no more renewals, and the last one is older than the grace."""
-        self.alive.discard(node)
-        time.sleep(1.5)  # let a renewal in flight land first
+        """The Mac's agent is gone: no more renewals, and the last one is older than the grace.
+
+        Taking the heartbeat's lock means no renewal is in flight once the node is dropped, so the
+        stale time written here is the last word.
+        """
+        with self.renewing:
+            self.alive.discard(node)
         self.renew(node, age=GRACE + 30)
 
     def renew(self, node: str, age: float = 0.0) -> None:
@@ -241,6 +249,13 @@ def world(cluster: Cluster, namespace: str, tiny_tag: tuple[str, str]) -> Iterat
             )
 
 
+def settled(world: World, name: str) -> bool:
+    """Ready, and Reconciling False: the controller counts exactly the replicas asked for."""
+    return world.condition(name, "Ready").get("status") == "True" and (
+        world.condition(name, "Reconciling").get("status") == "False"
+    )
+
+
 def nodes_of(replicas: list[dict[str, Any]]) -> list[str]:
     return sorted(r["spec"]["nodeName"] for r in replicas if not r["metadata"].get("deletionTimestamp"))
 
@@ -254,7 +269,7 @@ def test_apply_binds_replicas_to_the_right_macs_and_exposes_them(world: World) -
     world.start_operator()
     world.deploy("tiny", replicas=2)
 
-    reps = wait_for("2 replicas", lambda: world.count("tiny", 2), 60)
+    reps = wait_for(lambda: world.count("tiny", 2), timeout=60, message="2 replicas")
     assert nodes_of(reps) == sorted([good1, good2]), world.logs()
     md = world.md("tiny")
     for r in reps:
@@ -288,7 +303,10 @@ def test_apply_binds_replicas_to_the_right_macs_and_exposes_them(world: World) -
         addrs = sorted(a for e in sl.get("endpoints") or [] for a in e["addresses"])
         return addrs if len(addrs) == 2 else None
 
-    assert wait_for("the slice to list both", slice_addresses, 15) == ["192.0.2.10", "192.0.2.11"]
+    assert wait_for(slice_addresses, timeout=15, message="the slice to list both") == [
+        "192.0.2.10",
+        "192.0.2.11",
+    ]
     sl = world.get("endpointslice", "tiny", "-n", world.ns)
     assert sl["addressType"] == "IPv4" and sl["ports"] == [{"name": "http", "port": 8001, "protocol": "TCP"}]
     assert sl["metadata"]["labels"]["kubernetes.io/service-name"] == "tiny"
@@ -308,9 +326,9 @@ def test_nothing_fits_names_the_closest_mac(world: World) -> None:
     world.start_operator()
     world.deploy("big")
     cond = wait_for(
-        "Ready=False Unschedulable",
         lambda: (c := world.condition("big", "Ready")).get("reason") == "Unschedulable" and c,
-        60,
+        timeout=60,
+        message="Ready=False Unschedulable",
     )
     assert cond["status"] == "False"
     assert cond["message"].startswith(f"no Mac fits: closest is {world.ns}-mini (M2, 8 GiB): weights "), cond
@@ -327,7 +345,7 @@ def test_lease_expiry_moves_replicas_and_the_old_one_goes_when_its_mac_returns(w
     a = world.mac("a", ws_gib=64)
     world.start_operator()
     world.deploy("tiny", replicas=1)
-    (first,) = wait_for("a replica on a", lambda: world.replicas("tiny"), 60)
+    (first,) = wait_for(lambda: world.replicas("tiny"), timeout=60, message="a replica on a")
     assert first["spec"]["nodeName"] == a
     b = world.mac("b", ws_gib=48)
     world.expire(a)
@@ -336,7 +354,7 @@ def test_lease_expiry_moves_replicas_and_the_old_one_goes_when_its_mac_returns(w
         rs = world.replicas("tiny")
         return rs if b in nodes_of(rs) else None
 
-    reps = wait_for("a replacement on b", replaced, 60)
+    reps = wait_for(replaced, timeout=60, message="a replacement on b")
     assert nodes_of(reps) == sorted([a, b])  # the lost one is kept while its Mac is NotReady
     assert world.condition("tiny", "Degraded").get("reason") == "NodeNotReady"
     old = next(r for r in world.replicas("tiny") if r["spec"]["nodeName"] == a)
@@ -345,7 +363,9 @@ def test_lease_expiry_moves_replicas_and_the_old_one_goes_when_its_mac_returns(w
     world.make_ready("tiny")  # the replacement serves (and, stale, the old one says Ready too)
     world.renew(a)
     world.alive.add(a)  # a's agent is back
-    wait_for("the replaced replica deleted", lambda: nodes_of(world.replicas("tiny")) == [b], 60)
+    wait_for(
+        lambda: nodes_of(world.replicas("tiny")) == [b], timeout=60, message="the replaced replica deleted"
+    )
     world.kubectl("wait", "--for=condition=Ready", "md/tiny", "-n", world.ns, "--timeout=30s")
 
 
@@ -354,11 +374,11 @@ def test_replicas_of_a_deleted_macnode_are_deleted_and_replaced(world: World) ->
     a = world.mac("a", ws_gib=64)
     world.start_operator()
     world.deploy("tiny", replicas=1)
-    wait_for("a replica on a", lambda: nodes_of(world.replicas("tiny")) == [a], 60)
+    wait_for(lambda: nodes_of(world.replicas("tiny")) == [a], timeout=60, message="a replica on a")
     b = world.mac("b", ws_gib=48)
     world.alive.discard(a)
     world.kubectl("delete", "macnode", a)
-    wait_for("the replica moved to b", lambda: nodes_of(world.replicas("tiny")) == [b], 60)
+    wait_for(lambda: nodes_of(world.replicas("tiny")) == [b], timeout=60, message="the replica moved to b")
 
 
 def test_rollout_never_drops_below_the_ready_count(world: World) -> None:
@@ -367,25 +387,28 @@ def test_rollout_never_drops_below_the_ready_count(world: World) -> None:
         world.mac(f"m{i}")
     world.start_operator()
     world.deploy("tiny", replicas=2)
-    wait_for("2 replicas", lambda: len(world.replicas("tiny")) == 2, 60)
+    wait_for(lambda: len(world.replicas("tiny")) == 2, timeout=60, message="2 replicas")
     world.make_ready("tiny")
     world.kubectl("wait", "--for=condition=Ready", "md/tiny", "-n", world.ns, "--timeout=30s")
     old_rev = world.replicas("tiny")[0]["metadata"]["labels"]["orchardist.io/revision"]
 
     world.deploy("tiny", replicas=2, engineArgs=["--seed", "7"])
     lowest, most = 2, 2
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+
+    def rolled_out() -> bool:
+        """One observation of the rollout; then the agents make whatever is new Ready."""
+        nonlocal lowest, most
         reps = [r for r in world.replicas("tiny") if not r["metadata"].get("deletionTimestamp")]
         ready = sum((r.get("status") or {}).get("phase") == "Ready" for r in reps)
         lowest, most = min(lowest, ready), max(most, len(reps))
         revs = {r["metadata"]["labels"]["orchardist.io/revision"] for r in reps}
         if len(reps) == 2 and old_rev not in revs and ready == 2:
-            break
-        time.sleep(1.0)  # the new replica pulls for a moment before its agent says Ready
+            return True
         world.make_ready("tiny")
-    else:
-        raise AssertionError("rollout did not finish\n" + world.logs())
+        return False
+
+    # A second between looks: each new replica is seen not Ready at least once, as after a pull.
+    wait_for(rolled_out, timeout=90, interval=1.0, message=lambda: "rollout did not finish\n" + world.logs())
     assert lowest >= 2, f"ready count dropped to {lowest}"
     assert most <= 3, f"{most} replicas at once with maxSurge 1"
     world.kubectl("wait", "--for=condition=Ready", "md/tiny", "-n", world.ns, "--timeout=30s")
@@ -397,16 +420,17 @@ def test_operator_killed_mid_reconcile_converges_after_restart(world: World) -> 
         world.mac(f"m{i}")
     op = world.start_operator()
     world.deploy("tiny", replicas=4)
-    wait_for("the first replica", lambda: world.replicas("tiny"), 60, every=0.05)
+    wait_for(lambda: world.replicas("tiny"), timeout=60, message="the first replica", interval=0.05)
     op.kill()
     seen = len(world.replicas("tiny"))
     world.start_operator()
-    wait_for("4 replicas", lambda: world.count("tiny", 4), 60)
-    time.sleep(3)  # a few resyncs later, still exactly four (no duplicates)
+    wait_for(lambda: world.count("tiny", 4), timeout=60, message="4 replicas")
+    world.make_ready("tiny")
+    # Settled: the restarted operator itself counts exactly four (Reconciling False only then).
+    wait_for(lambda: settled(world, "tiny"), timeout=60, message="the deployment to settle")
     reps = world.replicas("tiny")
     assert len(reps) == 4 and len(set(nodes_of(reps))) == 4, (seen, nodes_of(reps))
-    world.make_ready("tiny")
-    world.kubectl("wait", "--for=condition=Ready", "md/tiny", "-n", world.ns, "--timeout=30s")
+    assert world.md("tiny")["status"]["replicas"] == 4
 
 
 def test_two_operators_one_leader(world: World) -> None:
@@ -415,10 +439,11 @@ def test_two_operators_one_leader(world: World) -> None:
         world.mac(f"m{i}")
     first = world.start_operator("--peering", "orchardist", "--priority", "1", "--peering-lifetime", "10")
     second = world.start_operator("--peering", "orchardist", "--priority", "2", "--peering-lifetime", "10")
-    wait_for("the first to pause", lambda: first.said("Pausing operations in favour of"), 60)
+    wait_for(lambda: first.said("Pausing operations in favour of"), timeout=60, message="the first to pause")
     world.deploy("tiny", replicas=2)
-    wait_for("2 replicas", lambda: len(world.replicas("tiny")) == 2, 60)
-    time.sleep(2)
+    wait_for(lambda: len(world.replicas("tiny")) == 2, timeout=60, message="2 replicas")
+    world.make_ready("tiny")
+    wait_for(lambda: settled(world, "tiny"), timeout=60, message="the deployment to settle")
     assert len(world.replicas("tiny")) == 2
     assert second.events("reconciled") and not first.events("reconciled"), world.logs()
     peering = world.get("kopfpeering", "orchardist", "-n", world.ns)
@@ -426,7 +451,7 @@ def test_two_operators_one_leader(world: World) -> None:
 
     second.kill()  # the leader dies without saying goodbye; its record expires after 10 s
     world.deploy("tiny", replicas=3)
-    wait_for("the standby to take over", lambda: len(world.replicas("tiny")) == 3, 60)
+    wait_for(lambda: len(world.replicas("tiny")) == 3, timeout=60, message="the standby to take over")
     assert first.events("reconciled"), world.logs()
 
 
@@ -442,29 +467,39 @@ async def test_re_resolve_annotation_pins_the_moved_tag(
     first = await push(tiny_model, tag)
     world.start_operator()
     world.deploy("mv", replicas=1, model=tag)
-    wait_for("the first pin", lambda: (world.md("mv").get("status") or {}).get("resolvedDigest") == first, 60)
+    wait_for(
+        lambda: (world.md("mv").get("status") or {}).get("resolvedDigest") == first,
+        timeout=60,
+        message="the first pin",
+    )
     world.make_ready("mv")
     second = await push(build(tmp_path / "other", seed=1), tag)
     assert second != first
-    await asyncio.sleep(3)  # several resyncs: the pin holds, nothing rolls
+    # A reconcile after the tag moved (asked for by scaling up) keeps the pin: the new replica
+    # runs the first digest too, and nothing rolls.
+    world.deploy("mv", replicas=2, model=tag)
+    reps = wait_for(lambda: world.count("mv", 2), timeout=60, message="the second replica")
+    assert {r["spec"]["digest"] for r in reps} == {first}
     assert world.md("mv")["status"]["resolvedDigest"] == first
-    assert {r["spec"]["digest"] for r in world.replicas("mv")} == {first}
+    world.make_ready("mv")
 
     world.kubectl("annotate", "md", "mv", "-n", world.ns, "orchardist.io/re-resolve=now")
-    wait_for("the new pin", lambda: world.md("mv")["status"].get("resolvedDigest") == second, 60)
+    wait_for(
+        lambda: world.md("mv")["status"].get("resolvedDigest") == second, timeout=60, message="the new pin"
+    )
     assert world.md("mv")["status"]["resolvedModel"].endswith("@" + second)
     wait_for(
-        "the annotation consumed",
         lambda: "orchardist.io/re-resolve" not in (world.md("mv")["metadata"].get("annotations") or {}),
-        30,
+        timeout=30,
+        message="the annotation consumed",
     )
 
     def rolled() -> bool:
         world.make_ready("mv")
         reps = [r for r in world.replicas("mv") if not r["metadata"].get("deletionTimestamp")]
-        return len(reps) == 1 and reps[0]["spec"]["digest"] == second
+        return len(reps) == 2 and {r["spec"]["digest"] for r in reps} == {second}
 
-    wait_for("the replica on the new digest", rolled, 60, every=1.0)
+    wait_for(rolled, timeout=60, message="the replica on the new digest", interval=1.0)
 
 
 def test_scale_subresource_scales_and_scale_down_removes_not_ready_first(world: World) -> None:
@@ -473,10 +508,10 @@ def test_scale_subresource_scales_and_scale_down_removes_not_ready_first(world: 
         world.mac(f"m{i}")
     world.start_operator()
     world.deploy("tiny", replicas=1)
-    wait_for("1 replica", lambda: world.count("tiny", 1), 60)
+    wait_for(lambda: world.count("tiny", 1), timeout=60, message="1 replica")
     world.make_ready("tiny")
     world.kubectl("scale", "md/tiny", "-n", world.ns, "--replicas=3")
-    reps = wait_for("3 replicas", lambda: world.count("tiny", 3), 60)
+    reps = wait_for(lambda: world.count("tiny", 3), timeout=60, message="3 replicas")
     assert len(set(nodes_of(reps))) == 3  # spread Preferred
     ready = {r["metadata"]["name"] for r in reps if (r.get("status") or {}).get("phase") == "Ready"}
     scale = json.loads(
@@ -486,7 +521,7 @@ def test_scale_subresource_scales_and_scale_down_removes_not_ready_first(world: 
     )
     assert scale["spec"]["replicas"] == 3 and scale["status"]["selector"] == "orchardist.io/deployment=tiny"
     world.kubectl("scale", "md/tiny", "-n", world.ns, "--replicas=1")
-    (kept,) = wait_for("1 replica", lambda: world.count("tiny", 1), 60)
+    (kept,) = wait_for(lambda: world.count("tiny", 1), timeout=60, message="1 replica")
     assert kept["metadata"]["name"] in ready  # the two that were not serving went first
 
 
@@ -503,9 +538,9 @@ def test_pull_secret_gives_the_controller_registry_credentials(
     world.start_operator()
     world.deploy("nocreds", model=tag)
     wait_for(
-        "ResolveFailed without credentials",
         lambda: world.condition("nocreds", "Stalled").get("reason") == "ResolveFailed",
-        60,
+        timeout=60,
+        message="ResolveFailed without credentials",
     )
     world.kubectl(
         "create",
@@ -520,11 +555,11 @@ def test_pull_secret_gives_the_controller_registry_credentials(
     )
     world.deploy("private", model=tag, pullSecretRef={"name": "regcred"})
     wait_for(
-        "the private model pinned",
         lambda: (world.md("private").get("status") or {}).get("resolvedDigest") == digest,
-        60,
+        timeout=60,
+        message="the private model pinned",
     )
-    (r,) = wait_for("its replica", lambda: world.count("private", 1), 60)
+    (r,) = wait_for(lambda: world.count("private", 1), timeout=60, message="its replica")
     assert r["spec"]["pullSecretRef"] == {"name": "regcred"}
 
 
@@ -533,7 +568,7 @@ def test_the_default_cluster_wide_operator_peers_and_serves(world: World) -> Non
     world.mac("m0")
     op = world.start_operator(scope=("--all-namespaces",))
     world.deploy("tiny", replicas=1)
-    wait_for("a replica", lambda: world.count("tiny", 1), 60)
+    wait_for(lambda: world.count("tiny", 1), timeout=60, message="a replica")
     peering = world.get("clusterkopfpeering", "orchardist")
     assert peering is not None and len(peering.get("status") or {}) >= 1, world.logs()
     assert op.events("reconciled")
@@ -544,13 +579,15 @@ def test_deleting_the_deployment_removes_replicas_service_and_slice(world: World
     world.mac("m0")
     world.start_operator()
     world.deploy("tiny", replicas=1)
-    wait_for("a replica", lambda: world.replicas("tiny"), 60)
+    wait_for(lambda: world.replicas("tiny"), timeout=60, message="a replica")
     world.make_ready("tiny")
-    wait_for("the slice", lambda: world.get("endpointslice", "tiny", "-n", world.ns), 30)
+    wait_for(lambda: world.get("endpointslice", "tiny", "-n", world.ns), timeout=30, message="the slice")
     world.kubectl("delete", "md", "tiny", "-n", world.ns, "--wait=true", "--timeout=60s")
-    wait_for("replicas gone", lambda: world.replicas() == [], 60)
-    wait_for("service gone", lambda: world.get("service", "tiny", "-n", world.ns) is None, 60)
-    wait_for("slice gone", lambda: world.get("endpointslice", "tiny", "-n", world.ns) is None, 60)
+    wait_for(lambda: world.replicas() == [], timeout=60, message="replicas gone")
+    wait_for(lambda: world.get("service", "tiny", "-n", world.ns) is None, timeout=60, message="service gone")
+    wait_for(
+        lambda: world.get("endpointslice", "tiny", "-n", world.ns) is None, timeout=60, message="slice gone"
+    )
 
 
 @pytest.mark.engine
@@ -565,7 +602,7 @@ def test_real_agent_serves_the_deployment_with_mlx_lm(
     agent = make_agent(world.cluster, tmp_path / "agent", extra=("--runtime", f"mlx-lm={mlx_runtime.prefix}"))
     agent.start()
     try:
-        wait_for("the agent's MacNode", lambda: world.get("macnode", agent.node), 60)
+        wait_for(lambda: world.get("macnode", agent.node), timeout=60, message="the agent's MacNode")
         world.kubectl("label", "macnode", agent.node, f"test={world.ns}")
         world.macs.append(agent.node)
         world.start_operator()
