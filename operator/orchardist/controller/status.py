@@ -39,12 +39,12 @@ class Facts:
     """What the reconcile found, reduced to what the conditions need."""
 
     desired: int
-    existing: int = 0  # replicas not being deleted, wherever they are
+    existing: int = 0  # replicas not being deleted (and those created now), wherever they are
     ready: int = 0  # replicas serving (phase Ready on a Ready Mac)
     updated: int = 0  # replicas of the current revision
     updated_ready: int = 0
     old: int = 0  # replicas of an older revision still present
-    lost: int = 0  # replicas on Macs that are NotReady
+    lost: int = 0  # replicas on NotReady Macs, or back on a Mac while their replacement comes up
     pulling: int = 0
     starting: int = 0
     pending: int = 0  # bound, but the Mac's agent has not reported yet
