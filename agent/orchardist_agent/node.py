@@ -165,9 +165,13 @@ class NodeAgent:
         self._sent = status
 
     async def register(self, host: JSON | None = None) -> None:
-        """Create the MacNode if missing and write its whole status."""
+        """Create the MacNode if missing, take the Lease, then write the whole status.
+
+        The Lease first: a MacNode that says Ready has a fresh Lease behind it.
+        """
         self._host = host if host is not None else await asyncio.to_thread(self.facts)
         self._status = status_of(await self._ensure_macnode())
+        await self.renew_lease()
         await self._push_status(force=True)
         LOG.info("macnode registered", node=self.name, address=self.address)
 
@@ -221,7 +225,7 @@ class NodeAgent:
         """Heartbeat until `stop`; refresh host facts now and then; patch status on changes."""
         loop = asyncio.get_running_loop()
         next_facts = loop.time() + self.facts_interval
-        next_beat = loop.time()
+        next_beat = loop.time() + (self.heartbeat_interval if self._lease_ok else 0.0)
         while not stop.is_set():
             now = loop.time()
             try:

@@ -191,12 +191,19 @@ def test_replica_that_does_not_fit_is_refused_and_never_started(
     assert (sched["status"], sched["reason"]) == ("False", "DoesNotFit")
     assert "needs 100.0 GiB of the GPU working set" in sched["message"]
     assert st["lastError"]["reason"] == "DoesNotFit"
-    time.sleep(2.0)  # a few more passes of the loop: still nothing pulled, started or reserved
-    node = kget(cluster, "macnode", agent.node)
-    assert node["status"]["memory"]["allocatedBytes"] == 0
-    assert node["status"]["cachedModels"] == []
-    assert not list((agent.workdir / "state" / "engines").glob("*.json"))
-    assert condition(status_of(cluster, namespace, "huge"), "Pulled") == {}
+
+    def admitted() -> str | None:
+        """Anything the loop would do for a replica it admitted: reserve, pull, start."""
+        node = kget(cluster, "macnode", agent.node)["status"]
+        if node["memory"]["allocatedBytes"] != 0 or node["cachedModels"]:
+            return f"memory {node['memory']['allocatedBytes']}, cached {node['cachedModels']}"
+        if list((agent.workdir / "state" / "engines").glob("*.json")):
+            return "an engine record"
+        return "a Pulled condition" if condition(status_of(cluster, namespace, "huge"), "Pulled") else None
+
+    # Watched over a few passes of the loop (its tick is 5 s): any admission ends the wait at once.
+    with pytest.raises(AssertionError, match="the refused replica admitted"):
+        wait_for("the refused replica admitted", admitted, timeout=6.0)
 
 
 def test_engine_that_exits_reports_crash_loop_with_its_last_log_lines(
@@ -351,14 +358,16 @@ def test_pull_progress_is_reported_at_most_about_once_a_second(
         slow = (padded_ref[0].replace(registry, proxy.host), padded_ref[1])
         apply(cluster, namespace, replica("slow", agent.node, slow))
         seen: list[dict[str, Any]] = []
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 60:
+
+        def pulled() -> bool:
+            """The pull is over; each distinct progress seen on the way is kept."""
             st = status_of(cluster, namespace, "slow")
             if st.get("progress") and st["progress"] not in seen:
                 seen.append(st["progress"])
-            if condition(st, "Pulled").get("status") == "True":
-                break
-            time.sleep(0.1)
+            return condition(st, "Pulled").get("status") == "True"
+
+        t0 = time.monotonic()
+        wait_for("the slow pull to finish", pulled, timeout=60, every=0.1)
         pull_seconds = time.monotonic() - t0
         assert condition(status_of(cluster, namespace, "slow"), "Pulled")["status"] == "True"
     finally:

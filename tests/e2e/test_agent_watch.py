@@ -1,17 +1,16 @@
-"""The replica watch on the real API server: the field selector, and a relist after 410 Gone."""
+"""The replica loop's informer on the real API server: the field selector, and a relist after 410 Gone."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
 from orchardist.dev.cluster import Cluster
-from orchardist.kube import RawApi
+from orchardist.kube import Kube, RawApi
 from orchardist.oci.store import ContentStore
 from orchardist_agent.config import AgentConfig
 from orchardist_agent.node import NodeAgent
@@ -62,16 +61,14 @@ async def test_watch_sees_only_this_node_and_relists_after_410(
 ) -> None:
     for name, bound in (("mine", "watch-node"), ("theirs", "other-node")):
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(replica(name, bound)))
-    kube = RawApi(cluster.api_client())
+    kube = Kube(RawApi(cluster.api_client()))
     cfg = AgentConfig(node_name="watch-node", store=tmp_path / "store", state_dir=tmp_path / "state")
     node = NodeAgent(kube, "watch-node", dict, address="127.0.0.1")
     replicas = ReplicaLoop(
         kube, node, cfg, "127.0.0.1", ContentStore(cfg.store, 2**30), engines=cast(Any, None)
     )
-    loop = asyncio.get_running_loop()
     # Start from a resourceVersion the server no longer has: it answers 410 Gone, the agent relists.
-    thread = threading.Thread(target=replicas._watch_thread, args=(loop, "1"), daemon=True)
-    thread.start()
+    informer = replicas.watch("1")
     try:
         kind, items = await next_item(replicas)
         assert kind == "relist"
@@ -92,4 +89,4 @@ async def test_watch_sees_only_this_node_and_relists_after_410(
             seen.append((kind, obj["metadata"]["name"]))
         assert seen == [("ADDED", "later"), ("DELETED", "mine")]
     finally:
-        replicas._stop_thread.set()
+        informer.stop()

@@ -147,6 +147,10 @@ async def test_register_creates_the_macnode_and_writes_its_whole_status() -> Non
     assert stored["status"]["address"] == "10.0.0.7"
     assert stored["status"]["memory"]["gpuWorkingSetBytes"] == 48 * GiB
     assert ("PATCH", MACNODE + "/status") in api.calls
+    # The Lease is taken before the status says Ready.
+    assert api.calls.index(("POST", LEASE.rsplit("/", 1)[0])) < api.calls.index(
+        ("PATCH", MACNODE + "/status")
+    )
 
 
 async def test_register_keeps_an_existing_macnodes_spec_and_condition_times() -> None:
