@@ -99,7 +99,7 @@ async def test_a_crash_loop_restarts_after_doubling_jittered_delays(
 ) -> None:
     """10 s, 20 s, 40 s, capped at 40 s; the most jitter takes off half of each delay."""
     timeline = Timeline()
-    sup = supervisor(tmp_path, timeline, backoff_base=10, backoff_max=40, jitter=lambda: jitter)
+    sup = supervisor(tmp_path, timeline, backoff_base=10, backoff_max=40, rng=lambda: jitter)
     try:
         await sup.ensure("team/crashy", Program("import sys; sys.exit(3)"))
         measured = []
@@ -120,7 +120,7 @@ async def test_a_hung_engine_fails_liveness_after_three_probe_timeouts(tmp_path:
     timeline = Timeline()
     sup = supervisor(
         tmp_path, timeline, probe_interval=10, probe_timeout=5, liveness_failures=3, stop_timeout=5,
-        ready_timeout=3600, backoff_base=10, jitter=lambda: 0.0,
+        ready_timeout=3600, backoff_base=10, rng=lambda: 0.0,
     )  # fmt: skip
     try:
         await sup.ensure("team/hung", Program(ENGINE))

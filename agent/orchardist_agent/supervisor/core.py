@@ -223,7 +223,7 @@ class Supervisor:
         if isinstance(action, health.Terminate):
             await self._terminate(entry)
             return health.Terminated(tuple(logs.tail(entry.log_path, cfg.tail_lines)))
-        await asyncio.sleep(cfg.restart.delay(action.failures, cfg.jitter))
+        await asyncio.sleep(cfg.restart.delay(action.failures, cfg.rng))
         return health.Due()
 
     async def _observe(self, entry: _Entry) -> Observation:

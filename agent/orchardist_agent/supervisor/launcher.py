@@ -80,7 +80,7 @@ async def terminate(
                 break
         else:
             await asyncio.sleep(0.2)
-            if not processes.alive(pid):
+            if await asyncio.to_thread(processes.check, identity) != "same":
                 break
     else:
         _log.warning("engine ignored SIGTERM; killing its group", key=key, pid=pid)

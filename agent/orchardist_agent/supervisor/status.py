@@ -54,7 +54,7 @@ class SupervisorConfig:
     log_max_bytes: int = 32 << 20
     log_backups: int = 3
     tail_lines: int = 25
-    jitter: Callable[[], float] = field(default=random.random, compare=False)  # 0..1; fixed in tests
+    rng: Callable[[], float] = field(default=random.random, compare=False)  # jitter draws 0..1; tests fix it
 
     @property
     def restart(self) -> Backoff:
