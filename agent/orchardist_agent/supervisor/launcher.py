@@ -1,7 +1,7 @@
-"""Starting and stopping engine processes: the only place the agent starts a process.
+"""Starting and stopping engine processes: the one place the agent starts an engine.
 
 Each engine runs in its own session and process group, writing straight to its log file, so it
-outlives the agent and one signal reaches all of its helpers (vLLM's EngineCore, say).
+outlives the agent and one signal reaches all of its processes (vLLM's EngineCore, say).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ async def terminate(
                 break
     else:
         _log.warning("engine ignored SIGTERM; killing its group", key=key, pid=pid)
-    # Also ends helpers (e.g. vLLM's EngineCore) left in the group after the leader exited, and
+    # Also ends child processes (e.g. vLLM's EngineCore) left in the group after the leader exited, and
     # waits for them: a killed process with gigabytes mapped takes a moment to go.
     processes.signal_group(pid, signal.SIGKILL)
     for _ in range(50):
