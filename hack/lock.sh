@@ -6,10 +6,12 @@
 # The engine runtimes' venvs (hack/install-runtimes.sh) are locked the same way, each on its own:
 # hack/runtimes/NAME.in -> hack/runtimes/NAME.txt.
 #   usage: hack/lock.sh write [uv lock args, e.g. --upgrade]   re-resolve and re-export
-#          hack/lock.sh check                                   fail if either is stale
+#          hack/lock.sh check                                   fail if a lock is stale
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UV=${UV:-.venv/bin/uv}
+
+runtimes="mlx-lm vllm"
 
 # name: the `uv export` selection it holds (runtime = what the operator image installs).
 exports=(
@@ -19,16 +21,30 @@ exports=(
   "build:--only-group build"
 )
 
-runtime_lock() {  # NAME OUT [uv args]: re-resolves NAME.in into OUT, keeping the pins NAME.txt holds
-  local name=$1 out=$2 args=()
-  shift 2
-  [ -e "hack/runtimes/$name.overrides.txt" ] && args+=(--override "hack/runtimes/$name.overrides.txt")
-  [ -e "hack/runtimes/$name.txt" ] && [ "$out" != "hack/runtimes/$name.txt" ] && cp "hack/runtimes/$name.txt" "$out"
-  "$UV" pip compile --quiet --universal --python-version 3.11 --generate-hashes \
-    --custom-compile-command "make lock" "${args[@]}" "$@" "hack/runtimes/$name.in" -o "$out"
+sha256() {  # macOS has shasum, Debian sha256sum
+  if command -v sha256sum >/dev/null; then sha256sum; else shasum -a 256; fi | cut -d' ' -f1
 }
 
-runtimes="mlx-lm vllm"
+# What the runtime locks were compiled from (each .in and overrides file), with checksums: `check`
+# sees an edited input without the network, and the locks' own bytes (which name the cached
+# runtime venvs) stay uv's output.
+inputs() {
+  local name f
+  for name in $runtimes; do
+    for f in "hack/runtimes/$name.in" "hack/runtimes/$name.overrides.txt"; do
+      if [ -e "$f" ]; then echo "$(sha256 <"$f")  $f"; fi
+    done
+  done
+}
+
+runtime_lock() {  # NAME [uv args]: re-resolve NAME.in into NAME.txt, keeping the pins it holds
+  local name=$1 args=()
+  shift
+  [ -e "hack/runtimes/$name.overrides.txt" ] && args+=(--override "hack/runtimes/$name.overrides.txt")
+  "$UV" pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+    --custom-compile-command "make lock" "${args[@]}" "$@" "hack/runtimes/$name.in" \
+    -o "hack/runtimes/$name.txt"
+}
 
 render() {  # $1: the selection; prints the requirements file
   echo "# Generated from uv.lock by \`make lock\` (hack/lock.sh); do not edit. Install with"
@@ -46,8 +62,9 @@ case "${1:-}" in
       render "${e#*:}" >"requirements/${e%%:*}.txt"
     done
     for r in $runtimes; do
-      runtime_lock "$r" "hack/runtimes/$r.txt" "$@"
+      runtime_lock "$r" "$@"
     done
+    inputs >hack/runtimes/inputs.sha256
     ;;
   check)
     "$UV" lock --check
@@ -59,14 +76,10 @@ case "${1:-}" in
         stale=1
       fi
     done
-    tmp=$(mktemp -d)
-    trap 'rm -rf "$tmp"' EXIT
-    for r in $runtimes; do
-      if ! runtime_lock "$r" "$tmp/$r.txt" || ! diff -q "$tmp/$r.txt" "hack/runtimes/$r.txt" >/dev/null; then
-        echo "hack/runtimes/$r.txt does not match hack/runtimes/$r.in: run \`make lock\`" >&2
-        stale=1
-      fi
-    done
+    if [ "$(inputs)" != "$(cat hack/runtimes/inputs.sha256 2>/dev/null)" ]; then
+      echo "hack/runtimes/*.txt were not compiled from the current hack/runtimes/*.in: run \`make lock\`" >&2
+      stale=1
+    fi
     exit "$stale"
     ;;
   *)
