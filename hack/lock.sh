@@ -58,8 +58,10 @@ case "${1:-}" in
     shift
     "$UV" lock "$@"
     mkdir -p requirements
-    for e in "${exports[@]}"; do
-      render "${e#*:}" >"requirements/${e%%:*}.txt"
+    for e in "${exports[@]}"; do  # rewritten only when changed: `make venv` reinstalls on a newer file
+      f="requirements/${e%%:*}.txt"
+      render "${e#*:}" >"$f.new"
+      if cmp -s "$f.new" "$f"; then rm "$f.new"; else mv "$f.new" "$f"; fi
     done
     for r in $runtimes; do
       runtime_lock "$r" "$@"
