@@ -78,11 +78,12 @@ class Api(Protocol):
 
 
 class RawApi:
-    """Blocking raw-JSON calls over an ApiClient (from async code: ``asyncio.to_thread``).
+    """Blocking raw-JSON calls over an ApiClient (from async code: :class:`Kube`).
 
-    Plain dicts instead of the typed APIs: the callers read a handful of kinds as JSON, and importing
-    the typed core API alone costs ~20 MB of RSS on a Mac that should give its memory to models.
-    Connection, auth and TLS stay the official client's. Non-2xx answers raise ``ApiException``.
+    JSON on the wire instead of the client's typed APIs: callers parse our kinds at the edge with
+    their pydantic models, and importing the typed core API alone costs ~20 MB of RSS on a Mac that
+    should give its memory to models. Connection, auth and TLS stay the official client's. Non-2xx
+    answers raise ``ApiException``.
     """
 
     def __init__(self, api: client.ApiClient, timeout: float = 30.0) -> None:

@@ -171,8 +171,3 @@ def to_queue(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Delivery]) ->
         loop.call_soon_threadsafe(queue.put_nowait, item)
 
     return deliver
-
-
-def key(obj: Mapping[str, Any]) -> tuple[str, str]:
-    meta = obj.get("metadata") or {}
-    return (str(meta.get("namespace", "")), str(meta.get("name", "")))
