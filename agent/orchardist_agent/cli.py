@@ -158,16 +158,15 @@ async def register_node(node: NodeAgent, host: dict[str, Any], stop: asyncio.Eve
 
     def log_retry(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        LOG.warning(
-            "registration failed; retrying", node=node.name, error=str(exc), attempt=state.attempt_number
-        )
+        wait = round(state.next_action.sleep, 2) if state.next_action else None
+        LOG.warning("registration failed; retrying", node=node.name, error=str(exc), retry_in=wait)
 
-    async def attempt() -> None:
+    async def keep_trying() -> None:
         async for attempt in retry.retrying(attempts=sys.maxsize, retry_on=Exception, before_sleep=log_retry):
             with attempt:
                 await node.register(host)
 
-    registering = asyncio.create_task(attempt())
+    registering = asyncio.create_task(keep_trying())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({registering, stopped}, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
