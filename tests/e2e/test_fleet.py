@@ -240,7 +240,8 @@ def test_too_big_for_every_mac_is_unschedulable_naming_the_closest(world: World)
         assert float(m.group(3)) == pytest.approx(shortfall[closest], abs=0.11), (cond["message"], shortfall)
         stalled = fleet.condition("huge", "Stalled")
         assert (stalled.get("status"), stalled.get("reason")) == ("True", "Unschedulable"), stalled
-        time.sleep(2)  # deliberate: an absence shows only over time; two resyncs (--resync 1), no replica
+        # An absence shows only over time, and a resync that changes nothing leaves no trace to wait on.
+        time.sleep(2)  # deliberate: two resyncs (--resync 1) later, still no replica
         assert fleet.replicas("huge") == []
     finally:
         fleet.cluster.kubectl("delete", "md", "huge", "-n", fleet.ns, "--wait=true", "--timeout=60s")
