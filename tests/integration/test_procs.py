@@ -20,6 +20,7 @@ import pytest
 
 from orchardist import processes
 from orchardist.dev import cluster, procs
+from tests.fixtures.wait import wait_for
 
 SLEEPER = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"]
 
@@ -51,9 +52,12 @@ def test_identity_of_a_live_process_and_after_it_exits() -> None:
         assert processes.check(replace(found, started="another-boot:1.00")) == "other"
         assert processes.check(replace(found, digest=processes.argv_digest(["sleep", "60"]))) == "other"
         child.kill()
-        deadline = time.monotonic() + 10
-        while processes.alive(child.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(
+            lambda: not processes.alive(child.pid),
+            timeout=10,
+            interval=0.02,
+            message="the killed child still lives",
+        )
         assert not processes.alive(child.pid)  # a zombie until reaped, which counts as dead
         assert processes.check(found) != "same"
     finally:
@@ -85,9 +89,12 @@ def test_descendants_and_group_signal(tmp_path: Path) -> None:
         assert sorted(processes.group_members(leader.pid)) == sorted([leader.pid, grandchild])
         assert processes.signal_group(leader.pid, signal.SIGKILL)
         leader.wait()
-        deadline = time.monotonic() + 10
-        while processes.group_alive(leader.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(
+            lambda: not processes.group_alive(leader.pid),
+            timeout=10,
+            interval=0.02,
+            message="the killed group still lives",
+        )
         assert not processes.group_alive(leader.pid) and not processes.alive(grandchild)
     finally:
         leader.kill()
@@ -120,9 +127,12 @@ def test_stop_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> None:
         "print('ok', flush=True); time.sleep(60)"
     )
     rec = procs.start("stubborn", [sys.executable, "-c", code], tmp_path / "stubborn.log")
-    deadline = time.monotonic() + 10
-    while "ok" not in Path(rec.log).read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(
+        lambda: not ("ok" not in Path(rec.log).read_text()),
+        timeout=10,
+        interval=0.05,
+        message="still true: 'ok' not in Path(rec.log).read_text()",
+    )
     t0 = time.monotonic()
     assert procs.stop(rec, grace=0.5) is True
     assert not procs.is_running(rec)
@@ -187,9 +197,12 @@ def test_down_of_a_dead_recorded_cluster_removes_its_state(tmp_path: Path) -> No
     (state / "cluster.json").write_text(
         '{"bin_dir": "/nonexistent", "api_port": 1, "etcd_port": 2, "token": "t", "order": ["etcd"]}'
     )
-    deadline = time.monotonic() + 10
-    while procs.is_running(rec) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(
+        lambda: not procs.is_running(rec),
+        timeout=10,
+        interval=0.05,
+        message="still running",
+    )
     assert cluster.down(state) == []
     assert not state.exists()
 
@@ -214,9 +227,12 @@ def test_die_with_parent_stops_the_child_when_its_starter_is_killed(tmp_path: Pa
         assert procs.is_running(child)
         parent.kill()
         parent.wait()
-        deadline = time.monotonic() + 10
-        while procs.is_running(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(
+            lambda: not procs.is_running(child),
+            timeout=10,
+            interval=0.05,
+            message="the orphan still runs",
+        )
         assert not procs.is_running(child)
     finally:
         procs.stop(child, grace=1)

@@ -12,6 +12,8 @@ from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller.reconciler import Controller
 from orchardist.controller.world import parse_deployment
 
+pytestmark = pytest.mark.looptime  # the sleeps below are simulated durations, not waits
+
 
 class Counting(Controller):
     """A Controller whose reconcile only counts runs (the scheduling inside is tested elsewhere)."""
@@ -28,7 +30,7 @@ class Counting(Controller):
         self.active += 1
         self.most = max(self.most, self.active)
         self.forced.append(force)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # a reconcile's duration, on looptime's fake clock
         self.active -= 1
 
 
@@ -49,7 +51,7 @@ async def test_a_forced_resolve_is_not_lost_when_joining() -> None:
     """A trigger asking for a fresh resolution that joins a queued run makes that run forced."""
     c = counting()
     first = asyncio.ensure_future(c.trigger("ns", "md"))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # fake clock: lets the first run start before the others arrive
     await asyncio.gather(c.trigger("ns", "md"), c.trigger("ns", "md", force_resolve=True))
     await first
     assert c.forced == [False, True]
