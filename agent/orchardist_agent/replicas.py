@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from orchardist import log
+from orchardist.api.projection import node_namespace, projected_secret
 from orchardist.kube import Kube, paths
 from orchardist.kube.events import EventRecorder
 from orchardist.kube.informer import RELIST, Delivery, Informer, to_queue
@@ -277,9 +278,11 @@ class ReplicaLoop:
     # -- Secrets -----------------------------------------------------------------------------
 
     async def _secret_data(self, namespace: str, name: str) -> dict[str, str]:
-        secret = await self.kube.get(paths.secret(namespace, name))
+        # The agent may read only the copies the controller projects for this node.
+        where = node_namespace(self.node.name), projected_secret(namespace, name)
+        secret = await self.kube.get(paths.secret(*where))
         if secret is None:
-            raise LookupError(f"Secret {namespace}/{name} not found")
+            raise LookupError(f"Secret {namespace}/{name} not found (projected as {'/'.join(where)})")
         return dict(secret.get("data") or {})
 
     async def _pull_auth(self, view: ReplicaView) -> Credentials | None:

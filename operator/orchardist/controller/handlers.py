@@ -31,6 +31,7 @@ from orchardist.api.macnode import MacNode
 from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller import world
 from orchardist.controller.kube import ensure_peering
+from orchardist.controller.projection import Projector
 from orchardist.controller.reconciler import Controller, deployment_ref
 from orchardist.controller.world import LABEL_MANAGED_BY, MANAGED_BY, SERVICE_NAME_LABEL, SLICE_MANAGED_BY
 
@@ -116,6 +117,13 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         return namespace == SYSTEM_NAMESPACE
 
     md = (GROUP, VERSION, "modeldeployments")
+    # Each agent reads only its replicas' Secrets, copied into its node's namespace (projection.py).
+    projector = Projector(
+        ctl.adapter.kube,
+        lambda: [r for _, rs in (ctl.replicas or {}).items() for r in rs],
+        SYSTEM_NAMESPACE,
+    )
+    background: list[asyncio.Task[None]] = []
     mr = (GROUP, VERSION, "modelreplicas")
     mn = (GROUP, VERSION, "macnodes")
 
@@ -164,6 +172,7 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         ctl.deployments, ctl.replicas = kwargs["md_index"], kwargs["mr_index"]
         ctl.macnodes, ctl.leases = kwargs["mn_index"], kwargs["lease_index"]
         ctl.services, ctl.slices = kwargs["svc_index"], kwargs["slice_index"]
+        background.append(asyncio.create_task(projector.run(opts.resync_seconds)))
         if opts.peering:
             peering_namespaces = None if served is None else sorted({*served, SYSTEM_NAMESPACE})
             await ensure_peering(ctl.adapter.kube, opts.peering, peering_namespaces)
@@ -174,6 +183,11 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
             priority=opts.priority,
             lease_grace=ctl.config.lease_grace,
         )
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        for task in background:
+            task.cancel()
 
     @kopf.on.resume(*md, id="reconcile-resume", when=serves, backoff=2, registry=registry)
     @kopf.on.create(*md, id="reconcile-create", when=serves, backoff=2, registry=registry)
@@ -199,6 +213,7 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         if not owner or namespace is None or not serves(namespace):
             return
         etype = event.get("type")
+        projector.poke()
         # kopf indexes before it calls handlers: the index holds this event's replica, parsed.
         replica = None if etype == "DELETED" else ctl.indexed_replica(namespace, owner, name)
         if etype == "DELETED":
