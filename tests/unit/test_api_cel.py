@@ -117,6 +117,14 @@ def rule_at(kind: str, path: str, fragment: str) -> str:
 
 CASES = [
     # (kind, path, message fragment, self, accepted)
+    ("ModelDeployment", ".spec.aliases[]", "each of spec.aliases", "qwen3-0.6b", True),
+    ("ModelDeployment", ".spec.aliases[]", "each of spec.aliases", "team/qwen3", False),
+    ("ModelDeployment", ".spec.aliases[]", "each of spec.aliases", "Qwen3", False),
+    ("ModelDeployment", ".spec.aliases", "same alias twice", ["a", "b"], True),
+    ("ModelDeployment", ".spec.aliases", "same alias twice", ["a", "b", "a"], False),
+    ("ModelDeployment", ".spec.scaling", "minReplicas must not", {"minReplicas": 0, "maxReplicas": 1}, True),
+    ("ModelDeployment", ".spec.scaling", "minReplicas must not", {"maxReplicas": 1}, True),
+    ("ModelDeployment", ".spec.scaling", "minReplicas must not", {"minReplicas": 3, "maxReplicas": 2}, False),
     ("ModelDeployment", ".spec.model", "starting with oci://", "oci://r.example.com/m:1", True),
     ("ModelDeployment", ".spec.model", "starting with oci://", "https://r.example.com/m:1", False),
     ("ModelDeployment", ".spec.model", "the digest in spec.model", PINNED, True),
