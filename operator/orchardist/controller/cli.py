@@ -64,6 +64,12 @@ def register(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds between level-based resyncs (default: grace / 4, <= 10)",
     )
+    run_p.add_argument(
+        "--liveness",
+        metavar="URL",
+        default=None,
+        help="serve kopf's health endpoint for the pod's probes, e.g. http://0.0.0.0:8080/healthz",
+    )
     run_p.add_argument("--log-level", default="INFO")
     run_p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     run_p.set_defaults(func=run)
@@ -102,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 standalone=opts.peering is None,
                 peering_name=opts.peering,
                 priority=priority if opts.peering else None,
+                liveness_endpoint=args.liveness,
                 identity=identity,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str
             )
         )
