@@ -107,6 +107,9 @@ class Cluster:
     token: str
     records: list[procs.ProcRecord] = field(default_factory=list)
     ready_seconds: float = 0.0
+    #: The apiserver's listening address: 0.0.0.0 lets simulated Macs in network namespaces reach
+    #: it through the bridge; its self-signed certificate then names 127.0.0.1 and localhost.
+    bind_address: str = "127.0.0.1"
 
     # ---- paths and clients -------------------------------------------------------------------
     @property
@@ -173,6 +176,7 @@ class Cluster:
         crds: Path | None = None,
         timeout: float = 60.0,
         die_with_parent: bool = False,
+        bind_address: str = "127.0.0.1",
     ) -> Cluster:
         """Start etcd, kube-apiserver and (optionally) kube-controller-manager; wait for /readyz.
 
@@ -197,6 +201,7 @@ class Cluster:
             api_port=procs.free_port(),
             etcd_port=procs.free_port(),
             token=secrets.token_hex(24),
+            bind_address=bind_address,
         )
         cluster._save_state()
         peer_port = procs.free_port()
@@ -272,7 +277,7 @@ class Cluster:
         argv = [
             str(self.bin("kube-apiserver")),
             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-            "--bind-address=127.0.0.1",
+            f"--bind-address={self.bind_address}",
             "--advertise-address=127.0.0.1",
             f"--secure-port={self.api_port}",
             f"--cert-dir={pki}",
