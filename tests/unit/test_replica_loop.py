@@ -446,8 +446,12 @@ async def test_an_object_this_agent_cannot_read_is_left_alone(rig: Rig) -> None:
     assert rig.api.patches == [] and rig.store.pulls == [] and rig.loop.reservations == {}
 
 
-async def test_the_api_key_secret_is_read_from_the_replicas_namespace(rig: Rig) -> None:
-    rig.api.secrets[(NS, "keys")] = {"data": {"token": "czNjcjN0"}}  # base64 of s3cr3t
+async def test_the_api_key_secret_is_read_from_the_nodes_projection(rig: Rig) -> None:
+    from orchardist.api.projection import node_namespace, projected_secret
+
+    rig.api.secrets[(NS, "keys")] = {"data": {"token": "ZXZpbA=="}}  # the source: not the agent's to read
+    copy = (node_namespace(NODE), projected_secret(NS, "keys"))
+    rig.api.secrets[copy] = {"data": {"token": "czNjcjN0"}}  # base64 of s3cr3t
     rig.api.put(replica("r1", apiKeySecretRef={"name": "keys", "key": "token"}))
     await settle(rig)
     assert [api_key for *_, api_key in rig.engines.ensured] == ["s3cr3t"]
