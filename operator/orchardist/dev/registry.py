@@ -1,5 +1,10 @@
-"""A real OCI registry on loopback: Debian's ``docker-registry`` (CNCF distribution) with a filesystem
-root and, optionally, htpasswd basic auth. Used by the test fixtures, the benchmark and ``make demo``.
+"""A real OCI registry: Debian's ``docker-registry`` (CNCF distribution) with a filesystem root and,
+optionally, htpasswd basic auth. Used by the test fixtures, the benchmark and ``make demo``.
+
+On loopback it speaks plain HTTP (as docker allows there). Bound to another address (the bridge the
+simulated Macs reach the host by) it serves TLS with a certificate from its own CA (:func:`make_tls`),
+as a registry on a LAN would; its clients trust that CA through ``SSL_CERT_FILE``
+(:meth:`Registry.client_env`), which Python's ssl defaults read.
 
 The process record (:mod:`orchardist.dev.procs`) is saved as ``<root>/registry.pid.json`` so
 another invocation can stop it without guessing PIDs.
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -47,7 +53,87 @@ def write_htpasswd(path: Path, username: str, password: str) -> Path:
     return path
 
 
-def _config(root: Path, addr: str, htpasswd: Path | None) -> str:
+@dataclass(frozen=True)
+class Tls:
+    """A registry's serving certificate and key, its CA, and a bundle of the system's CAs + that CA."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    bundle: Path
+
+
+def make_tls(directory: Path, address: str, *, days: int = 30) -> Tls:
+    """A private CA and a certificate it signs for IP ``address`` (and loopback), with openssl.
+
+    The leaf carries the extensions Python's strict verification wants (key usage, key ids).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.crt", directory / "ca.key"
+    cert, key, csr = directory / "tls.crt", directory / "tls.key", directory / "tls.csr"
+    ext = directory / "tls.ext"
+    ext.write_text(
+        f"subjectAltName=IP:{address},IP:127.0.0.1,DNS:localhost\n"
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+    )
+    ca_subject = ["-subj", "/CN=orchardist dev registry CA", "-days", str(days)]
+    ca_ext = [
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]
+    sign = [
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-days",
+        str(days),
+        "-extfile",
+        str(ext),
+    ]
+    steps = [
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(ca),
+            *ca_subject,
+            *ca_ext,
+        ],
+        [
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+            "-subj",
+            f"/CN={address}",
+        ],
+        ["x509", "-req", "-in", str(csr), "-out", str(cert), *sign],
+    ]
+    for args in steps:
+        out = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise procs.ProcessError(f"openssl {args[0]} failed: {out.stderr.strip()}")
+    system = ssl.get_default_verify_paths().cafile
+    bundle = directory / "ca-bundle.crt"
+    bundle.write_text((Path(system).read_text() if system else "") + ca.read_text())
+    return Tls(ca=ca, cert=cert, key=key, bundle=bundle)
+
+
+def _config(root: Path, addr: str, htpasswd: Path | None, tls: Tls | None = None) -> str:
     lines = [
         "version: 0.1",
         "log:",
@@ -63,6 +149,8 @@ def _config(root: Path, addr: str, htpasswd: Path | None) -> str:
         f"  addr: {addr}",
         "  secret: orchardist-dev-only",
     ]
+    if tls is not None:
+        lines += ["  tls:", f"    certificate: {tls.cert}", f"    key: {tls.key}"]
     if htpasswd is not None:
         lines += ["auth:", "  htpasswd:", "    realm: orchardist", f"    path: {htpasswd}"]
     return "\n".join(lines) + "\n"
@@ -86,12 +174,17 @@ def _wait_port(host: str, port: int, rec: procs.ProcRecord, timeout: float) -> N
 
 @dataclass(frozen=True)
 class Registry:
-    """A running registry: ``host`` is ``127.0.0.1:<port>`` (what goes into ``oci://`` references)."""
+    """A running registry: ``host`` is ``<bind>:<port>`` (what goes into ``oci://`` references)."""
 
     root: Path
     host: str
     record: procs.ProcRecord
     htpasswd: Path | None = None
+    tls: Tls | None = None
+
+    def client_env(self) -> dict[str, str]:
+        """Environment entries a client process needs to trust this registry (empty on plain HTTP)."""
+        return {"SSL_CERT_FILE": str(self.tls.bundle)} if self.tls else {}
 
     @property
     def port(self) -> int:
@@ -109,12 +202,14 @@ class Registry:
         port: int | None = None,
         htpasswd: Path | None = None,
         bind: str = "127.0.0.1",
+        tls: Tls | None = None,
         timeout: float = 30.0,
         die_with_parent: bool = False,
     ) -> Registry:
         """Start a registry storing under ``root/data``; a free port unless ``port`` is given.
 
-        ``die_with_parent`` ties it to this process (tests, benchmarks); ``make demo`` leaves it off.
+        ``tls``: serve HTTPS with it (see :func:`make_tls`). ``die_with_parent`` ties it to this
+        process (tests, benchmarks); ``make demo`` leaves it off.
         """
         exe = binary()
         root = root.resolve()
@@ -124,7 +219,7 @@ class Registry:
         for _ in range(3):  # a free port can be taken between the pick and the bind
             chosen = port or procs.free_port(bind)
             config = root / "config.yml"
-            config.write_text(_config(root, f"{bind}:{chosen}", htpasswd))
+            config.write_text(_config(root, f"{bind}:{chosen}", htpasswd, tls))
             rec = procs.start(
                 "registry",
                 [exe, "serve", str(config)],
@@ -140,8 +235,11 @@ class Registry:
                     break
                 continue
             procs.save([rec], root)
-            _log.info("registry started", host=f"{bind}:{chosen}", root=str(root), auth=htpasswd is not None)
-            return cls(root=root, host=f"{bind}:{chosen}", record=rec, htpasswd=htpasswd)
+            host = f"{bind}:{chosen}"
+            _log.info(
+                "registry started", host=host, root=str(root), auth=htpasswd is not None, tls=tls is not None
+            )
+            return cls(root=root, host=host, record=rec, htpasswd=htpasswd, tls=tls)
         raise procs.ProcessError(f"registry did not start: {last}")
 
     def stop(self) -> bool:
@@ -174,4 +272,4 @@ def stop_at(root: Path) -> bool:
     return stopped
 
 
-__all__ = ["Registry", "RegistryMissingError", "binary", "stop_at", "write_htpasswd"]
+__all__ = ["Registry", "RegistryMissingError", "Tls", "binary", "make_tls", "stop_at", "write_htpasswd"]
