@@ -1,0 +1,128 @@
+"""The demand signal for the autoscaler: one Lease per deployment, ``<name>-demand``.
+
+The Lease (coordination.k8s.io/v1) in the deployment's namespace carries the label
+``orchardist.io/demand-for=<name>``, ``spec.holderIdentity`` = this gateway instance,
+``spec.renewTime`` = the last request's arrival, and the annotations ``orchardist.io/in-flight``
+(requests in flight, held ones included) and ``orchardist.io/held`` (requests waiting for a replica).
+
+When a request finds no ready replica and nothing was held yet, the Lease is written at once (the
+one signal that starts a replica, however many requests pile up behind it); otherwise changed
+values are written at most every :data:`INTERVAL_S`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from orchardist import log
+from orchardist.gateway.catalog import Key
+from orchardist.kube import JSON, Kube, paths
+
+LOG = log.get(__name__)
+
+LABEL = "orchardist.io/demand-for"
+IN_FLIGHT = "orchardist.io/in-flight"
+HELD = "orchardist.io/held"
+INTERVAL_S = 2.0
+
+
+@dataclass(frozen=True)
+class Demand:
+    in_flight: int = 0
+    held: int = 0
+    last_request: datetime | None = None
+
+
+def lease_name(deployment: str) -> str:
+    return f"{deployment}-demand"
+
+
+def micro_time(when: datetime) -> str:
+    """The MicroTime form a Lease's renewTime takes."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def lease_body(key: Key, demand: Demand, instance: str) -> JSON:
+    namespace, name = key
+    spec: JSON = {"holderIdentity": instance}
+    if demand.last_request is not None:
+        spec["renewTime"] = micro_time(demand.last_request)
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": lease_name(name),
+            "namespace": namespace,
+            "labels": {LABEL: name},
+            "annotations": {IN_FLIGHT: str(demand.in_flight), HELD: str(demand.held)},
+        },
+        "spec": spec,
+    }
+
+
+class DemandBoard:
+    """Requests in flight and held, per deployment; what changed since the last write."""
+
+    def __init__(self) -> None:
+        self.now: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self.demand: dict[Key, Demand] = {}
+        self.written: dict[Key, Demand] = {}
+        self.urgent = asyncio.Event()
+
+    def _update(self, key: Key, in_flight: int = 0, held: int = 0, arrived: bool = False) -> Demand:
+        d = self.demand.get(key, Demand())
+        d = replace(
+            d,
+            in_flight=max(0, d.in_flight + in_flight),
+            held=max(0, d.held + held),
+            last_request=self.now() if arrived else d.last_request,
+        )
+        self.demand[key] = d
+        return d
+
+    def arrive(self, key: Key) -> None:
+        self._update(key, in_flight=1, arrived=True)
+
+    def leave(self, key: Key) -> None:
+        self._update(key, in_flight=-1)
+
+    def hold(self, key: Key) -> None:
+        """A request waits for a replica; the first one of a wave asks for an immediate write."""
+        if self._update(key, held=1).held == 1:
+            self.urgent.set()
+
+    def release(self, key: Key) -> None:
+        self._update(key, held=-1)
+
+    def held(self, key: Key) -> int:
+        return self.demand.get(key, Demand()).held
+
+    def due(self) -> dict[Key, Demand]:
+        """What to write: the deployments whose demand differs from what was last written."""
+        return {k: d for k, d in self.demand.items() if self.written.get(k) != d}
+
+
+async def write(kube: Kube, key: Key, demand: Demand, instance: str) -> None:
+    """Create or update one demand Lease (a merge patch; created when missing)."""
+    body = lease_body(key, demand, instance)
+    path = paths.lease(key[0], lease_name(key[1]))
+    if await kube.patch_existing(path, body) is None and not await kube.create(paths.lease(key[0]), body):
+        await kube.merge_patch(path, body)  # created meanwhile by another writer
+
+
+async def run(kube: Kube, board: DemandBoard, instance: str, interval: float = INTERVAL_S) -> None:
+    """Write due demand until cancelled: at once when urgent, else every ``interval``."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(board.urgent.wait(), interval)
+        board.urgent.clear()
+        for key, demand in board.due().items():
+            try:
+                await write(kube, key, demand, instance)
+                board.written[key] = demand
+            except Exception as exc:  # the next round tries again; a lost write is only a late signal
+                LOG.warning("demand Lease not written", deployment="/".join(key), error=repr(exc))
