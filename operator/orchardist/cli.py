@@ -54,6 +54,7 @@ COMMANDS: Final[Mapping[str, Command]] = {
     "crds": Command(
         "print, write or check the CRDs generated from the API types", "orchardist.api.cli:register"
     ),
+    "gateway": Command("the OpenAI-compatible front door for every model", "orchardist.gateway.cli:register"),
     "dev": Command(
         "a local control plane, registry, operator and agent for trying Orchardist",
         "orchardist.dev.cli:register",
