@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from orchardist.oci.auth import Credentials, from_dockerconfig, from_secret_data, parse_challenge
-from orchardist.oci.client import pick_platform, retry_after_seconds
+from orchardist.oci.client import retry_after_seconds
 from orchardist.oci.errors import NotFoundError
+from orchardist.oci.platforms import pick_platform
 from orchardist.oci.reference import parse
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import orchardist.oci
 
 NETWORK_MODULES = {"aiohttp", "socket", "ssl", "http", "urllib", "httpx", "requests"}
+PURE = {"urllib.parse"}  # string parsing only: comparing origins needs no network
 ALLOWED = {"client.py", "transfer.py"}
 HERE = Path(orchardist.oci.__file__).parent
 
@@ -21,7 +22,7 @@ def _network_imports(path: Path) -> set[str]:
             names = [node.module]
         else:
             continue
-        found.update(n.split(".")[0] for n in names if n.split(".")[0] in NETWORK_MODULES)
+        found.update(n.split(".")[0] for n in names if n.split(".")[0] in NETWORK_MODULES and n not in PURE)
     return found
 
 

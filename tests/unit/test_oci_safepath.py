@@ -102,11 +102,22 @@ def test_extract_refuses(tmp_path: Path, members: list[tarfile.TarInfo]) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
 
 
+def test_symlink_through_an_earlier_link_is_refused_at_creation(tmp_path: Path) -> None:
+    """``a/../x`` is inside lexically, but ``a`` is a link to ``.``: really ``../x``."""
+    root = tmp_path / "root"
+    root.mkdir()
+    members = [_info("a", tarfile.SYMTYPE, "."), _info("b", tarfile.SYMTYPE, "a/../x")]
+    with pytest.raises(UnsafePathError, match=r"'b' -> 'a/\.\./x' resolves outside"):
+        extract_tar(_tar(members, {}), root, None, "t")
+    assert not (root / "b").is_symlink()
+
+
 def test_check_tree_catches_symlink_chains(tmp_path: Path) -> None:
+    """The link that makes ``b`` escape comes after it: only the whole-tree check can see it."""
     root = tmp_path / "root"
     root.mkdir()
     extract_tar(
-        _tar([_info("a", tarfile.SYMTYPE, "."), _info("b", tarfile.SYMTYPE, "a/../x")], {}), root, None, "t"
+        _tar([_info("b", tarfile.SYMTYPE, "a/../x"), _info("a", tarfile.SYMTYPE, ".")], {}), root, None, "t"
     )
     with pytest.raises(UnsafePathError, match="'b'"):
         check_tree(root)

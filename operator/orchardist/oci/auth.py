@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,3 +104,31 @@ def parse_challenge(header: str) -> Challenge | None:
         for m in _PARAM.finditer(rest)
     }
     return Challenge(scheme.lower(), {k: v.replace('\\"', '"') for k, v in params.items()})
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in."""
+    u = urllib.parse.urlsplit(url)
+    scheme = u.scheme.lower()
+    try:
+        port = u.port
+    except ValueError:
+        port = -1  # an unparsable port matches no origin
+    return (scheme, (u.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme))
+
+
+def credential_refusal(base: str, realm: str) -> str | None:
+    """Why Basic credentials must not go to ``realm``, or None when they may.
+
+    A registry names its token realm, so a hostile or spoofed one could name any host: credentials
+    go only back to the registry's own origin, or to an HTTPS realm (authenticated by TLS).
+    """
+    scheme = urllib.parse.urlsplit(realm).scheme.lower()
+    if scheme not in ("http", "https"):
+        return f"token realm {realm!r} is not an http(s) URL; credentials not sent"
+    if scheme == "https" or origin(realm) == origin(base):
+        return None
+    return (
+        f"token realm {realm!r} is another origin over plain HTTP; credentials are sent only to "
+        "the registry itself or to an HTTPS realm"
+    )

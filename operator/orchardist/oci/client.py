@@ -24,7 +24,7 @@ import aiohttp
 
 from orchardist import log, retry
 from orchardist.oci import mediatypes as mt
-from orchardist.oci.auth import Challenge, Credentials, parse_challenge
+from orchardist.oci.auth import Challenge, Credentials, credential_refusal, parse_challenge
 from orchardist.oci.errors import (
     AuthRequiredError,
     DigestMismatchError,
@@ -35,15 +35,17 @@ from orchardist.oci.errors import (
     RegistryUnreachableError,
     TooLargeError,
 )
+from orchardist.oci.platforms import platform_digest
 from orchardist.oci.reference import Reference, scheme_for
 
 _log = log.get(__name__)
 
 MANIFEST_LIMIT = 4 << 20
+TOKEN_LIMIT = 64 << 10  # a token response is a few KiB; a registry must not make us buffer more
+TOKEN_TIMEOUT = 60.0  # seconds for the whole token exchange
 CONFIG_LIMIT = 4 << 20
 CHUNK = 1 << 20
 UPLOAD_CHUNK = 64 << 20
-PLATFORM = ("darwin", "arm64")
 
 
 @dataclass(frozen=True)
@@ -78,28 +80,6 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     except (TypeError, ValueError):
         return None
     return max(0.0, when - (time.time() if now is None else now))
-
-
-def pick_platform(index: Mapping[str, Any], ref: Reference) -> Mapping[str, Any]:
-    """From an index, the darwin/arm64 entry, else the only real entry (attestations ignored)."""
-    entries = [m for m in index.get("manifests") or [] if isinstance(m, Mapping)]
-    real = [m for m in entries if (m.get("platform") or {}).get("os") != "unknown"]
-    for m in real:
-        p = m.get("platform") or {}
-        if (p.get("os"), p.get("architecture")) == PLATFORM:
-            return m
-    if len(real) == 1:
-        return real[0]
-    seen = sorted(
-        {
-            f"{(m.get('platform') or {}).get('os')}/{(m.get('platform') or {}).get('architecture')}"
-            for m in real
-        }
-    )
-    raise NotFoundError(
-        f"{ref}: the index has no darwin/arm64 manifest and more than one entry "
-        f"(platforms: {', '.join(seen) or 'none'})"
-    )
 
 
 class RegistryClient:
@@ -188,11 +168,18 @@ class RegistryClient:
                 params.append(("scope", wanted))
             if challenge.params.get("service"):
                 params.insert(0, ("service", challenge.params["service"]))
-            headers = {"Authorization": self.credentials.basic_header()} if self.credentials else {}
+            realm = challenge.params["realm"]
+            headers: dict[str, str] = {}
+            if self.credentials:
+                refusal = credential_refusal(self.base, realm)
+                if refusal:
+                    raise AuthRequiredError(f"{what}: {refusal}")
+                headers["Authorization"] = self.credentials.basic_header()
             try:
-                async with self.session.get(
-                    challenge.params["realm"], params=params, headers=headers
-                ) as resp:
+                async with (
+                    asyncio.timeout(TOKEN_TIMEOUT),
+                    self.session.get(realm, params=params, headers=headers, allow_redirects=False) as resp,
+                ):
                     if resp.status in (401, 403):
                         raise AuthRequiredError(
                             f"{what}: {self.registry} rejected the credentials"
@@ -201,11 +188,15 @@ class RegistryClient:
                         )
                     if resp.status != 200:
                         raise RegistryError(f"{what}: token endpoint answered {resp.status}")
-                    body = await resp.json(content_type=None)
-            except aiohttp.ClientError as exc:
+                    raw = await self._read_limited(resp, TOKEN_LIMIT, f"{what}: token response")
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 raise RegistryError(f"{what}: cannot reach the token endpoint: {exc}") from exc
-            token = body.get("token") or body.get("access_token")
-            if not token:
+            try:
+                body = json.loads(raw)
+            except ValueError as exc:
+                raise RegistryError(f"{what}: token endpoint returned no JSON: {exc}") from exc
+            token = (body.get("token") or body.get("access_token")) if isinstance(body, dict) else None
+            if not isinstance(token, str) or not token:
                 raise RegistryError(f"{what}: token endpoint returned no token")
             self._auth[scope] = f"Bearer {token}"
 
@@ -325,8 +316,7 @@ class RegistryClient:
         """The image manifest a reference names, following an index to darwin/arm64."""
         m = await self.get_manifest(ref.repository, ref.target)
         if m.is_index:
-            entry = pick_platform(m.data, ref)
-            m = await self.get_manifest(ref.repository, str(entry["digest"]))
+            m = await self.get_manifest(ref.repository, platform_digest(m.data, ref))
             if m.is_index:
                 raise RegistryError(f"{ref}: nested index is not supported")
         if m.media_type not in mt.MANIFESTS and "layers" not in m.data:

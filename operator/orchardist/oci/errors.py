@@ -36,6 +36,20 @@ class RegistryUnreachableError(RegistryError):
     """The connection failed or broke: worth retrying (a blob download resumes with Range)."""
 
 
+class SlowTransferError(RegistryUnreachableError):
+    """A blob body arrived slower than the minimum rate: the connection was cut (a retry resumes)."""
+
+
+class DeadlineError(RegistryError):
+    """A blob was not complete within its overall deadline: given up, not retried."""
+
+
+class StoreLockedError(OCIError):
+    """Another process holds the store root: two owners would evict each other's pins."""
+
+    reason = "StoreBusy"
+
+
 class TooLargeError(OCIError):
     """A manifest or config larger than its limit: refused before it is read into memory."""
 

@@ -14,6 +14,9 @@ from typing import Any, Final
 MAGIC: Final = b"GGUF"
 #: arrays longer than this are skipped (the vocabulary), shorter ones are kept (per-layer values)
 MAX_KEPT_ARRAY: Final = 4096
+#: arrays of arrays deeper than this are refused: real files nest at most once, and a crafted
+#: header must fail as a GGUFError, not as a RecursionError past every handler
+MAX_DEPTH: Final = 4
 
 _SCALARS: Final[dict[int, str]] = {
     0: "B",
@@ -70,12 +73,14 @@ class _Reader:
         if self.pos > len(self.data):
             raise NeedMoreError("GGUF header needs more bytes")
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= MAX_DEPTH:
+                raise GGUFError(f"GGUF metadata nests arrays deeper than {MAX_DEPTH} levels; refused")
             etype: int = self.unpack("I")
             count = self.length()
             keep = count <= MAX_KEPT_ARRAY
@@ -88,7 +93,7 @@ class _Reader:
                 if etype == _STRING and not keep:
                     self.skip_string()
                 else:
-                    items.append(self.value(etype))
+                    items.append(self.value(etype, depth + 1))
             return items if keep else None
         raise GGUFError(f"unknown GGUF value type {vtype}")
 

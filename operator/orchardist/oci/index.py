@@ -5,7 +5,9 @@ Layout under ``root``::
     blobs/sha256/<hex>       verified blobs, read-only, each stored once whatever uses it
     manifests/sha256/<hex>   the raw manifest of each materialized model
     models/<hex>/            a model directory, files linked from blobs (clone/hardlink/copy)
-    tmp/<hex>.partial        a download in progress: kept after a cut so the next try resumes
+    tmp/<hex>.<src>.partial  a download in progress from one source (registry + repository):
+                             kept after a cut so the next try from that source resumes
+    .lock                    held (flock) by the one process that owns the root
     index.json               model records (reference, blobs, files, last use), written atomically
 
 ``index.json`` is a cache of what is on disk: on open it is checked against the disk and rebuilt
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,14 @@ _log = log.get(__name__)
 INDEX_VERSION = 1
 
 
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def valid_digest(value: object) -> bool:
+    """``sha256:<64 lower-case hex>``: the only digests that may become a path under the root."""
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
+
+
 def hex_of(digest: str) -> str:
     return digest.removeprefix("sha256:")
 
@@ -39,6 +50,14 @@ def hex_of(digest: str) -> str:
 def blob_list(layout: Layout) -> list[str]:
     """Every blob a model needs (config first), once each."""
     return list(dict.fromkeys([layout.config.digest, *(e.layer.digest for e in layout.entries)]))
+
+
+def _remove(p: Path) -> None:
+    """Remove a stray entry, a directory or not (a link itself, never what it points to)."""
+    if p.is_dir() and not p.is_symlink():
+        remove_tree(p)
+    else:
+        p.unlink(missing_ok=True)
 
 
 @dataclass
@@ -115,10 +134,10 @@ class StoreIndex:
         for d in (self.blob_dir, self.manifest_dir, self.model_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         for p in self.blob_dir.iterdir():
-            if len(p.name) == 64 and p.is_file():
+            if valid_digest("sha256:" + p.name) and p.is_file() and not p.is_symlink():
                 self.blobs["sha256:" + p.name] = p.stat().st_size
             else:
-                p.unlink(missing_ok=True)
+                _remove(p)
         for p in self.model_dir.iterdir():
             if p.name.startswith(".staging-"):
                 remove_tree(p)
@@ -130,6 +149,10 @@ class StoreIndex:
         for p in self.manifest_dir.iterdir():
             digest = "sha256:" + p.name
             if digest in self.models:
+                continue
+            if not valid_digest(digest) or not p.is_file():
+                _log.warning("stray file in the store's manifests dropped", name=p.name[:80])
+                _remove(p)
                 continue
             rebuilt = self._rebuild(digest, p)
             if rebuilt is not None:
@@ -155,9 +178,14 @@ class StoreIndex:
         records: dict[str, ModelRecord] = {}
         for digest, rec in items:
             try:
-                records[str(digest)] = ModelRecord.from_json(rec)
+                record = ModelRecord.from_json(rec)
             except (KeyError, TypeError, ValueError):
                 continue
+            # A digest names a directory that GC deletes: anything else could point outside the root.
+            if not valid_digest(digest) or not all(valid_digest(b) for b in record.blobs):
+                _log.warning("store index entry with an invalid digest dropped", digest=str(digest)[:80])
+                continue
+            records[str(digest)] = record
         return records
 
     def _intact(self, digest: str, record: ModelRecord) -> bool:
@@ -216,9 +244,9 @@ class StoreIndex:
         fsync_path(self.blob_dir)
         return self.blob_path(digest).stat().st_size
 
-    def write_small(self, digest: str, data: bytes) -> Path:
+    def write_small(self, digest: str, data: bytes, tag: str) -> Path:
         """A small verified blob written and fsynced to ``tmp/``, ready for :meth:`commit_blob`."""
-        tmp = self.tmp_dir / f"{hex_of(digest)}.small"
+        tmp = self.tmp_dir / f"{hex_of(digest)}.{tag}.small"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()

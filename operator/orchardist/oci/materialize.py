@@ -20,12 +20,13 @@ _COMPRESSION = {"tar": None, "tar+gzip": "gzip", "tar+zstd": "zstd"}
 
 
 def materialize(
-    layout: Layout, blob_path: Callable[[str], Path], final: Path
+    layout: Layout, blob_path: Callable[[str], Path], final: Path, *, extract_limit: int | None = None
 ) -> tuple[list[tuple[str, int]], int]:
     """Build ``final`` in a staging dir beside it, check it, then rename it into place.
 
     Returns the files (relative path, size) and the bytes extracted from archives (on disk besides
-    the blobs). A failure leaves nothing behind.
+    the blobs). ``extract_limit`` caps the uncompressed bytes all archives together may read (the
+    room left in the store). A failure leaves nothing behind.
     """
     staging = final.parent / f".staging-{final.name[:12]}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
@@ -41,7 +42,13 @@ def materialize(
                 continue
             into = ensure_dir(staging, safe_relpath(e.path)) if e.path else staging
             with open(blob, "rb") as f:
-                got = extract_tar(f, into, _COMPRESSION[e.archive], f"layer {e.layer.digest[:19]}")
+                got = extract_tar(
+                    f,
+                    into,
+                    _COMPRESSION[e.archive],
+                    f"layer {e.layer.digest[:19]}",
+                    limit=None if extract_limit is None else max(0, extract_limit - extracted),
+                )
             prefix = f"{e.path}/" if e.path else ""
             files.extend((prefix + p, s) for p, s in got)
             extracted += sum(s for _, s in got)

@@ -6,6 +6,12 @@ one backoff policy, :mod:`orchardist.retry`), checks the sha256 and fsyncs. :cla
 whole model: room made by GC first, the config, then the layers a few at a time (each blob fetched
 once however many pulls want it), then the model directory. Disk work runs in threads so the
 event loop keeps serving other pulls and the agent meanwhile.
+
+Downloads are keyed by where the bytes come from (registry, repository, digest): a pull from a
+slow or hostile registry never holds up a pull of the same digest from another one, and the two
+never share a partial file. Once verified, a blob is shared by everything that names its digest
+(its bytes hash to that digest, whoever served them), and whoever finishes first wins; the
+model directory is built once per manifest digest under a lock that covers only local work.
 """
 
 from __future__ import annotations
@@ -30,7 +36,16 @@ from orchardist.oci.layouts import Layer, read_layout
 from orchardist.oci.materialize import materialize
 from orchardist.oci.progress import Tracker
 from orchardist.oci.reference import Reference
-from orchardist.oci.transfer import INTERRUPTIONS, BlobFile, hash_prefix, open_body, receive
+from orchardist.oci.transfer import (
+    DEFAULT_LIMITS,
+    INTERRUPTIONS,
+    BlobFile,
+    Pace,
+    TransferLimits,
+    hash_prefix,
+    open_body,
+    receive,
+)
 
 _log = log.get(__name__)
 
@@ -53,17 +68,22 @@ async def download(
     attempts: int,
     fast: bool = True,
     on_request: Callable[[], None] = lambda: None,
+    limits: TransferLimits = DEFAULT_LIMITS,
 ) -> None:
     """Fetch ``layer`` into ``partial`` (verified and fsynced on return); resume whatever is there.
 
-    A digest mismatch discards the partial file and is not retried; interruptions are retried up
-    to ``attempts`` requests in all, each resuming after the last byte written.
+    A digest mismatch discards the partial file and is not retried; interruptions (a slow body
+    included) are retried up to ``attempts`` requests in all, each resuming after the last byte
+    written; past ``limits.deadline`` the download is given up (:class:`DeadlineError`).
     """
+    loop = asyncio.get_running_loop()
+    pace = Pace(limits, f"blob {layer.digest[:19]} of {client.registry}/{repo}", loop.time())
     got = await asyncio.to_thread(_resume_point, partial, layer.size)
     if got.offset:
         on_bytes(got.offset)
 
     async def one_request() -> None:
+        pace.check_deadline(loop.time())
         on_request()
         async with client.open_blob(repo, layer.digest, got.offset) as resp:
             if resp.status == 200 and got.offset:
@@ -74,7 +94,14 @@ async def download(
             _log.debug("blob body", digest=layer.digest, offset=got.offset, reader=body.kind)
             with BlobFile(partial, got.offset) as f:
                 got.offset = await receive(
-                    body, f, got.h, got.offset, size=layer.size, digest=layer.digest, on_bytes=on_bytes
+                    body,
+                    f,
+                    got.h,
+                    got.offset,
+                    size=layer.size,
+                    digest=layer.digest,
+                    on_bytes=on_bytes,
+                    pace=pace,
                 )
         if got.offset < layer.size:
             raise RegistryUnreachableError(f"blob {layer.digest}: connection closed at byte {got.offset}")
@@ -122,11 +149,17 @@ def _resume_point(partial: Path, size: int) -> _Received:
     return _Received(have, hash_prefix(partial, have))
 
 
+def source_tag(registry: str, repo: str) -> str:
+    """A short, filename-safe name for where a download comes from (keys its lock and partial file)."""
+    return hashlib.sha256(f"{registry}/{repo}".encode()).hexdigest()[:16]
+
+
 class Puller:
     """Fetches models into a :class:`StoreIndex`; the store facade owns pins and calls :meth:`pull_new`.
 
-    ``active`` counts the blobs of pulls in progress (GC spares them); ``budget_bytes()`` reads the
-    facade's budget; ``make_room(need_bytes)`` and ``save()`` are its GC and index write.
+    ``active`` counts the blobs of pulls in progress (GC spares them); ``budget_bytes()`` and
+    ``used_bytes()`` read the facade's budget and usage; ``make_room(need_bytes)`` and ``save()``
+    are its GC and index write.
     """
 
     def __init__(
@@ -134,19 +167,23 @@ class Puller:
         index: StoreIndex,
         *,
         budget_bytes: Callable[[], int],
+        used_bytes: Callable[[], int],
         make_room: Callable[[int], Awaitable[object]],
         save: Callable[[], Awaitable[None]],
         max_parallel: int,
         attempts: int,
         fast: bool,
+        limits: TransferLimits = DEFAULT_LIMITS,
     ) -> None:
         self.index = index
         self.budget_bytes = budget_bytes
+        self.used_bytes = used_bytes
         self.make_room = make_room
         self.save = save
         self.max_parallel = max_parallel
         self.attempts = attempts
         self.fast = fast
+        self.limits = limits
         self.active: Counter[str] = Counter()
         self.blob_gets = 0  # blob requests made (observability and tests)
         self._locks: dict[str, asyncio.Lock] = {}
@@ -185,23 +222,31 @@ class Puller:
                         tg.create_task(self._ensure_blob(client, r.repository, layer, tracker, sem))
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
-            tracker.set_phase("materializing")
-            files, extracted = await asyncio.to_thread(
-                materialize, layout, self.index.blob_path, self.index.model_path(digest)
-            )
-            await asyncio.to_thread(atomic_write, self.index.manifest_path(digest), manifest.raw)
-            record = ModelRecord(
-                reference=str(r),
-                layout=layout.name,
-                format=layout.format,
-                blobs=blobs,
-                files=sorted(files),
-                blob_bytes=sum(self.index.blobs[b] for b in blobs),
-                extracted_bytes=extracted,
-                last_used=time.time(),
-            )
-            self.index.models[digest] = record
-            await self.save()
+            async with self.lock("materialize:" + digest):  # local work only: no network inside
+                record = self.index.models.get(digest)
+                if record is not None and self.index.model_path(digest).is_dir():
+                    return record  # a pull of the same manifest from another source built it
+                tracker.set_phase("materializing")
+                files, extracted = await asyncio.to_thread(
+                    materialize,
+                    layout,
+                    self.index.blob_path,
+                    self.index.model_path(digest),
+                    extract_limit=max(0, budget - self.used_bytes()),
+                )
+                await asyncio.to_thread(atomic_write, self.index.manifest_path(digest), manifest.raw)
+                record = ModelRecord(
+                    reference=str(r),
+                    layout=layout.name,
+                    format=layout.format,
+                    blobs=blobs,
+                    files=sorted(files),
+                    blob_bytes=sum(self.index.blobs[b] for b in blobs),
+                    extracted_bytes=extracted,
+                    last_used=time.time(),
+                )
+                self.index.models[digest] = record
+                await self.save()
         finally:
             self.active.subtract(blobs)
             self.active += Counter()  # drop zero counts
@@ -210,21 +255,23 @@ class Puller:
     async def _ensure_small(self, client: RegistryClient, repo: str, layer: Layer) -> None:
         if layer.digest in self.index.blobs:
             return
-        async with self.lock(layer.digest):
+        tag = source_tag(client.registry, repo)
+        async with self.lock(f"blob:{tag}:{layer.digest}"):
             if layer.digest in self.index.blobs:
                 return
             data = await client.get_blob(repo, layer.digest, limit=CONFIG_LIMIT)
-            tmp = await asyncio.to_thread(self.index.write_small, layer.digest, data)
+            tmp = await asyncio.to_thread(self.index.write_small, layer.digest, data, tag)
             await self._commit(layer.digest, tmp)
 
     async def _ensure_blob(
         self, client: RegistryClient, repo: str, layer: Layer, tracker: Tracker, sem: asyncio.Semaphore
     ) -> None:
-        async with sem, self.lock(layer.digest):
-            if layer.digest in self.index.blobs:  # a concurrent pull fetched it meanwhile
+        tag = source_tag(client.registry, repo)
+        async with sem, self.lock(f"blob:{tag}:{layer.digest}"):
+            if layer.digest in self.index.blobs:  # fetched meanwhile, from this source or another
                 tracker.add(layer.size)
             else:
-                partial = self.index.tmp_dir / f"{hex_of(layer.digest)}.partial"
+                partial = self.index.tmp_dir / f"{hex_of(layer.digest)}.{tag}.partial"
                 await download(
                     client,
                     repo,
@@ -234,6 +281,7 @@ class Puller:
                     attempts=self.attempts,
                     fast=self.fast,
                     on_request=self._count_get,
+                    limits=self.limits,
                 )
                 await self._commit(layer.digest, partial)
         tracker.layer_done()
@@ -242,6 +290,9 @@ class Puller:
         self.blob_gets += 1
 
     async def _commit(self, digest: str, tmp: Path) -> None:
+        if digest in self.index.blobs:  # another source finished first: same bytes, keep theirs
+            await asyncio.to_thread(tmp.unlink, missing_ok=True)
+            return
         self.index.blobs[digest] = await asyncio.to_thread(self.index.commit_blob, digest, tmp)
 
 

@@ -1,21 +1,26 @@
 """Keep every written path inside the model directory: annotation paths and tar entries alike.
 
-Refused: absolute paths, ``..``, backslashes and NULs, writing through a symlink, symlinks or
-hardlinks whose target leaves the directory, and device/FIFO entries. Callers materialize into a
-fresh staging directory, so a refused entry leaves nothing behind outside it.
+Refused: absolute paths, ``..``, backslashes and NULs, writing through a symlink, replacing a
+directory, symlinks whose target leaves the directory (lexically or through a link already
+there), hardlinks to anything but a regular file the same archive wrote earlier, device/FIFO
+entries, and archives that expand past the bytes the store has left. Every write walks its
+parents with ``lstat`` and opens with ``O_NOFOLLOW``, so a link never redirects a write. Callers
+materialize into a fresh staging directory, so a refused entry leaves nothing behind outside it.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 import posixpath
 import shutil
 import stat
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Any
 
-from orchardist.oci.errors import UnsafePathError
+from orchardist.oci.errors import StoreFullError, UnsafePathError
 
 COPY_CHUNK = 1 << 20
 
@@ -57,72 +62,147 @@ def prepare(root: Path, rel: PurePosixPath, what: str = "path") -> Path:
     return dest
 
 
-def _check_symlink(rel: PurePosixPath, target: str) -> None:
-    if not target or target.startswith("/") or "\x00" in target:
-        raise UnsafePathError(f"symlink {str(rel)!r} -> {target!r}: absolute or empty target")
-    joined = posixpath.normpath(posixpath.join(str(rel.parent), target))
-    if joined == ".." or joined.startswith("../") or joined.startswith("/"):
-        raise UnsafePathError(f"symlink {str(rel)!r} -> {target!r} escapes the model directory")
+class _Budget:
+    """Uncompressed bytes an archive may still produce; a stream wrapper counts every byte read.
+
+    Counting the decompressed stream (headers, padding and data) and not the compressed blob is
+    what stops a small layer that expands past the store's budget (a compression bomb).
+    """
+
+    def __init__(self, src: IO[bytes], limit: int, what: str) -> None:
+        self.src = src
+        self.left = limit
+        self.limit = limit
+        self.what = what
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.src.read(n if n >= 0 else self.left + 1)
+        self.left -= len(data)
+        if self.left < 0:
+            raise StoreFullError(
+                f"{self.what}: expands past the {self.limit} bytes left in the store budget "
+                "(counted uncompressed); extraction stopped"
+            )
+        return data
 
 
-def extract_tar(src: IO[bytes], root: Path, compression: str | None, what: str) -> list[tuple[str, int]]:
-    """Extract a (gzip/zstd-compressed) tar stream into ``root`` safely; returns (path, size) of files."""
-    stream: IO[bytes] = src
+def extract_tar(
+    src: IO[bytes], root: Path, compression: str | None, what: str, *, limit: int | None = None
+) -> list[tuple[str, int]]:
+    """Extract a (gzip/zstd-compressed) tar stream into ``root`` safely; returns (path, size) of files.
+
+    ``limit`` caps the uncompressed bytes read (:class:`StoreFullError` past it). The caller
+    extracts into a private staging directory and removes it on any error.
+    """
+    stream: Any = src  # a file, a decompressor or the budget counter: all have read()
     if compression == "zstd":
         import zstandard
 
         stream = zstandard.ZstdDecompressor().stream_reader(src)
-    mode = "r|gz" if compression == "gzip" else "r|"
+    elif compression == "gzip":
+        stream = gzip.GzipFile(fileobj=src, mode="rb")
+    if limit is not None:
+        stream = _Budget(stream, limit, what)
     files: list[tuple[str, int]] = []
+    extracted: dict[PurePosixPath, tuple[int, int]] = {}
     try:
-        with tarfile.open(fileobj=stream, mode=mode) as tf:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=stream, mode="r|") as tf:
             for member in tf:
-                _extract_member(tf, member, root, what, files)
-    except tarfile.TarError as exc:
+                _extract_member(tf, member, root, what, files, extracted)
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise UnsafePathError(f"{what}: not a readable tar archive: {exc}") from exc
     return files
 
 
 def _extract_member(
-    tf: tarfile.TarFile, m: tarfile.TarInfo, root: Path, what: str, files: list[tuple[str, int]]
+    tf: tarfile.TarFile,
+    m: tarfile.TarInfo,
+    root: Path,
+    what: str,
+    files: list[tuple[str, int]],
+    extracted: dict[PurePosixPath, tuple[int, int]],
 ) -> None:
+    """One entry. ``extracted`` maps each regular file written so far to its (device, inode)."""
     name = m.name.removeprefix("./")
     if name in ("", "."):
         return
     rel = safe_relpath(name, f"{what}: tar entry")
     if m.isdir():
-        dest = root.joinpath(*rel.parts)
-        if dest.is_symlink():
-            raise UnsafePathError(f"{what}: tar entry {name!r}: a symlink is in the way")
-        if not dest.is_dir():
-            prepare(root, rel, f"{what}: tar entry")
-            dest.mkdir(0o755)
+        ensure_dir(root, rel, f"{what}: tar entry")
         return
     if m.isreg():
         dest = prepare(root, rel, f"{what}: tar entry")
+        extracted.pop(rel, None)
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
         reader = tf.extractfile(m)
         assert reader is not None
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(reader, out, COPY_CHUNK)
-        dest.chmod(0o755 if m.mode & 0o111 else 0o644)
+            os.fchmod(out.fileno(), 0o755 if m.mode & 0o111 else 0o644)
+            st = os.fstat(out.fileno())
+        extracted[rel] = (st.st_dev, st.st_ino)
         files.append((str(rel), m.size))
         return
     if m.issym():
-        _check_symlink(rel, m.linkname)
         dest = prepare(root, rel, f"{what}: tar entry")
+        _check_symlink(root, rel, m.linkname)
+        extracted.pop(rel, None)
         dest.symlink_to(m.linkname)
         return
     if m.islnk():
-        target = safe_relpath(m.linkname.removeprefix("./"), f"{what}: hardlink {name!r} target")
-        src = root.joinpath(*target.parts)
-        if src.is_symlink() or not src.is_file():
-            raise UnsafePathError(f"{what}: hardlink {name!r} -> {m.linkname!r} names no extracted file")
-        dest = prepare(root, rel, f"{what}: tar entry")
-        os.link(src, dest)
-        files.append((str(rel), src.stat().st_size))
+        _hardlink(root, rel, m.linkname, what, files, extracted)
         return
     raise UnsafePathError(f"{what}: tar entry {name!r} is a device, FIFO or other special file; refused")
+
+
+def _check_symlink(root: Path, rel: PurePosixPath, target: str) -> None:
+    """Refuse a symlink that leaves ``root``, judged lexically and by the real path as it is now.
+
+    The parent was just walked without links (:func:`prepare`), so resolving the target against
+    the real tree catches a target that goes through an earlier symlink and then ``..``. A link
+    added later that changes what this one resolves to is caught by :func:`check_tree`.
+    """
+    if not target or target.startswith("/") or "\x00" in target:
+        raise UnsafePathError(f"symlink {str(rel)!r} -> {target!r}: absolute or empty target")
+    joined = posixpath.normpath(posixpath.join(str(rel.parent), target))
+    if joined == ".." or joined.startswith("../") or joined.startswith("/"):
+        raise UnsafePathError(f"symlink {str(rel)!r} -> {target!r} escapes the model directory")
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(root.joinpath(*rel.parent.parts) / target)
+    if real != real_root and not real.startswith(real_root + os.sep):
+        raise UnsafePathError(
+            f"symlink {str(rel)!r} -> {target!r} resolves outside the model directory (through a link)"
+        )
+
+
+def _hardlink(
+    root: Path,
+    rel: PurePosixPath,
+    linkname: str,
+    what: str,
+    files: list[tuple[str, int]],
+    extracted: dict[PurePosixPath, tuple[int, int]],
+) -> None:
+    """A hardlink only to a regular file this archive wrote earlier, reached without any symlink."""
+    target = safe_relpath(linkname.removeprefix("./"), f"{what}: hardlink {str(rel)!r} target")
+    refused = f"{what}: hardlink {str(rel)!r} -> {linkname!r}"
+    if target not in extracted:
+        raise UnsafePathError(f"{refused}: not a regular file extracted earlier from this archive")
+    src = root
+    for part in target.parts:
+        src = src / part
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            raise UnsafePathError(f"{refused}: the file extracted earlier is gone") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafePathError(f"{refused}: the path goes through a symlink")
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != extracted[target]:
+        raise UnsafePathError(f"{refused}: not the file extracted earlier from this archive")
+    dest = prepare(root, rel, f"{what}: tar entry")
+    os.link(src, dest, follow_symlinks=False)
+    extracted[rel] = extracted[target]
+    files.append((str(rel), st.st_size))
 
 
 def check_tree(root: Path) -> None:

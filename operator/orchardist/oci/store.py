@@ -8,7 +8,9 @@ together: pins, the per-model locks, and when the index is written.
 
 Pins (running or pulling models) are in memory: the agent re-pins what it runs after a restart.
 GC evicts least-recently-used unpinned models. One process owns a store root at a time (the
-agent, or one CLI run): locks are in-process. In async paths the disk work (deleting evicted
+agent, or one CLI run): it holds an exclusive ``flock`` on ``<root>/.lock`` from open to
+:meth:`ContentStore.close` (or exit), and a second opener gets :class:`StoreLockedError` instead
+of evicting pins it cannot see. Every other lock is in-process. In async paths the disk work (deleting evicted
 models, fsync, index writes, materializing) runs in threads; the in-memory maps change only on
 the event loop thread, before the disk work starts.
 """
@@ -17,8 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import shutil
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +31,14 @@ from pathlib import Path
 from orchardist import log
 from orchardist.oci.auth import Credentials
 from orchardist.oci.client import RegistryClient
-from orchardist.oci.errors import UnknownLayoutError
+from orchardist.oci.errors import StoreLockedError, UnknownLayoutError
 from orchardist.oci.gc import Candidate, Eviction, plan_eviction
 from orchardist.oci.index import ModelRecord, StoreIndex
 from orchardist.oci.materialize import export
 from orchardist.oci.progress import ProgressCallback, Tracker
-from orchardist.oci.pull import Puller
+from orchardist.oci.pull import Puller, source_tag
 from orchardist.oci.reference import Reference, parse
+from orchardist.oci.transfer import DEFAULT_LIMITS, TransferLimits
 
 _log = log.get(__name__)
 
@@ -64,6 +70,7 @@ class ContentStore:
 
     ``fast_path=False`` reads every blob body through aiohttp's stream instead of the raw socket
     (the fallback TLS and chunked responses take anyway; kept selectable to compare and test).
+    ``limits`` are the minimum rate and deadline of each blob download.
     """
 
     def __init__(
@@ -75,8 +82,12 @@ class ContentStore:
         max_parallel: int = 3,
         retries: int = 8,
         fast_path: bool = True,
+        limits: TransferLimits = DEFAULT_LIMITS,
     ) -> None:
         self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_root(self.root)
+        self._release = weakref.finalize(self, os.close, self._lock_fd)
         self.budget_bytes = budget_bytes
         self.insecure = tuple(insecure)
         self.max_parallel = max_parallel
@@ -92,13 +103,23 @@ class ContentStore:
         self._puller = Puller(
             self.index,
             budget_bytes=lambda: self.budget_bytes,
+            used_bytes=lambda: self.usage().used_bytes,
             make_room=self.gc_async,
             save=self._save,
             max_parallel=max_parallel,
             attempts=retries + 1,
             fast=fast_path,
+            limits=limits,
         )
-        self.index.open()
+        try:
+            self.index.open()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the store root for another process (also released when this object or process ends)."""
+        self._release()
 
     @property
     def blob_gets(self) -> int:
@@ -242,7 +263,8 @@ class ContentStore:
             digest = manifest.digest
             self.pin(digest)
             try:
-                async with self._puller.lock("model:" + digest):
+                # Keyed by source: a slow registry never holds up the same model from another one.
+                async with self._puller.lock(f"model:{source_tag(r.registry, r.repository)}:{digest}"):
                     if await self._has_model(digest):
                         return await self._finish_cached(digest, tracker, keep_pinned)
                     record = await self._puller.pull_new(client, r, manifest, tracker)
@@ -280,4 +302,25 @@ class ContentStore:
         return await asyncio.to_thread(export, model.path, dest)
 
 
-__all__ = ["ContentStore", "ModelDir", "UnknownLayoutError", "Usage"]
+def _lock_root(root: Path) -> int:
+    """An fd holding an exclusive flock on ``root/.lock`` (with our pid in it), or StoreLockedError."""
+    path = root / ".lock"
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreLockedError(
+            f"model store {root} is in use by another process (pid {holder}); one process owns a store"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+__all__ = ["ContentStore", "ModelDir", "StoreLockedError", "UnknownLayoutError", "Usage"]

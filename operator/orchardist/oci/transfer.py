@@ -12,6 +12,10 @@ sha256, the disk and the socket work at once. Two ways to read the body:
 Batches that start page-aligned are written with O_DIRECT (no copy into the page cache, which
 costs a core's worth of time beside sha256 on a small node); anything else goes through a
 buffered fd with early writeback.
+
+A registry that drips bytes must not hold a pull (and every pull waiting on it) forever:
+:class:`Pace` cuts a body that falls below :attr:`TransferLimits.min_rate` over a window, and
+gives up a blob that is not complete by its overall deadline, across all resumed requests.
 """
 
 from __future__ import annotations
@@ -24,14 +28,21 @@ import hashlib
 import mmap
 import os
 import socket
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from orchardist.oci.client import CHUNK
-from orchardist.oci.errors import DigestMismatchError, RegistryUnreachableError
+from orchardist.oci.errors import (
+    DeadlineError,
+    DigestMismatchError,
+    RegistryUnreachableError,
+    SlowTransferError,
+)
 from orchardist.oci.fsutil import start_writeback
 
 SINK_BATCH = 4 << 20  # bytes handed to the hashing/writing thread at a time
@@ -41,6 +52,79 @@ READ_TIMEOUT = 120.0  # seconds without a byte before a raw body read gives up (
 
 #: What a resumed request can cure: the connection dropped, stalled or never came up.
 INTERRUPTIONS = (aiohttp.ClientError, TimeoutError, RegistryUnreachableError)
+
+
+@dataclass(frozen=True)
+class TransferLimits:
+    """How slow and how long one blob download may be before it is cut off."""
+
+    #: bytes/s a body must average over each ``window`` (a slower one is cut; a retry resumes)
+    min_rate: int = 64 << 10
+    #: seconds over which the rate is measured; also the longest wait for any byte at all
+    window: float = 60.0
+    #: seconds from the first request to the verified blob, retries included; never retried past
+    deadline: float = 6 * 3600.0
+
+
+#: the defaults (a module-level value, so signatures can name it)
+DEFAULT_LIMITS = TransferLimits()
+
+
+class Pace:
+    """Enforces :class:`TransferLimits` on one blob: pure bookkeeping, time passed in by the caller.
+
+    :meth:`begin` starts a request (the rate window restarts; the deadline does not);
+    :meth:`check` is called after every read with the clock and the bytes so far in this request.
+    """
+
+    def __init__(self, limits: TransferLimits, what: str, now: float) -> None:
+        self.limits = limits
+        self.what = what
+        self.deadline_at = now + limits.deadline
+        self.started = now
+        self.samples: deque[tuple[float, int]] = deque([(now, 0)])
+
+    def begin(self, now: float) -> None:
+        self.check_deadline(now)
+        self.started = now
+        self.samples = deque([(now, 0)])
+
+    def check_deadline(self, now: float) -> None:
+        if now >= self.deadline_at:
+            raise DeadlineError(
+                f"{self.what}: not complete within its {self.limits.deadline:g} s deadline; given up"
+            )
+
+    def wait_limit(self, now: float) -> float:
+        """The longest the next read may take: a window without a byte is below any rate."""
+        return max(0.0, min(self.limits.window, self.deadline_at - now))
+
+    def check(self, now: float, received: int) -> None:
+        """Raise when the deadline passed or the last window carried less than the minimum rate."""
+        self.check_deadline(now)
+        self.samples.append((now, received))
+        window = self.limits.window
+        while len(self.samples) > 1 and self.samples[1][0] <= now - window:
+            self.samples.popleft()
+        if now - self.started < window:
+            return
+        got = received - self.samples[0][1]
+        if got < self.limits.min_rate * window:
+            raise SlowTransferError(
+                f"{self.what}: {got} bytes in the last {window:g} s, below the minimum "
+                f"{self.limits.min_rate} bytes/s; connection cut"
+            )
+
+    def stalled(self, now: float) -> Exception:
+        """The error for a read that got no byte within :meth:`wait_limit`."""
+        try:
+            self.check_deadline(now)
+        except DeadlineError as exc:
+            return exc
+        return SlowTransferError(
+            f"{self.what}: no byte in {self.limits.window:g} s, below the minimum "
+            f"{self.limits.min_rate} bytes/s; connection cut"
+        )
 
 
 class BlobFile:
@@ -204,6 +288,7 @@ async def receive(
     size: int,
     digest: str,
     on_bytes: Callable[[int], None],
+    pace: Pace | None = None,
 ) -> int:
     """Receive ``body`` into ``f`` and ``h`` from ``offset``; returns the new offset; closes ``body``.
 
@@ -216,8 +301,14 @@ async def receive(
     views = [memoryview(mmap.mmap(-1, SINK_BATCH)) for _ in range(SINK_BUFFERS)]  # page-aligned
     pending: list[list[asyncio.Future[None]]] = [[] for _ in views]  # the work still reading each buffer
     cur, fill = 0, 0
+    received = 0
+    if pace is not None:
+        pace.begin(loop.time())
     try:
-        while n := await body.readinto(views[cur][fill:]):
+        while n := await _read(body, views[cur][fill:], pace, loop):
+            received += n
+            if pace is not None:
+                pace.check(loop.time(), received)
             if offset + fill + n > size:
                 raise DigestMismatchError(
                     f"blob {digest}: the registry sent more than the {size} "
@@ -254,6 +345,16 @@ async def receive(
             hasher.shutdown(wait=True)
             writer.shutdown(wait=True)
     return offset
+
+
+async def _read(body: Body, view: memoryview, pace: Pace | None, loop: asyncio.AbstractEventLoop) -> int:
+    if pace is None:
+        return await body.readinto(view)
+    try:
+        async with asyncio.timeout(pace.wait_limit(loop.time())):
+            return await body.readinto(view)
+    except TimeoutError:
+        raise pace.stalled(loop.time()) from None
 
 
 def hash_prefix(path: Path, length: int) -> Any:
