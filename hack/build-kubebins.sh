@@ -2,6 +2,9 @@
 # Build the real control plane (etcd, kube-apiserver, kube-controller-manager, kubectl) and helm
 # from Go modules, version-stamped, into a cache outside the repo keyed by versions.
 # A second run with the same versions does nothing. Prints the bin dir on stdout (last line).
+# `--node` also builds what a dev node runs: kubelet, kube-proxy and kube-scheduler from the same
+# k8s.io/kubernetes module as the apiserver, and the pod sandbox's pause binary (hack/kubebins/pause),
+# so nothing is pulled from outside. Without it, callers that only need the control plane never wait for those.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/kubebins" && pwd)
 K8S_VERSION=$(awk '/^require k8s.io\/kubernetes /{print $3}' "$here/go.mod")
@@ -11,6 +14,7 @@ GO_VERSION=$(go env GOVERSION)
 key="k8s-${K8S_VERSION}_helm-${HELM_VERSION}_etcd-${ETCD_VERSION}_${GO_VERSION}"
 cache="${ORCHARDIST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/orchardist}/kubebins/$key"
 bins="etcd kube-apiserver kube-controller-manager kubectl helm"
+[ "${1:-}" = --node ] && bins="$bins kubelet kube-proxy kube-scheduler pause"
 ok=1
 for b in $bins; do [ -x "$cache/bin/$b" ] || ok=0; done
 if [ "$ok" = 1 ]; then
@@ -47,4 +51,10 @@ build() { # name ldflags package
 [ -x "$cache/bin/kube-controller-manager" ] || build kube-controller-manager "$kldf" k8s.io/kubernetes/cmd/kube-controller-manager
 [ -x "$cache/bin/kubectl" ] || build kubectl "$kldf" k8s.io/kubernetes/cmd/kubectl
 [ -x "$cache/bin/helm" ] || build helm "$hldf" helm.sh/helm/v4/cmd/helm
+if [ "${1:-}" = --node ]; then
+  [ -x "$cache/bin/kubelet" ] || build kubelet "$kldf" k8s.io/kubernetes/cmd/kubelet
+  [ -x "$cache/bin/kube-proxy" ] || build kube-proxy "$kldf" k8s.io/kubernetes/cmd/kube-proxy
+  [ -x "$cache/bin/kube-scheduler" ] || build kube-scheduler "$kldf" k8s.io/kubernetes/cmd/kube-scheduler
+  [ -x "$cache/bin/pause" ] || build pause "-s -w" ./pause
+fi
 echo "$cache/bin"
