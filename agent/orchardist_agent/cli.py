@@ -57,9 +57,27 @@ def register(parser: argparse.ArgumentParser) -> None:
     run_p.add_argument(
         "--state-dir", type=Path, default=None, help=f"engine records and logs ({default_state_dir()})"
     )
-    run_p.add_argument("--address", default=None, help="address engines are reached at (default: discovered)")
     run_p.add_argument(
-        "--bind-address", default="0.0.0.0", help="address engines listen on (default: 0.0.0.0)"
+        "--address", default=None, help="address replicas are reached at (default: discovered)"
+    )
+    run_p.add_argument(
+        "--bind-address",
+        default=None,
+        help="address the replicas' proxies listen on (default: --address); engines use 127.0.0.1",
+    )
+    run_p.add_argument(
+        "--engine-user",
+        default=None,
+        metavar="NAME",
+        help="unprivileged account engines run as, so they cannot read the agent's credentials "
+        "(default: the agent's own; development only)",
+    )
+    run_p.add_argument(
+        "--proxy-max-body",
+        type=parse_bytes,
+        default=4 << 20,
+        metavar="BYTES",
+        help="largest request body a replica's proxy accepts, e.g. 4Mi (default)",
     )
     run_p.add_argument("--heartbeat-interval", type=float, default=10.0, help="Lease renewal period, s (10)")
     run_p.add_argument(
@@ -100,6 +118,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         store_budget=args.store_budget,
         address=args.address,
         bind_address=args.bind_address,
+        engine_user=args.engine_user,
+        proxy_max_body_bytes=args.proxy_max_body,
         heartbeat_interval=args.heartbeat_interval,
         runtimes=dict(args.runtime),
         log_format=args.log_format,
@@ -111,6 +131,14 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     log.configure(cfg.log_level, cfg.log_format)  # type: ignore[arg-type]
+    if cfg.engine_user:
+        from .supervisor.users import lookup
+
+        try:
+            lookup(cfg.engine_user)
+        except ValueError as exc:
+            print(f"orchardist agent run: {exc}", file=sys.stderr)
+            return 2
     from kubernetes.config.config_exception import ConfigException
 
     try:
@@ -120,6 +148,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def check_credentials(cfg: AgentConfig) -> None:
+    """Say when engines could read the agent's credentials (same uid, or a shared kubeconfig)."""
+    import os
+    import stat
+
+    if not cfg.engine_user:
+        LOG.warning("engines run as the agent's user and can read its credentials; set --engine-user")
+    path = Path(cfg.kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or "/nonexistent")
+    if path.is_file() and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        LOG.warning("the kubeconfig is readable by other users; chmod 600 it", path=str(path))
 
 
 def host_facts(cfg: AgentConfig) -> Callable[[], dict[str, Any]]:
@@ -185,7 +225,9 @@ async def main(cfg: AgentConfig) -> int:
     from .node import NodeAgent, discover_address
 
     cfg.store.mkdir(parents=True, exist_ok=True)
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cfg.state_dir.chmod(0o700)  # engine records hold the launch's environment (API keys)
+    check_credentials(cfg)
     facts = host_facts(cfg)
     first = await asyncio.to_thread(facts)  # on macOS system_profiler takes a second or two: once
     address = cfg.address or str(first.get("address") or "") or discover_address()

@@ -61,7 +61,9 @@ class AgentConfig:
     simulate: str | None = None
     store_budget: int | None = None
     address: str | None = None  # None: discovered
-    bind_address: str = "0.0.0.0"
+    bind_address: str | None = None  # where replicas' proxies listen; None: the node's address
+    engine_user: str | None = None  # the unprivileged account engines run as (None: the agent's)
+    proxy_max_body_bytes: int = 4 << 20
     heartbeat_interval: float = 10.0
     runtimes: dict[str, Path] = field(default_factory=dict)
     log_format: str = "auto"

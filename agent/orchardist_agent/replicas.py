@@ -77,7 +77,7 @@ class ReplicaLoop:
     def create(cls, kube: Kube, node: NodeAgent, cfg: AgentConfig, address: str) -> ReplicaLoop:
         budget = cfg.store_budget if cfg.store_budget is not None else default_budget(cfg.store)
         store = ContentStore(cfg.store, budget)
-        return cls(kube, node, cfg, address, store, EngineAdapter(cfg))
+        return cls(kube, node, cfg, address, store, EngineAdapter(cfg, listen=address))
 
     def _notify(self, kind: str) -> Callable[[Key], None]:
         def put(key: Key) -> None:
@@ -194,7 +194,10 @@ class ReplicaLoop:
         known = obj if obj is not None else last
         view = view_of(known, deleting=gone) if known is not None else gone_view(key)
         try:
-            for act in decide(view, self.observe(view)):
+            acts = decide(view, self.observe(view))
+            if not gone and Act.START not in acts and self.engines.unexposed(key):
+                acts = (*acts, Act.START)  # an adopted engine: the START re-opens its proxy
+            for act in acts:
                 await self._act(act, view)
             if gone or obj is None:
                 return

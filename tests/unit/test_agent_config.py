@@ -70,7 +70,7 @@ def test_agent_run_options() -> None:
     )
     assert cfg.runtimes == {"mlx-lm": Path("/opt/mlx"), "llama.cpp": Path("/opt/llama")}
     assert cfg.heartbeat_interval == 2.0
-    assert cfg.bind_address == "0.0.0.0"
+    assert (cfg.bind_address, cfg.engine_user) == (None, None)  # proxies listen on --address
     assert args.func is cli.run
 
 

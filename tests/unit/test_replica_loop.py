@@ -203,6 +203,9 @@ class FakeEngines:
     def keys(self) -> list[Key]:
         return list(self.running)
 
+    def unexposed(self, key: Key) -> bool:
+        return False  # these engines are reachable as soon as they run
+
     async def ensure(self, key: Key, spec: Any, model_dir: Path, api_key: str | None) -> None:
         self.ensured.append((key, spec, model_dir, api_key))
         self.running[key] = EngineView(

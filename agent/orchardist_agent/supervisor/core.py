@@ -43,6 +43,12 @@ class _Entry:
     spec: Launchable | None = None  # to relaunch on another port when ours was taken meanwhile
 
 
+def private_dir(path: Path) -> None:
+    """Create `path` readable by the agent only (0700): engine logs and records stay the agent's."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+
+
 class Supervisor:
     """Keeps one engine process per replica key serving; `on_change` hears every status change."""
 
@@ -261,14 +267,16 @@ class Supervisor:
             self._set(entry, endpoint=launch.endpoint)
         try:
             self._prepare(entry)
-            proc = await launcher.spawn(launch, entry.log_path, cwd=self.state_dir)
+            proc, argv = await launcher.spawn(
+                launch, entry.log_path, cwd=self.state_dir, user=self.config.engine_user
+            )
         except Exception as e:  # a missing binary, an unwritable log dir: retried with backoff
             _log.warning("engine cannot start", key=entry.key, error=str(e))
             return health.SpawnFailed(str(e))
         entry.proc = proc
         entry.exit_task = asyncio.create_task(proc.wait(), name=f"engine-exit:{entry.key}")
         stamp = await asyncio.to_thread(processes.start_stamp, proc.pid)
-        entry.identity = processes.Identity(proc.pid, stamp or "", processes.argv_digest(launch.argv))
+        entry.identity = processes.Identity(proc.pid, stamp or "", processes.argv_digest(argv))
         entry.started_at = datetime.now(UTC)
         entry.follower = logs.Follower(entry.log_path)
         self._write_record(entry)
@@ -281,9 +289,9 @@ class Supervisor:
     def _prepare(self, entry: _Entry) -> None:
         for d in entry.launch.prepare_dirs:
             Path(d).mkdir(parents=True, exist_ok=True)
-        entry.log_path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(entry.log_path.parent)
         logs.rotate(entry.log_path, self.config.log_backups)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)
 
     async def _terminate(self, entry: _Entry) -> None:
         """Stop the process group (never a pid that is no longer ours) and forget the process."""

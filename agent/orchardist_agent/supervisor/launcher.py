@@ -1,7 +1,8 @@
 """Starting and stopping engine processes: the one place the agent starts an engine.
 
 Each engine runs in its own session and process group, writing straight to its log file, so it
-outlives the agent and one signal reaches all of its processes (vLLM's EngineCore, say).
+outlives the agent and one signal reaches all of its processes (vLLM's EngineCore, say). With an
+engine user (`users`) it runs under that uid, with only an allowlisted environment.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 from orchardist import log, processes
 from orchardist_agent.engines.base import Launch
+from orchardist_agent.supervisor import users
 
 _log = log.get(__name__)
-
-# An agent run from a venv must not hand its own interpreter settings to an engine's venv.
-_SCRUBBED_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
 
 
 def port_free(host: str, port: int) -> bool:
@@ -40,19 +40,52 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-async def spawn(launch: Launch, log_path: Path, *, cwd: Path) -> asyncio.subprocess.Process:
-    """Start the launch's argv in a new session, stdout and stderr appended to `log_path`."""
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV} | dict(launch.env)
-    with log_path.open("ab") as out:
-        return await asyncio.create_subprocess_exec(
-            *launch.argv,
+def command(launch: Launch, user: users.EngineUser | None, *, as_root: bool) -> list[str]:
+    """The argv that starts `launch`: as is, or through sudo when a non-root agent needs `user`.
+
+    The API key must reach the engine by environment or file: argv is visible to every local
+    user (`ps`), so a launch carrying it there is refused.
+    """
+    if launch.api_key and any(launch.api_key in arg for arg in launch.argv):
+        raise ValueError("the engine's command line carries the API key; it must come by environment")
+    if user is None or as_root:
+        return list(launch.argv)
+    return [*users.sudo_prefix(user, list(launch.env)), *launch.argv]
+
+
+async def spawn(
+    launch: Launch, log_path: Path, *, cwd: Path, user: users.EngineUser | None = None
+) -> tuple[asyncio.subprocess.Process, list[str]]:
+    """Start the launch in a new session (as `user` when given), output appended to `log_path`.
+
+    The log is opened here, 0600 in a directory the supervisor keeps 0700: the engine writes
+    through the inherited descriptor and cannot open the file (or its neighbours) by name.
+    Returns the process and the argv it was started with (its identity's command line).
+    """
+    as_root = users.is_root()
+    argv = command(launch, user, as_root=as_root)
+    env = users.engine_env(os.environ, launch.env, user)
+    extra: dict[str, Any] = {}
+    if user is not None:
+        cwd = Path("/")  # the agent's state directory is not the engine's to read
+        if as_root:
+            extra = {"user": user.uid, "group": user.gid, "extra_groups": []}
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
+            stdout=fd,
             stderr=asyncio.subprocess.STDOUT,
             env=env,
             cwd=str(cwd),
             start_new_session=True,
+            **extra,
         )
+    finally:
+        os.close(fd)
+    return proc, argv
 
 
 async def terminate(

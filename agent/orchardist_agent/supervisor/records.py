@@ -101,7 +101,7 @@ def path_for(state_dir: Path, key: str) -> Path:
 
 
 def write(state_dir: Path, rec: Record) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     dest = path_for(state_dir, rec.key)
     tmp = dest.with_suffix(".json.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

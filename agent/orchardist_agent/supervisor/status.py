@@ -11,6 +11,7 @@ from typing import Protocol
 from orchardist.retry import ENGINE_RESTART, Backoff
 from orchardist_agent.engines.base import Launch, Measured
 from orchardist_agent.supervisor.health import LastError, Phase, Timing
+from orchardist_agent.supervisor.users import EngineUser
 
 
 class Launchable(Protocol):
@@ -55,6 +56,7 @@ class SupervisorConfig:
     log_backups: int = 3
     tail_lines: int = 25
     rng: Callable[[], float] = field(default=random.random, compare=False)  # jitter draws 0..1; tests fix it
+    engine_user: EngineUser | None = None  # None: engines run as the agent (development only)
 
     @property
     def restart(self) -> Backoff:
