@@ -464,7 +464,7 @@ class Autoscaling(ApiModel):
         max_length=64,
         pattern=CAMEL_CASE,
         description="Why, in one CamelCase word: Starting, ScaleFromZero, ScaleUp, ScaleDown, Idle, "
-        "Stabilizing, Steady.",
+        "Limits (minReplicas or maxReplicas changed), Stabilizing, Steady.",
     )
     message: str | None = Field(None, max_length=1024, description="Why, as a sentence for people.")
     last_scale_time: datetime | None = Field(

@@ -1,0 +1,235 @@
+"""The autoscaler's decision: how many replicas a deployment with ``spec.scaling`` should run.
+
+Pure: (scaling, starting count, last decision, demand, ready replicas, now) -> a :class:`Decision`.
+The count goes to ``status.autoscaling.desiredReplicas`` and the reconcile uses it in place of
+``spec.replicas``, which stays as the user wrote it (GitOps shows no drift).
+
+The shape follows the HorizontalPodAutoscaler's, for requests in flight instead of CPU:
+
+- the raw recommendation is ``ceil((inFlight + held) / targetInFlight)``, at least 1 while the
+  deployment is not idle, clamped into ``[minReplicas, maxReplicas]``;
+- stabilization: a scale-up goes to the lowest recommendation of the up window, a scale-down to
+  the highest of the down window (a recommendation counts while it was current within the window);
+- from zero, anything held starts exactly one replica at once, and nothing more is added while no
+  replica is ready: N requests held at once cause one start, not N;
+- with ``minReplicas`` 0, no request for ``idleTimeoutSeconds`` (and none in flight or held)
+  goes to zero at once; the idle timeout is that step's window.
+
+Demand that is not known yet (the demand watch has not listed) changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from orchardist.api.modeldeployment import Autoscaling, ModelDeployment, Scaling
+
+MAX_HISTORY = 64  # recommendations kept at most (status.autoscaling.recommendations' maxItems)
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What the gateway's demand Lease says about a deployment."""
+
+    in_flight: int = 0
+    held: int = 0
+    last_request: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The count to run, why, and what the next decision needs to remember."""
+
+    desired: int
+    reason: str
+    message: str
+    last_scale_time: datetime
+    recommendations: tuple[tuple[int, datetime], ...] = ()
+    previous: int | None = None  # the count decided before (None: the first decision)
+    demand: Demand | None = None
+
+    @property
+    def changed(self) -> bool:
+        """Whether the count differs from the last decision (an Event says so)."""
+        return self.previous is not None and self.previous != self.desired
+
+    def status(self) -> dict[str, Any]:
+        """``status.autoscaling`` as the API server stores it."""
+        out: dict[str, Any] = {
+            "desiredReplicas": self.desired,
+            "reason": self.reason,
+            "message": self.message,
+            "lastScaleTime": _rfc3339(self.last_scale_time),
+            "recommendations": [{"replicas": n, "time": _rfc3339(t)} for n, t in self.recommendations],
+        }
+        if self.demand is not None:
+            out["inFlight"] = self.demand.in_flight
+            out["held"] = self.demand.held
+            if self.demand.last_request is not None:
+                out["lastRequestTime"] = _rfc3339(self.demand.last_request)
+        return out
+
+
+@dataclass(frozen=True)
+class _Window:
+    up: list[int] = field(default_factory=list)
+    down: list[int] = field(default_factory=list)
+
+
+def _rfc3339(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _clamp(n: int, scaling: Scaling) -> int:
+    return max(scaling.min_replicas, min(scaling.max_replicas, n))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _windows(history: tuple[tuple[int, datetime], ...], now: datetime, up_s: int, down_s: int) -> _Window:
+    """The recommendations current at some moment of each window (an entry lasts until the next)."""
+    out = _Window()
+    for i, (n, _) in enumerate(history):
+        until = history[i + 1][1] if i + 1 < len(history) else now
+        if until >= now - timedelta(seconds=up_s) and (up_s > 0 or i + 1 == len(history)):
+            out.up.append(n)
+        if until >= now - timedelta(seconds=down_s) and (down_s > 0 or i + 1 == len(history)):
+            out.down.append(n)
+    return out
+
+
+def _remember(
+    history: tuple[tuple[int, datetime], ...], raw: int, now: datetime, keep_s: int
+) -> tuple[tuple[int, datetime], ...]:
+    """The history with ``raw`` recorded (only when it changed), minus what no window covers."""
+    entries = list(history)
+    if not entries or entries[-1][0] != raw:
+        entries.append((raw, now))
+    horizon = now - timedelta(seconds=keep_s)
+    kept = [e for i, e in enumerate(entries) if i + 1 == len(entries) or entries[i + 1][1] >= horizon]
+    return tuple(kept[-MAX_HISTORY:])
+
+
+def _history(previous: Autoscaling | None) -> tuple[tuple[int, datetime], ...]:
+    if previous is None:
+        return ()
+    return tuple((r.replicas, r.time) for r in previous.recommendations)
+
+
+def decide(
+    scaling: Scaling,
+    start: int,
+    previous: Autoscaling | None,
+    demand: Demand | None,
+    ready: int,
+    now: datetime,
+) -> Decision:
+    """How many replicas to run now, and why.
+
+    ``start``: ``spec.replicas``, the count before any decision; ``previous``: the last decision as
+    status holds it; ``demand``: None while unknown; ``ready``: replicas serving now.
+    """
+    now = now.replace(microsecond=0)
+    first = previous is None or previous.desired_replicas is None
+    if previous is None or previous.desired_replicas is None:
+        before, last_scale = None, now
+        current = _clamp(start, scaling)
+    else:
+        before, last_scale = previous.desired_replicas, previous.last_scale_time or now
+        current = _clamp(before, scaling)  # the limits may have changed since
+    history = _history(previous)
+
+    def decision(desired: int, reason: str, message: str, recs: tuple[tuple[int, datetime], ...]) -> Decision:
+        return Decision(
+            desired=desired,
+            reason=reason,
+            message=message,
+            last_scale_time=now if before is not None and desired != before else last_scale,
+            recommendations=recs,
+            previous=before,
+            demand=demand,
+        )
+
+    if demand is None:
+        why = previous.reason if previous is not None and previous.reason else "Starting"
+        return decision(current, why, "waiting for the gateway's demand signal", history)
+
+    load = demand.in_flight + demand.held
+    last_activity = max(demand.last_request or last_scale, last_scale)
+    quiet_s = (now - last_activity).total_seconds()
+    idle = load == 0 and quiet_s >= scaling.idle_timeout_seconds
+
+    if current == 0:
+        raw = 1 if load > 0 else 0  # one start however many are held; more once it serves
+    elif idle:
+        raw = 0
+    elif ready == 0:
+        raw = current  # replicas are starting: wait for them before judging the load
+    else:
+        raw = max(1, math.ceil(load / scaling.target_in_flight))
+    raw = _clamp(raw, scaling)
+    keep_s = max(scaling.scale_up_stabilization_seconds, scaling.scale_down_stabilization_seconds)
+    recs = _remember(history, raw, now, keep_s)
+
+    if current == 0 and raw > 0 and load > 0:
+        return decision(
+            raw,
+            "ScaleFromZero",
+            f"{_plural(demand.held, 'request')} held and no replica: starting {raw}",
+            recs,
+        )
+    if idle and raw == 0 and current > 0:
+        return decision(
+            0, "Idle", f"no request for {int(quiet_s)}s (idle timeout {scaling.idle_timeout_seconds}s)", recs
+        )
+    win = _windows(
+        recs, now, scaling.scale_up_stabilization_seconds, scaling.scale_down_stabilization_seconds
+    )
+    up, down = _clamp(min(win.up), scaling), _clamp(max(win.down), scaling)
+    load_words = (
+        f"{load} in flight or held for {_plural(ready, 'ready replica')} "
+        f"(target {scaling.target_in_flight} each)"
+    )
+    if current < up:
+        return decision(up, "ScaleUp", f"{load_words}: {current} -> {up}", recs)
+    if current > down:
+        return decision(down, "ScaleDown", f"{load_words}: {current} -> {down}", recs)
+    if before is not None and before != current:
+        limits = f"{scaling.min_replicas}-{scaling.max_replicas}"
+        return decision(current, "Limits", f"{before} is outside minReplicas-maxReplicas {limits}", recs)
+    if raw != current:
+        window = (
+            scaling.scale_down_stabilization_seconds
+            if raw < current
+            else scaling.scale_up_stabilization_seconds
+        )
+        return decision(
+            current,
+            "Stabilizing",
+            f"{load_words}: {raw} recommended; keeping {current} for the {window}s stabilization window",
+            recs,
+        )
+    if first:
+        return decision(
+            current, "Starting", f"starting with {_plural(current, 'replica')} (spec.replicas)", recs
+        )
+    return decision(current, "Steady", f"{load_words}: {current} is right", recs)
+
+
+def desired_replicas(md: ModelDeployment) -> int:
+    """The count a deployment should run: the autoscaler's when scaling is set, else spec.replicas."""
+    scaling = md.spec.scaling
+    if scaling is None:
+        return md.spec.replicas
+    auto = md.status.autoscaling
+    if auto is None or auto.desired_replicas is None:
+        return _clamp(md.spec.replicas, scaling)
+    return auto.desired_replicas
+
+
+__all__ = ["Decision", "Demand", "decide", "desired_replicas"]

@@ -1,0 +1,240 @@
+"""The autoscaler's decision as a table: up fast, from zero at once, down after a window, idle to zero."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from orchardist.api.modeldeployment import Autoscaling, ModelDeployment, Scaling
+from orchardist.controller.autoscale import Demand, decide, desired_replicas
+
+NOW = datetime(2026, 12, 2, 12, 0, 0, tzinfo=UTC)
+
+
+def ago(seconds: float) -> datetime:
+    return NOW - timedelta(seconds=seconds)
+
+
+def scaling(**kw: Any) -> Scaling:
+    base = {
+        "minReplicas": 0,
+        "maxReplicas": 4,
+        "targetInFlight": 4,
+        "idleTimeoutSeconds": 300,
+        "scaleUpStabilizationSeconds": 0,
+        "scaleDownStabilizationSeconds": 60,
+    }
+    return Scaling.model_validate({**base, **kw})
+
+
+def before(desired: int, scaled_s: float = 3600, recs: list[tuple[int, float]] | None = None) -> Autoscaling:
+    """A previous decision: ``desired`` since ``scaled_s`` seconds ago, recommendations (count, age)."""
+    history = recs if recs is not None else [(desired, scaled_s)]
+    return Autoscaling.model_validate(
+        {
+            "desiredReplicas": desired,
+            "reason": "Steady",
+            "lastScaleTime": ago(scaled_s).isoformat(),
+            "recommendations": [{"replicas": n, "time": ago(s).isoformat()} for n, s in history],
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    why: str
+    previous: Autoscaling | None
+    demand: Demand | None
+    ready: int
+    desired: int
+    reason: str
+    scaling: Scaling = field(default_factory=scaling)
+    start: int = 1
+
+
+def busy(in_flight: int = 0, held: int = 0, last: float = 1) -> Demand:
+    return Demand(in_flight=in_flight, held=held, last_request=ago(last))
+
+
+ROWS = [
+    Row("first decision starts with spec.replicas", None, busy(), 0, 1, "Starting"),
+    Row("first decision clamps spec.replicas into the range", None, busy(), 0, 4, "Starting", start=9),
+    Row(
+        "first decision with replicas 0 and nothing held stays at zero",
+        None,
+        busy(last=3600),
+        0,
+        0,
+        "Starting",
+        start=0,
+    ),
+    Row("demand not known yet keeps the count", before(2), None, 2, 2, "Steady"),
+    Row("demand not known yet keeps the starting count", None, None, 0, 1, "Starting"),
+    Row("held requests at zero start exactly one", before(0), busy(held=32), 0, 1, "ScaleFromZero"),
+    Row("one held request at zero starts one", before(0), busy(held=1), 0, 1, "ScaleFromZero"),
+    Row("held requests while one starts add no second start", before(1, 5), busy(held=32), 0, 1, "Steady"),
+    Row(
+        "held from zero is at once despite an up window",
+        before(0),
+        busy(held=3),
+        0,
+        1,
+        "ScaleFromZero",
+        scaling(scaleUpStabilizationSeconds=120),
+    ),
+    Row("zero and no demand stays at zero", before(0), Demand(), 0, 0, "Steady"),
+    Row("zero just after going idle stays at zero", before(0, 1), busy(last=400), 0, 0, "Steady"),
+    Row("in flight above target scales up at once", before(1), busy(in_flight=12), 1, 3, "ScaleUp"),
+    Row("scale-up stops at maxReplicas", before(1), busy(in_flight=100), 1, 4, "ScaleUp"),
+    Row(
+        "up window: the lowest recent recommendation wins",
+        before(1, recs=[(1, 3600), (3, 30)]),
+        busy(in_flight=12),
+        1,
+        1,
+        "Stabilizing",
+        scaling(scaleUpStabilizationSeconds=60),
+    ),
+    Row(
+        "up window passed: scale up",
+        before(1, recs=[(1, 3600), (3, 90)]),
+        busy(in_flight=12),
+        1,
+        3,
+        "ScaleUp",
+        scaling(scaleUpStabilizationSeconds=60),
+    ),
+    Row(
+        "load drops inside the down window: keep",
+        before(3, recs=[(3, 30)]),
+        busy(in_flight=4),
+        3,
+        3,
+        "Stabilizing",
+    ),
+    Row(
+        "load low for the whole down window: scale down",
+        before(3, recs=[(3, 3600), (1, 90)]),
+        busy(in_flight=4),
+        3,
+        1,
+        "ScaleDown",
+    ),
+    Row(
+        "down window: the highest recent recommendation wins",
+        before(4, recs=[(4, 3600), (2, 90), (1, 10)]),
+        busy(in_flight=1),
+        4,
+        2,
+        "ScaleDown",
+    ),
+    Row("no request for the idle timeout goes to zero", before(1), busy(last=301), 1, 0, "Idle"),
+    Row(
+        "idle goes to zero at once, whatever the down window",
+        before(2, recs=[(2, 10)]),
+        busy(last=900),
+        2,
+        0,
+        "Idle",
+    ),
+    Row("quiet but within the idle timeout keeps one", before(1), busy(last=200), 1, 1, "Steady"),
+    Row("requests in flight are never idle", before(1), busy(in_flight=1, last=900), 1, 1, "Steady"),
+    Row("a recent scale counts as activity", before(1, 10), Demand(), 0, 1, "Steady"),
+    Row(
+        "idle with minReplicas 1 keeps one", before(1), busy(last=900), 1, 1, "Steady", scaling(minReplicas=1)
+    ),
+    Row("minReplicas raised lifts the count", before(0), Demand(), 0, 2, "Limits", scaling(minReplicas=2)),
+    Row(
+        "maxReplicas lowered lowers the count",
+        before(4),
+        busy(in_flight=16),
+        4,
+        2,
+        "Limits",
+        scaling(maxReplicas=2),
+    ),
+    Row(
+        "starting replicas are waited for, not judged",
+        before(3, 5),
+        busy(in_flight=0, last=5),
+        0,
+        3,
+        "Steady",
+    ),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.why for r in ROWS])
+def test_decide(row: Row) -> None:
+    """Each row: what was decided before, the demand and ready replicas -> the count and the reason."""
+    got = decide(row.scaling, row.start, row.previous, row.demand, row.ready, NOW)
+    assert (got.desired, got.reason) == (row.desired, row.reason), got.message
+
+
+def test_n_held_requests_cause_one_start() -> None:
+    """Reconcile after reconcile with 32 held and nothing ready yet: the count goes 0 -> 1 once."""
+    s = scaling(maxReplicas=8)
+    previous = before(0)
+    counts = []
+    for second in range(20):
+        now = NOW + timedelta(seconds=second)
+        got = decide(s, 1, previous, Demand(held=32, last_request=now), 0, now)
+        counts.append(got.desired)
+        previous = Autoscaling.model_validate(got.status())
+    assert counts == [1] * 20
+    assert previous.last_scale_time == NOW
+
+
+def test_change_is_remembered_for_the_event_and_status() -> None:
+    """A change carries the count before it; status round-trips through the API type."""
+    got = decide(scaling(), 1, before(1), busy(in_flight=12, held=2), 1, NOW)
+    assert (got.previous, got.desired, got.changed) == (1, 4, True)
+    st = Autoscaling.model_validate(got.status())
+    assert (st.desired_replicas, st.reason, st.in_flight, st.held, st.last_scale_time) == (
+        4,
+        "ScaleUp",
+        12,
+        2,
+        NOW,
+    )
+    steady = decide(scaling(), 1, st, busy(in_flight=12, held=2), 4, NOW + timedelta(seconds=5))
+    assert (steady.changed, steady.last_scale_time) == (False, NOW)
+
+
+def test_history_keeps_only_what_a_window_covers() -> None:
+    """Recommendations older than both windows are dropped; the current one always stays."""
+    old = before(1, recs=[(1, 7200), (2, 3600), (1, 1800)])
+    got = decide(scaling(), 1, old, busy(in_flight=4), 1, NOW)
+    assert [n for n, _ in got.recommendations] == [1]
+
+
+def md(spec: dict[str, Any], status: dict[str, Any] | None = None) -> ModelDeployment:
+    return ModelDeployment.model_validate(
+        {
+            "metadata": {"name": "m"},
+            "spec": {"model": "oci://r.example.com/m:1", **spec},
+            "status": status or {},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "status", "expected"),
+    [
+        ({"replicas": 3}, None, 3),
+        ({"replicas": 3, "scaling": {"maxReplicas": 2}}, None, 2),
+        ({"replicas": 0, "scaling": {"minReplicas": 1, "maxReplicas": 2}}, None, 1),
+        (
+            {"replicas": 3, "scaling": {"minReplicas": 0, "maxReplicas": 5}},
+            {"autoscaling": {"desiredReplicas": 0}},
+            0,
+        ),
+        ({"replicas": 3}, {"autoscaling": {"desiredReplicas": 0}}, 3),
+    ],
+)
+def test_desired_replicas(spec: dict[str, Any], status: dict[str, Any] | None, expected: int) -> None:
+    """spec.replicas without scaling; with it, the autoscaler's count (spec.replicas clamped before one)."""
+    assert desired_replicas(md(spec, status)) == expected
