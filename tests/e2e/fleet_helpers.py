@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchardist.dev import tinymodel
+from orchardist.dev import netns, tinymodel
 from orchardist.dev.cluster import Cluster
 from orchardist.planning import macs, memory, profile
 from tests.fixtures.agents import (
     ORCHARDIST,
+    REPO,
     Agent,
     Operator,
     alive,
@@ -123,30 +125,49 @@ def fits_on(prof: profile.ModelProfile, request: memory.PlanRequest, mac_names: 
 # ---- the fleet ----------------------------------------------------------------------------------
 
 
+#: The fabric member that is no Mac: a client in a namespace of its own.
+CLIENT = "client"
+
+
 @dataclass
 class Fleet:
-    """One namespace, one operator, four agents (one per simulated Mac), and the models they serve."""
+    """One namespace, one operator, four agents (one per simulated Mac, each in its own network
+    namespace on ``fabric``), and the models they serve. ``env`` is what every client of the
+    fleet's registry needs (its CA)."""
 
     cluster: Cluster
     ns: str
     workdir: Path
     runtime: Path
     grace: float
+    fabric: netns.Fabric
+    env: dict[str, str] = field(default_factory=dict)
     agents: dict[str, Agent] = field(default_factory=dict)  # Mac profile -> its agent
     operator: Operator | None = None
+
+    def node_of(self, mac: str) -> str:
+        return f"{self.ns}-{mac}"
 
     # -- processes -------------------------------------------------------------------------------
     def start_operator(self) -> Operator:
         args = ("--namespace", self.ns, "--standalone", "--lease-grace", str(self.grace), "--resync", "1")
-        op = Operator.spawn(self.cluster, *args)
+        op = Operator.spawn(self.cluster, *args, env=self.env)
         self.operator = op
         op.wait_started(90)
         return op
 
     def add_agent(self, mac: str) -> Agent:
-        node = f"{self.ns}-{mac}"
+        node = self.node_of(mac)
         extra = ("--runtime", f"mlx-lm={self.runtime}")
-        agent = make_agent(self.cluster, self.workdir / mac, node=node, extra=extra, heartbeat=1.0)
+        agent = make_agent(
+            self.cluster,
+            self.workdir / mac,
+            node=node,
+            extra=extra,
+            heartbeat=1.0,
+            fabric=self.fabric,
+            env=self.env,
+        )
         agent.argv[agent.argv.index("--simulate") + 1] = mac  # make_agent's default is m4-pro-64gb
         self.agents[mac] = agent
         agent.start()
@@ -161,6 +182,27 @@ class Fleet:
 
     def mac_of(self, node: str) -> str:
         return next(mac for mac, a in self.agents.items() if a.node == node)
+
+    def chat_from_client(self, endpoint: str) -> dict[str, Any]:
+        """A chat completion sent from the client's namespace (another host, as far as it knows)."""
+        code = (
+            "import json, sys\nfrom tests.fixtures.agents import chat\nprint(json.dumps(chat(sys.argv[1])))"
+        )
+        argv = self.fabric.wrap(CLIENT, [sys.executable, "-c", code, endpoint])
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False, cwd=REPO)
+        assert out.returncode == 0, f"chat from the client namespace to {endpoint}: {out.stderr[-2000:]}"
+        answer: dict[str, Any] = json.loads(out.stdout)
+        return answer
+
+    def slice_endpoints(self, name: str) -> set[str]:
+        """``address:port`` of every endpoint in the EndpointSlices of deployment ``name``'s Service."""
+        got = kget(self.cluster, "endpointslices", "-n", self.ns, f"-l=kubernetes.io/service-name={name}")
+        found = set()
+        for sl in (got or {}).get("items") or []:
+            for port in sl.get("ports") or []:
+                for ep in sl.get("endpoints") or []:
+                    found |= {f"{addr}:{port['port']}" for addr in ep["addresses"]}
+        return found
 
     # -- API -------------------------------------------------------------------------------------
     def apply(self, doc: dict[str, Any]) -> None:
@@ -310,6 +352,7 @@ class Fleet:
             self.cluster.kubectl(
                 "delete", "lease", a.node, "-n", SYSTEM, "--ignore-not-found", "--wait=false", check=False
             )
+        self.fabric.remove()  # after every process in it stopped
         return left
 
 

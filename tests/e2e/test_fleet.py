@@ -2,7 +2,10 @@
 
 One operator and four `orchardist agent run` subprocesses (M2 16 GB, M4 Pro 48 GB, M4 Max 128 GB,
 M2 Ultra 192 GB) on the real control plane; tiny models pushed to the real registry with
-`orchardist push`; every replica is a real `mlx_lm.server` (MLX on the CPU). The sizes come from the
+`orchardist push`; every replica is a real `mlx_lm.server` (MLX on the CPU). Each Mac (its agent and
+engines) lives in its own network namespace on a bridge (orchardist.dev.netns), reaches the apiserver
+and the registry (TLS, its own CA) at the bridge's host address, and reports its own address; a
+client in a fifth namespace chats through the EndpointSlices' addresses. The sizes come from the
 memory plan: the same deep tiny Llama (16 KiB of KV per token) pinned to 1 M tokens needs a 48 GB
 Mac, pinned to 2 M tokens a 128 GB one; the plain tiny Llama fits everywhere. The cases share the
 fleet and run in order: placement, chat, unschedulable, a killed agent, a restarted agent, a rollout.
@@ -22,12 +25,14 @@ from typing import Any
 
 import pytest
 
-from orchardist.dev import tinymodel
-from orchardist.dev.cluster import Cluster
+from orchardist.dev import netns, tinymodel
+from orchardist.dev.cluster import Cluster, find_kubebins
+from orchardist.dev.registry import Registry, make_tls
 from orchardist.planning import macs, memory
 from orchardist.planning.profile import ModelProfile
 from orchardist_agent.engines import Runtime
 from tests.e2e.fleet_helpers import (
+    CLIENT,
     Fleet,
     GiB,
     Prober,
@@ -79,16 +84,49 @@ class World:
 
 
 @pytest.fixture(scope="module")
+def fleet_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A control plane of the fleet's own, listening on every address so the Macs' namespaces reach it
+    through the bridge (the session's cluster listens on loopback only)."""
+    cl = Cluster.start(
+        tmp_path_factory.mktemp("fleet-cluster") / "state",
+        bin_dir=find_kubebins(),
+        crds=Path(__file__).resolve().parents[2] / "crds",
+        die_with_parent=True,
+        bind_address="0.0.0.0",
+    )
+    try:
+        cl.wait_for_controller_manager()
+        yield cl
+    finally:
+        cl.stop()
+
+
+@pytest.fixture(scope="module")
 def world(
-    cluster: Cluster, registry: str, mlx_runtime: Runtime, tmp_path_factory: pytest.TempPathFactory
+    fleet_cluster: Cluster, mlx_runtime: Runtime, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[World]:
     t0 = time.monotonic()
+    cluster = fleet_cluster
     work = tmp_path_factory.mktemp("fleet")
-    ns = f"fleet-{os.urandom(3).hex()}"
+    tag = os.urandom(3).hex()
+    ns = f"fleet-{tag}"
+    netns.sweep()  # fabrics of runs killed before their teardown
+    reason = netns.unavailable()
+    assert reason is None, f"the fleet runs its Macs in network namespaces, which need root: {reason}"
+    subnet = netns.pick_subnet(netns.routes(), start=int(tag, 16) % 256)
+    names = [f"{ns}-{mac}" for mac in MACS]
+    fabric = netns.create(tag, [*names, CLIENT], subnet=subnet, owner_pid=os.getpid())
     cluster.kubectl("create", "namespace", ns)
     cluster.kubectl("create", "namespace", "orchardist-system", check=False)
-    fleet = Fleet(cluster, ns, work / "macs", mlx_runtime.prefix, GRACE)
-    env = cluster.env()
+    reg = Registry.start(
+        work / "registry",
+        bind=fabric.host_address,
+        tls=make_tls(work / "registry-tls", fabric.host_address),
+        die_with_parent=True,
+    )
+    registry = reg.host
+    env = cluster.env() | reg.client_env()
+    fleet = Fleet(cluster, ns, work / "macs", mlx_runtime.prefix, GRACE, fabric, reg.client_env())
     try:
         # The agents start first (they register while the models are built and pushed).
         for mac in MACS:
@@ -133,6 +171,7 @@ def world(
     finally:
         print(fleet.describe())
         left = fleet.teardown()
+        reg.stop()
         cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
         assert not left, left
 
@@ -190,19 +229,26 @@ def test_placement_follows_fit(world: World) -> None:
 
 
 def test_chat_answers_through_every_deployments_endpoints(world: World) -> None:
-    """Every Ready replica's endpoint (status.replicaStatuses) answers a chat completion."""
+    """Every Ready replica's endpoint (status.replicaStatuses) is its Mac's own address, is what the
+    Service's EndpointSlices hold, and answers a chat completion from the host and from a client in
+    another namespace; no deployment is Degraded (no EndpointNotRoutable)."""
+    fleet = world.fleet
     for name in ("small", "medium", "large"):
-        md = world.fleet.md(name)
+        md = fleet.md(name)
         statuses = md["status"]["replicaStatuses"]
         assert md["status"]["readyReplicas"] == world.workloads[name].replicas
         endpoints = [s["endpoint"] for s in statuses if s.get("phase") == "Ready" and s.get("endpoint")]
         assert len(endpoints) == world.workloads[name].replicas, statuses
+        for s in statuses:
+            assert s["endpoint"].rpartition(":")[0] == fleet.fabric.address(s["nodeName"]), s
+        assert fleet.slice_endpoints(name) == set(endpoints)
         for ep in endpoints:
-            assert re.fullmatch(r"127\.0\.0\.1:\d+", ep)
             answer = chat(ep)
             assert answer["choices"][0]["message"]["role"] == "assistant", answer
-        cond = world.fleet.condition(name, "Ready")
+            assert fleet.chat_from_client(ep)["choices"][0]["message"]["role"] == "assistant"
+        cond = fleet.condition(name, "Ready")
         assert cond["status"] == "True", cond
+        assert fleet.condition(name, "Degraded").get("status") != "True", fleet.condition(name, "Degraded")
 
 
 def test_too_big_for_every_mac_is_unschedulable_naming_the_closest(world: World) -> None:
