@@ -1,0 +1,85 @@
+"""Usage from answers and streams, the demand board and its Lease body."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from orchardist.gateway.catalog import Served
+from orchardist.gateway.demand import DemandBoard, lease_body
+from orchardist.gateway.metering import StreamMeter, Usage, usage_of
+from orchardist.gateway.upstream import pinned
+
+
+def sse(obj: object) -> bytes:
+    return f"data: {json.dumps(obj)}\n".encode()
+
+
+def test_usage_of() -> None:
+    assert usage_of({"usage": {"prompt_tokens": 3, "completion_tokens": 4}}) == Usage(3, 4)
+    assert usage_of({"choices": []}) is None
+    assert usage_of([1]) is None
+
+
+def test_stream_meter_drops_the_usage_chunk_nobody_asked_for() -> None:
+    meter = StreamMeter(
+        drop_usage_chunk=True, model_from=b'"model": "default_model"', model_to=b'"model": "chat"'
+    )
+    first = sse({"model": "default_model", "choices": [{"delta": {"content": "hi"}}]})
+    assert meter.line(b": keep-alive\n") == b": keep-alive\n"
+    assert not meter.first_token
+    assert meter.line(first) == first.replace(b"default_model", b"chat")
+    assert meter.first_token
+    assert meter.line(sse({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}})) is None
+    assert meter.line(b"data: [DONE]\n") == b"data: [DONE]\n"
+    assert meter.usage == Usage(5, 2)
+
+
+def test_stream_meter_keeps_the_usage_chunk_when_asked() -> None:
+    meter = StreamMeter(drop_usage_chunk=False)
+    chunk = sse({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    assert meter.line(chunk) == chunk and meter.usage == Usage(1, 1)
+
+
+def test_pinned_body() -> None:
+    mlx = Served("ns", "chat", "mlx-lm")
+    body, asked = pinned({"model": "llama", "stream": True, "adapters": "/x", "messages": []}, mlx)
+    assert body == {
+        "model": "default_model",  # mlx-lm would load any other name it is given
+        "stream": True,
+        "messages": [],
+        "stream_options": {"include_usage": True},
+    }
+    assert not asked
+    body, asked = pinned({"model": "x", "stream": True, "stream_options": {"include_usage": True}}, mlx)
+    assert asked
+    body, _ = pinned({"model": "x"}, Served("ns", "chat", "vllm"))
+    assert body == {"model": "chat"}
+
+
+def test_demand_board_asks_for_one_urgent_write_per_wave() -> None:
+    board = DemandBoard()
+    board.now = lambda: datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=UTC)
+    key = ("ns", "chat")
+    for _ in range(32):
+        board.arrive(key)
+        board.hold(key)
+    assert board.urgent.is_set()
+    board.urgent.clear()
+    board.hold(key)  # the 33rd: the Lease is due, but not urgent
+    assert not board.urgent.is_set()
+    assert board.due()[key].in_flight == 32 and board.due()[key].held == 33
+    board.written[key] = board.demand[key]
+    assert board.due() == {}
+    body = lease_body(key, board.demand[key], "gw-1")
+    assert body["metadata"] == {
+        "name": "chat-demand",
+        "namespace": "ns",
+        "labels": {"orchardist.io/demand-for": "chat"},
+        "annotations": {"orchardist.io/in-flight": "32", "orchardist.io/held": "33"},
+    }
+    assert body["spec"] == {"holderIdentity": "gw-1", "renewTime": "2026-01-02T03:04:05.600000Z"}
+    for _ in range(33):
+        board.release(key)
+    board.hold(key)  # a new wave after the last one drained
+    assert board.urgent.is_set()
