@@ -196,9 +196,10 @@ class Gateway:
                         asked_usage=asked_usage,
                         served_as=upstream.served_model(served),
                         asked_model=asked,
+                        replica=target.id,
                         clock=time.monotonic,
                     )
-                return await upstream.call_json(self.session, url, sent, hdrs, asked)
+                return await upstream.call_json(self.session, url, sent, hdrs, asked, target.id)
             except upstream.RetryableError as exc:
                 LOG.info(
                     "replica failed; trying another", replica=target.id, attempt=attempt + 1, error=str(exc)

@@ -18,6 +18,8 @@ from aiohttp import web
 from orchardist.gateway.catalog import Served
 from orchardist.gateway.metering import StreamMeter, Usage, usage_of
 
+#: The response header naming the replica that answered (for people and tests; not secret).
+REPLICA_HEADER = "X-Orchardist-Replica"
 #: Statuses of an agent's proxy whose engine is gone or starting: try another replica.
 RETRYABLE = frozenset({502, 503, 504})
 MLX_DEFAULT = "default_model"
@@ -61,7 +63,12 @@ class Outcome:
 
 
 async def call_json(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any], hdrs: dict[str, str], asked_model: str
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    hdrs: dict[str, str],
+    asked_model: str,
+    replica: str,
 ) -> tuple[web.Response, Outcome]:
     """A non-streamed call; connection failures and proxy 5xx raise :class:`RetryableError`."""
     try:
@@ -84,9 +91,11 @@ async def call_json(
             if "model" in answer:
                 answer["model"] = asked_model
                 raw = json.dumps(answer).encode()
-    return web.Response(body=raw, status=status, content_type=ctype or "application/json"), Outcome(
-        status, usage
+    answer_headers = {REPLICA_HEADER: replica}
+    out = web.Response(
+        body=raw, status=status, content_type=ctype or "application/json", headers=answer_headers
     )
+    return out, Outcome(status, usage)
 
 
 async def call_stream(
@@ -99,6 +108,7 @@ async def call_stream(
     asked_usage: bool,
     served_as: str,
     asked_model: str,
+    replica: str,
     clock: Any,
 ) -> tuple[web.StreamResponse, Outcome]:
     """A streamed call, passed through line by line as it arrives (nothing is held back)."""
@@ -115,7 +125,12 @@ async def call_stream(
                 resp.status
             )
         out = web.StreamResponse(
-            status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                REPLICA_HEADER: replica,
+            },
         )
         await out.prepare(request)
         meter = StreamMeter(
