@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from orchardist.api.modeldeployment import Autoscaling, ModelDeployment, Scaling
+from orchardist.api.modeldeployment import (
+    ANNOTATION_HELD,
+    ANNOTATION_IN_FLIGHT,
+    LABEL_DEMAND_FOR,
+    Autoscaling,
+    ModelDeployment,
+    Scaling,
+)
 from orchardist.controller.autoscale import Demand, decide, desired_replicas
+from orchardist.controller.demand import DemandWatch, parse
+from orchardist.kube import Api
+from orchardist.kube.informer import RELIST
 
 NOW = datetime(2026, 12, 2, 12, 0, 0, tzinfo=UTC)
 
@@ -238,3 +248,49 @@ def md(spec: dict[str, Any], status: dict[str, Any] | None = None) -> ModelDeplo
 def test_desired_replicas(spec: dict[str, Any], status: dict[str, Any] | None, expected: int) -> None:
     """spec.replicas without scaling; with it, the autoscaler's count (spec.replicas clamped before one)."""
     assert desired_replicas(md(spec, status)) == expected
+
+
+def lease(name: str, ns: str = "team-a", target: str | None = "m", **notes: str) -> dict[str, Any]:
+    labels = {LABEL_DEMAND_FOR: target} if target else {}
+    return {
+        "metadata": {"name": name, "namespace": ns, "labels": labels, "annotations": notes},
+        "spec": {"renewTime": "2026-12-02T11:59:58.123456Z"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            lease("m-demand", **{ANNOTATION_IN_FLIGHT: "3", ANNOTATION_HELD: "2"}),
+            (("team-a", "m"), Demand(3, 2, datetime(2026, 12, 2, 11, 59, 58, 123456, tzinfo=UTC))),
+        ),
+        (lease("m-demand"), (("team-a", "m"), Demand(0, 0, ago(2).replace(microsecond=123456)))),
+        (
+            lease("m-demand", **{ANNOTATION_IN_FLIGHT: "many", ANNOTATION_HELD: "-4"}),
+            (("team-a", "m"), Demand(0, 0, ago(2).replace(microsecond=123456))),
+        ),
+        (lease("mac-mini-01", target=None), None),
+    ],
+)
+def test_demand_lease_parse(body: dict[str, Any], expected: Any) -> None:
+    """A demand Lease names its deployment by label; counts that are not integers count as 0."""
+    assert parse(body) == expected
+
+
+async def test_demand_watch_is_unknown_until_listed_then_tracks_changes() -> None:
+    """Before the first list the demand is unknown; then changes name the deployments they move."""
+
+    async def changed(namespace: str, name: str) -> None:
+        return None
+
+    watch = DemandWatch(cast(Api, None), changed)
+    assert watch.get("team-a", "m") is None
+    assert watch.apply((RELIST, [lease("m-demand", **{ANNOTATION_HELD: "1"})])) == {("team-a", "m")}
+    assert watch.get("team-a", "m") == Demand(0, 1, ago(2).replace(microsecond=123456))
+    assert watch.get("team-a", "other") == Demand()
+    assert watch.apply(("MODIFIED", lease("m-demand", **{ANNOTATION_HELD: "1"}))) == set()
+    assert watch.apply(("MODIFIED", lease("m-demand", **{ANNOTATION_IN_FLIGHT: "5"}))) == {("team-a", "m")}
+    assert watch.apply(("ADDED", lease("x-demand", ns="team-b", target="x"))) == {("team-b", "x")}
+    assert watch.apply(("DELETED", lease("m-demand"))) == {("team-a", "m")}
+    assert watch.get("team-a", "m") == Demand()

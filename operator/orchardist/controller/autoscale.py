@@ -49,7 +49,10 @@ class Decision:
     last_scale_time: datetime
     recommendations: tuple[tuple[int, datetime], ...] = ()
     previous: int | None = None  # the count decided before (None: the first decision)
-    demand: Demand | None = None
+    # The demand as status shows it: the last known one while the watch has not listed yet.
+    in_flight: int = 0
+    held: int = 0
+    last_request: datetime | None = None
 
     @property
     def changed(self) -> bool:
@@ -64,12 +67,11 @@ class Decision:
             "message": self.message,
             "lastScaleTime": _rfc3339(self.last_scale_time),
             "recommendations": [{"replicas": n, "time": _rfc3339(t)} for n, t in self.recommendations],
+            "inFlight": self.in_flight,
+            "held": self.held,
         }
-        if self.demand is not None:
-            out["inFlight"] = self.demand.in_flight
-            out["held"] = self.demand.held
-            if self.demand.last_request is not None:
-                out["lastRequestTime"] = _rfc3339(self.demand.last_request)
+        if self.last_request is not None:
+            out["lastRequestTime"] = _rfc3339(self.last_request)
         return out
 
 
@@ -143,6 +145,14 @@ def decide(
         before, last_scale = previous.desired_replicas, previous.last_scale_time or now
         current = _clamp(before, scaling)  # the limits may have changed since
     history = _history(previous)
+    # A request time, once seen, stays a fact even if the Lease goes (a gateway reinstalled).
+    last_request = (demand.last_request if demand is not None else None) or (
+        previous.last_request_time if previous is not None else None
+    )
+    shown = demand or Demand(
+        in_flight=(previous.in_flight or 0) if previous is not None else 0,
+        held=(previous.held or 0) if previous is not None else 0,
+    )
 
     def decision(desired: int, reason: str, message: str, recs: tuple[tuple[int, datetime], ...]) -> Decision:
         return Decision(
@@ -152,7 +162,9 @@ def decide(
             last_scale_time=now if before is not None and desired != before else last_scale,
             recommendations=recs,
             previous=before,
-            demand=demand,
+            in_flight=shown.in_flight,
+            held=shown.held,
+            last_request=last_request.replace(microsecond=0) if last_request is not None else None,
         )
 
     if demand is None:
@@ -160,7 +172,7 @@ def decide(
         return decision(current, why, "waiting for the gateway's demand signal", history)
 
     load = demand.in_flight + demand.held
-    last_activity = max(demand.last_request or last_scale, last_scale)
+    last_activity = max(last_request or last_scale, last_scale)
     quiet_s = (now - last_activity).total_seconds()
     idle = load == 0 and quiet_s >= scaling.idle_timeout_seconds
 

@@ -6,6 +6,9 @@
   re-triggers its reconcile, so the EndpointSlice follows readiness within a reconcile (< 1 s).
 - MacNode: an ``event`` handler retries the deployments a Mac may help (``plan.needs_placement``)
   when one appears or changes, and reconciles everything when one is deleted.
+- Demand Leases (the gateway's, one per deployment, in its namespace): a labelled watch of their
+  own (``demand.py``; kopf allows one selector per resource and the Macs' Leases use it), each
+  change triggering the deployment's reconcile (autoscaling, ``autoscale.py``).
 - Indexes (MacNodes, Leases in ``orchardist-system``, ModelReplicas, ModelDeployments) are the
   controller's view of the cluster, holding our kinds already parsed into the API types and each
   Lease as its renewal time; kopf holds handlers back until they are filled, so a restarted
@@ -30,6 +33,7 @@ from orchardist.api.constants import GROUP, LABEL_DEPLOYMENT, VERSION
 from orchardist.api.macnode import MacNode
 from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller import world
+from orchardist.controller.demand import DemandWatch
 from orchardist.controller.kube import ensure_peering
 from orchardist.controller.projection import Projector
 from orchardist.controller.reconciler import Controller, deployment_ref
@@ -173,6 +177,9 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         ctl.macnodes, ctl.leases = kwargs["mn_index"], kwargs["lease_index"]
         ctl.services, ctl.slices = kwargs["svc_index"], kwargs["slice_index"]
         background.append(asyncio.create_task(projector.run(opts.resync_seconds)))
+        # The gateway's demand Leases live in the deployments' namespaces: a watch of their own.
+        ctl.demand = watch = DemandWatch(ctl.adapter.kube.raw, lambda ns, n: _quietly(ctl.trigger(ns, n)))
+        background.append(asyncio.create_task(watch.run()))
         if opts.peering:
             peering_namespaces = None if served is None else sorted({*served, SYSTEM_NAMESPACE})
             await ensure_peering(ctl.adapter.kube, opts.peering, peering_namespaces)

@@ -15,6 +15,9 @@ Rules, level-based (no memory of earlier runs):
 - A rollout (new digest, engine, version, args, env or plan inputs = a new revision label) creates
   new replicas first, up to ``replicas + maxSurge`` in all, and removes a ready old replica only
   while the ready count stays at or above ``replicas - maxUnavailable``.
+- With ``spec.scaling``, "replicas" above is the autoscaler's count (``autoscale.decide``, passed
+  in as ``scaled``); it is written to ``status.autoscaling`` with an Event when it changes, and
+  ``spec.replicas`` is never written.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from orchardist.api.constants import API_VERSION, LABEL_DEPLOYMENT, LABEL_NODE, LABEL_REVISION
 from orchardist.api.modeldeployment import ModelDeployment, ModelDeploymentSpec
-from orchardist.controller import scheduler, status
+from orchardist.controller import autoscale, scheduler, status
 from orchardist.controller.exposure import exposure
 from orchardist.controller.outcome import Event, Plan
 from orchardist.controller.scheduler import Fit, Mac
@@ -94,12 +98,20 @@ def _progress_key(r: Replica) -> tuple[int, float]:
     return order.get(r.phase, 1), done
 
 
-def decide(obs: Observed) -> Plan:
-    """Everything to do for one deployment, given what is."""
+def decide(obs: Observed, scaled: autoscale.Decision | None = None) -> Plan:
+    """Everything to do for one deployment, given what is (and the autoscaler's count, if it has one)."""
+    if scaled is not None:
+        obs = replace(obs, spec=obs.spec.model_copy(update={"replicas": scaled.desired}))
     spec = obs.spec
     macs = {m.name: m for m in obs.macs}
     desired = spec.replicas
     events: list[Event] = []
+    if scaled is not None and scaled.changed:
+        events.append(
+            Event(
+                "Normal", scaled.reason, f"{scaled.previous} -> {scaled.desired} replicas: {scaled.message}"
+            )
+        )
     deletes: dict[str, str] = {}
 
     alive = [r for r in obs.replicas if not r.terminating]
@@ -189,7 +201,9 @@ def decide(obs: Observed) -> Plan:
 
     survivors = [r for r in live if r.name not in deletes]
     service, slices, delete_slices = exposure(obs, survivors + held)
-    st, st_events = status.report(obs, rev, survivors, lost + held, creates, unschedulable)
+    st, st_events = status.report(
+        obs, rev, survivors, lost + held, creates, unschedulable, scaled.status() if scaled else None
+    )
     events.extend(st_events)
     return Plan(
         create=tuple(creates),
@@ -301,10 +315,11 @@ def needs_placement(md: ModelDeployment) -> bool:
     a spec not reconciled yet, fewer replicas than asked for, or Stalled because no Mac fits.
     Failures the agents report (a pull, an engine) are not helped by another Mac.
     """
-    if md.spec.replicas == 0 or md.metadata.get("deletionTimestamp"):
+    desired = autoscale.desired_replicas(md)
+    if desired == 0 or md.metadata.get("deletionTimestamp"):
         return False
     st = md.status
-    if st.observed_generation != md.metadata.get("generation") or (st.replicas or 0) < md.spec.replicas:
+    if st.observed_generation != md.metadata.get("generation") or (st.replicas or 0) < desired:
         return True
     stalled = next((c for c in st.conditions if c.type == "Stalled"), None)
     return stalled is not None and stalled.status == "True" and stalled.reason == "Unschedulable"

@@ -24,7 +24,7 @@ from orchardist.api.constants import API_VERSION, MODEL_DEPLOYMENT
 from orchardist.api.macnode import MacNode
 from orchardist.api.modeldeployment import ModelDeployment, ModelDeploymentStatus
 from orchardist.api.modelreplica import ModelReplica
-from orchardist.controller import plan, world
+from orchardist.controller import autoscale, plan, world
 from orchardist.controller import status as st
 from orchardist.controller.kube import Adapter, ServiceConflictError
 from orchardist.controller.pinning import Pins
@@ -46,6 +46,12 @@ class Store(Protocol[V]):
     def get(self, key: Any, default: Any = None) -> Any: ...
     def __iter__(self) -> Any: ...
     def items(self) -> Iterable[tuple[Any, Iterable[V]]]: ...
+
+
+class DemandSource(Protocol):
+    """What :class:`orchardist.controller.demand.DemandWatch` offers: a deployment's demand, or None."""
+
+    def get(self, namespace: str, name: str) -> autoscale.Demand | None: ...
 
 
 @dataclass
@@ -72,6 +78,7 @@ class Controller:
     leases: Store[datetime | None] | None = None  # node name -> when its Lease was last renewed
     services: Store[JSON] | None = None  # (namespace, name) -> our Services
     slices: Store[JSON] | None = None  # (namespace, service name) -> our EndpointSlices
+    demand: DemandSource | None = None  # the gateway's demand per deployment (None: never known)
     assumed: dict[Key, dict[str, ModelReplica]] = field(default_factory=dict)  # (ns, deployment) -> name ->
     forgotten: set[Key] = field(default_factory=set)  # (ns, replica name) deleted by us
     phases: dict[str, str | None] = field(default_factory=dict)  # replica uid -> last phase seen
@@ -153,6 +160,8 @@ class Controller:
         async with self.place_lock:
             now = self.clock()
             everything = self._all_replicas()
+            mine = [world.replica_from(r) for r in everything if world.belongs_to(r, namespace, name)]
+            scaled = self._autoscale(namespace, name, md, current, sum(r.ready for r in mine), now)
             obs = world.Observed(
                 name=name,
                 namespace=namespace,
@@ -160,7 +169,7 @@ class Controller:
                 generation=int(meta.get("generation") or 0),
                 spec=md.spec,
                 status=current,
-                replicas=[world.replica_from(r) for r in everything if world.belongs_to(r, namespace, name)],
+                replicas=mine,
                 macs=self._macs(now, everything),
                 pin=pin,
                 now=st.rfc3339(now),
@@ -168,7 +177,7 @@ class Controller:
                 service=service,
                 slices=slices,
             )
-            decided = plan.decide(obs)
+            decided = plan.decide(obs, scaled)
             created = await self.adapter.create_replicas(namespace, decided)
             bucket = self.assumed.setdefault((namespace, name), {})
             for c in decided.create:
@@ -211,6 +220,21 @@ class Controller:
                 deleted=len(decided.delete),
                 status=decided.status is not None,
             )
+
+    def _autoscale(
+        self,
+        namespace: str,
+        name: str,
+        md: ModelDeployment,
+        current: ModelDeploymentStatus,
+        ready: int,
+        now: datetime,
+    ) -> autoscale.Decision | None:
+        """The autoscaler's count with spec.scaling (None without: spec.replicas is the count)."""
+        if md.spec.scaling is None:
+            return None
+        demand = self.demand.get(namespace, name) if self.demand is not None else None
+        return autoscale.decide(md.spec.scaling, md.spec.replicas, current.autoscaling, demand, ready, now)
 
     async def _refused(self, md: Refused) -> None:
         """A spec the API server let through but the types refuse: say so in status, do nothing else."""

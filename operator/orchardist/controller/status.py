@@ -212,11 +212,13 @@ def report(
     lost: Sequence[Replica],
     creates: Sequence[Mapping[str, Any]],
     unsched: Unschedulable | None,
+    autoscaling: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any] | None, list[Event]]:
     """The new status (None when it would not change) and the Events for conditions that changed.
 
     ``live``: replicas kept, on Ready Macs; ``lost``: replicas held aside on NotReady (or returning)
-    Macs; ``creates``: the bodies this reconcile creates.
+    Macs; ``creates``: the bodies this reconcile creates; ``autoscaling``: the autoscaler's
+    ``status.autoscaling`` (None without spec.scaling: an old one is then removed).
     """
     spec = obs.spec
     updated = [r for r in live if rev is not None and r.revision == rev]
@@ -280,6 +282,10 @@ def report(
         for key in ("resolvedDigest", "resolvedModel", "modelProfile"):
             if key in kept:
                 new[key] = kept[key]
+    if autoscaling is not None:
+        new["autoscaling"] = dict(autoscaling)
+    elif obs.status.autoscaling is not None:
+        new["autoscaling"] = None  # scaling removed from spec: a merge patch with null deletes it
     new["conditions"] = render(conds, obs.generation, previous, obs.now)
     events = _condition_events(conds, previous)
     return (None if _same(obs.status, new) else new), events
