@@ -14,7 +14,7 @@ import kopf
 
 from orchardist import kube as kube_setup
 from orchardist import log
-from orchardist.controller import handlers
+from orchardist.controller import authz, handlers
 from orchardist.controller.kube import Adapter, Kube
 from orchardist.controller.reconciler import Config, Controller
 
@@ -73,6 +73,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     run_p.add_argument("--log-level", default="INFO")
     run_p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     run_p.set_defaults(func=run)
+    authz.register(
+        sub.add_parser(
+            "authz-webhook", help="the API server's authorizer that keeps each agent to its own node"
+        )
+    )
     parser.set_defaults(_parser=parser)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchardist import log
-from orchardist.dev import procs
+from orchardist.dev import authz_setup, procs
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -43,7 +43,11 @@ CONTROLLERS = (
 )
 
 #: Start order; stopped in reverse.
-ORDER = ("etcd", "kube-apiserver", "kube-controller-manager")
+ORDER = ("etcd", "authz-webhook", "kube-apiserver", "kube-controller-manager")
+
+#: Usernames of the chart's agent identities (release namespace orchardist-system); the rest is the
+#: node. Their requests go to the authorization webhook (operator/orchardist/controller/authz.py).
+AGENT_PREFIX = "system:serviceaccount:orchardist-system:orchardist-agent-"
 
 
 class CommandError(subprocess.CalledProcessError):
@@ -105,6 +109,7 @@ class Cluster:
     api_port: int
     etcd_port: int
     token: str
+    authz_port: int = 0
     records: list[procs.ProcRecord] = field(default_factory=list)
     ready_seconds: float = 0.0
     #: The apiserver's listening address: 0.0.0.0 lets simulated Macs in network namespaces reach
@@ -202,6 +207,7 @@ class Cluster:
             etcd_port=procs.free_port(),
             token=secrets.token_hex(24),
             bind_address=bind_address,
+            authz_port=procs.free_port(),
         )
         cluster._save_state()
         peer_port = procs.free_port()
@@ -233,6 +239,20 @@ class Cluster:
             cluster._record(etcd)
             procs.wait_http(
                 f"http://127.0.0.1:{cluster.etcd_port}/health", timeout=timeout, proc=etcd, expect="true"
+            )
+            authz = procs.start(
+                "authz-webhook",
+                cluster._authz_argv(),
+                logs / "authz-webhook.log",
+                die_with_parent=die_with_parent,
+            )
+            cluster._record(authz)
+            procs.wait_http(
+                f"https://127.0.0.1:{cluster.authz_port}/healthz",
+                timeout=timeout,
+                proc=authz,
+                expect="ok",
+                ca_file=state_dir / "pki" / "authz.crt",
             )
             api = procs.start(
                 "kube-apiserver",
@@ -282,7 +302,7 @@ class Cluster:
             f"--secure-port={self.api_port}",
             f"--cert-dir={pki}",
             f"--token-auth-file={pki / 'tokens.csv'}",
-            "--authorization-mode=RBAC",
+            f"--authorization-config={pki / 'authorization.yaml'}",
             f"--service-account-issuer=https://127.0.0.1:{self.api_port}",
             f"--service-account-key-file={pki / 'sa.key'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
@@ -297,6 +317,10 @@ class Cluster:
             # Nobody creates `default` ServiceAccounts, so the admission plugin would refuse Pods.
             argv.append("--disable-admission-plugins=ServiceAccount")
         return argv
+
+    def _authz_argv(self) -> list[str]:
+        """The agents' authorization webhook; writes its certificate and the API server's config."""
+        return authz_setup.prepare(self.state_dir / "pki", self.authz_port, AGENT_PREFIX)
 
     def _kcm_argv(self) -> list[str]:
         pki = self.state_dir / "pki"
@@ -335,6 +359,7 @@ class Cluster:
             "bin_dir": str(self.bin_dir),
             "api_port": self.api_port,
             "etcd_port": self.etcd_port,
+            "authz_port": self.authz_port,
             "token": self.token,
             "order": [r.name for r in self.records],
         }
@@ -356,6 +381,7 @@ class Cluster:
             bin_dir=Path(state["bin_dir"]),
             api_port=int(state["api_port"]),
             etcd_port=int(state["etcd_port"]),
+            authz_port=int(state.get("authz_port", 0)),
             token=str(state["token"]),
             records=[recs[n] for n in state.get("order", []) if n in recs],
         )
