@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the tests and the demo need: the OCI registry (CNCF distribution as packaged by
-# Debian), apache2-utils for htpasswd (registry basic auth), openssl, curl. Idempotent.
+# Debian), apache2-utils for htpasswd (registry basic auth), openssl, curl, acl (setfacl). Idempotent.
 set -euo pipefail
 need=()
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
+command -v setfacl >/dev/null || need+=(acl)  # tests: the engine user may search /root (runtimes)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 echo ">> installing ${need[*]}" >&2

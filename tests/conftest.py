@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.cluster",
     "tests.fixtures.registry",
     "tests.fixtures.engines",
+    "tests.fixtures.engine_user",
 ]
