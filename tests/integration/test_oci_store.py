@@ -153,11 +153,15 @@ async def test_index_survives_restart_and_torn_write(registry: str, tmp_path: Pa
     m = make_safetensors_model(tmp_path / "m")
     await push(m, f"oci://{registry}/{repo}:v1")
     root = tmp_path / "store"
-    got = await ContentStore(root, GiB).pull(f"oci://{registry}/{repo}:v1")
+    first = ContentStore(root, GiB)
+    got = await first.pull(f"oci://{registry}/{repo}:v1")
+    cached = first.cached()
+    first.close()
 
     reopened = ContentStore(root, GiB)
-    assert reopened.cached() == ContentStore(root, GiB).cached()
+    assert reopened.cached() == cached
     assert reopened.get(got.digest) is not None
+    reopened.close()
 
     (root / "index.json").write_bytes(b'{"version": 1, "models": {"sha256:ab')  # torn
     rebuilt = ContentStore(root, GiB)
@@ -172,6 +176,7 @@ async def test_index_survives_restart_and_torn_write(registry: str, tmp_path: Pa
     import shutil
 
     shutil.rmtree(got.path)
+    rebuilt.close()
     assert ContentStore(root, GiB).get(got.digest) is None
 
 
