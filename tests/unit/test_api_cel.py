@@ -13,6 +13,7 @@ from typing import Any
 
 import celpy
 import pytest
+from celpy import celtypes
 from celpy.adapter import json_to_cel
 
 from orchardist.api.crds import all_crds
@@ -34,10 +35,22 @@ PLAN = {
 }
 
 
+def _split(text: Any, sep: Any) -> Any:
+    return celtypes.ListType([celtypes.StringType(p) for p in str(text).split(str(sep))])
+
+
+def _replace(text: Any, old: Any, new: Any) -> Any:
+    return celtypes.StringType(str(text).replace(str(old), str(new)))
+
+
+# The two functions of the Kubernetes CEL strings library the launch rules use (cel-python lacks them).
+K8S_STRINGS = {"split": _split, "replace": _replace}
+
+
 @cache
 def _program(rule: str) -> Any:
     env = celpy.Environment()
-    return env.program(env.compile(rule))
+    return env.program(env.compile(rule), functions=K8S_STRINGS)
 
 
 def evaluate(rule: str, self_value: Any, old_value: Any = None) -> bool:
@@ -115,6 +128,8 @@ def rule_at(kind: str, path: str, fragment: str) -> str:
     return found[0]
 
 
+HOST_PORT = "--host, --port, --uds or --grpc-port"
+
 CASES = [
     # (kind, path, message fragment, self, accepted)
     ("ModelDeployment", ".spec.aliases[]", "each of spec.aliases", "qwen3-0.6b", True),
@@ -164,31 +179,55 @@ CASES = [
     (
         "ModelDeployment",
         ".spec.engineArgs",
-        "--host or --port",
+        HOST_PORT,
         ["--enable-prefix-caching", "--seed", "7"],
         True,
     ),
-    ("ModelDeployment", ".spec.engineArgs", "--host or --port", ["--port", "9000"], False),
-    ("ModelDeployment", ".spec.engineArgs", "--host or --port", ["--host=0.0.0.0"], False),
-    ("ModelDeployment", ".spec.engineArgs", "--host or --port", ["--hostname"], True),
-    ("ModelDeployment", ".spec.engineArgs", "-c or --ctx-size", ["--max_model_len=4096"], False),
-    ("ModelDeployment", ".spec.engineArgs", "-c or --ctx-size", ["-c", "4096"], False),
-    ("ModelDeployment", ".spec.engineArgs", "-c or --ctx-size", ["--ctx-size=8192"], False),
+    ("ModelDeployment", ".spec.engineArgs", HOST_PORT, ["--port", "9000"], False),
+    ("ModelDeployment", ".spec.engineArgs", HOST_PORT, ["--host=0.0.0.0"], False),
+    ("ModelDeployment", ".spec.engineArgs", HOST_PORT, ["--hostname"], True),
+    ("ModelDeployment", ".spec.engineArgs", HOST_PORT, ["--ho", "0.0.0.0"], False),
+    ("ModelDeployment", ".spec.engineArgs", HOST_PORT, ["--po=1"], False),
+    ("ModelDeployment", ".spec.engineArgs", HOST_PORT, ["--uds", "/tmp/s"], False),
+    ("ModelDeployment", ".spec.engineArgs", "--ctx-size (exactly", ["--max_model_len=4096"], False),
+    ("ModelDeployment", ".spec.engineArgs", "--ctx-size (exactly", ["--max-model", "9"], False),
+    ("ModelDeployment", ".spec.engineArgs", "--ctx-size (exactly", ["--max_mod=9"], False),
+    ("ModelDeployment", ".spec.engineArgs", "--ctx-size (exactly", ["-c", "4096"], False),
+    ("ModelDeployment", ".spec.engineArgs", "--ctx-size (exactly", ["--ctx-size=8192"], False),
+    ("ModelDeployment", ".spec.engineArgs", "--ctx-size (exactly", ["-cb", "--max-logprobs", "5"], True),
     (
         "ModelDeployment",
         ".spec.engineArgs",
-        "gpuMemoryUtilization instead",
+        "--gpu-memory-utilization (exactly",
         ["--gpu-memory-utilization=0.5"],
         False,
     ),
+    ("ModelDeployment", ".spec.engineArgs", "--gpu-memory-utilization (exactly", ["--gpu-mem", "0.5"], False),
+    ("ModelDeployment", ".spec.engineArgs", "cache and offload", ["--kv-cache-memory-bytes=1"], False),
+    ("ModelDeployment", ".spec.engineArgs", "cache and offload", ["--cpu-offload", "8"], False),
+    ("ModelDeployment", ".spec.engineArgs", "cache and offload", ["--swap-space", "8"], False),
+    ("ModelDeployment", ".spec.engineArgs", "cache and offload", ["--prompt-cache-size", "9"], False),
+    ("ModelDeployment", ".spec.engineArgs", "weight and KV cache types", ["--kv-cache-dtype=fp8"], False),
+    ("ModelDeployment", ".spec.engineArgs", "weight and KV cache types", ["-q", "awq"], False),
     ("ModelDeployment", ".spec.engineArgs", "blockSize instead", ["--block-size", "32"], False),
-    ("ModelDeployment", ".spec.engineArgs", "-np or --parallel", ["-np", "4"], False),
-    ("ModelDeployment", ".spec.engineArgs", "-np or --parallel", ["--max-num-seqs=4"], False),
+    ("ModelDeployment", ".spec.engineArgs", "blockSize instead", ["--block", "32"], False),
+    ("ModelDeployment", ".spec.engineArgs", "--parallel, --decode", ["-np", "4"], False),
+    ("ModelDeployment", ".spec.engineArgs", "--parallel, --decode", ["--max-num-seqs=4"], False),
+    ("ModelDeployment", ".spec.engineArgs", "--parallel, --decode", ["--decode-conc", "4"], False),
     ("ModelDeployment", ".spec.engineArgs", "memory planner", ["--max-num-batched-tokens", "1"], False),
+    ("ModelDeployment", ".spec.engineArgs", "memory planner", ["-ub", "1"], False),
     ("ModelDeployment", ".spec.engineArgs", "set spec.model instead", ["-m", "x.gguf"], False),
+    ("ModelDeployment", ".spec.engineArgs", "set spec.model instead", ["--mod", "other"], False),
+    ("ModelDeployment", ".spec.engineArgs", "set spec.model instead", ["-hf", "u/m"], False),
+    ("ModelDeployment", ".spec.engineArgs", "not from a file", ["--config", "x.yaml"], False),
     ("ModelDeployment", ".spec.engineArgs", "served under", ["--served-model-name=x"], False),
+    ("ModelDeployment", ".spec.engineArgs", "served under", ["--served", "x"], False),
     ("ModelDeployment", ".spec.engineArgs", "apiKeySecretRef instead", ["--api-key=secret"], False),
+    ("ModelDeployment", ".spec.engineArgs", "apiKeySecretRef instead", ["--api-k", "secret"], False),
+    ("ModelDeployment", ".spec.engineArgs", "apiKeySecretRef instead", ["--api-key-file", "/k"], False),
     ("ModelDeployment", ".spec.engineArgs", "every layer to the GPU", ["-ngl", "99"], False),
+    ("ModelDeployment", ".spec.engineArgs", "it ends the options", ["--seed", "1", "--"], False),
+    ("ModelDeployment", ".spec.engineArgs", "it ends the options", ["-", "--seed"], True),
     (
         "ModelDeployment",
         ".spec.env",
@@ -212,6 +251,8 @@ CASES = [
         False,
     ),
     ("ModelDeployment", ".spec.env", "not set VLLM_API_KEY", [{"name": "VLLM_API_KEY", "value": "k"}], False),
+    ("ModelDeployment", ".spec.env", "LLAMA_ARG_*", [{"name": "LLAMA_ARG_PORT", "value": "1"}], False),
+    ("ModelDeployment", ".spec.env", "LLAMA_ARG_*", [{"name": "LLAMA_LOG_COLORS", "value": "1"}], True),
     ("ModelDeployment", ".spec.rollout", "cannot both be 0", {"maxSurge": 0, "maxUnavailable": 1}, True),
     ("ModelDeployment", ".spec.rollout", "cannot both be 0", {"maxSurge": 0, "maxUnavailable": 0}, False),
     ("ModelDeployment", ".spec.rollout", "cannot both be 0", {"maxSurge": 0}, False),

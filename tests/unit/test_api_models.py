@@ -277,7 +277,7 @@ def test_unknown_fields_are_ignored() -> None:
         (ModelDeployment, md({"kvCache": {"blockSize": 12}}), "8, 16 or 32"),
         (ModelDeployment, md({"engine": "ollama"}), "'vllm-metal', 'mlx-lm', 'llama.cpp' or 'vllm'"),
         (ModelDeployment, md({"replicas": -1}), "greater than or equal to 0"),
-        (ModelDeployment, md({"engineArgs": ["--port=9000"]}), "must not contain --host or --port"),
+        (ModelDeployment, md({"engineArgs": ["--port=9000"]}), "must not set --host, --port"),
         (ModelDeployment, md({"engineArgs": ["--max_model_len", "1"]}), "set spec.contextLength instead"),
         (
             ModelDeployment,

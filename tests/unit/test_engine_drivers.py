@@ -1,4 +1,8 @@
-"""Each engine driver's exact argv and env, as tables (drivers are pure)."""
+"""Each engine driver's exact argv and env, as tables (drivers are pure).
+
+Engines bind loopback whatever the spec's address (the agent's proxy serves the Mac's address), the
+user's flags come before the operator's, and API keys travel in env, never argv.
+"""
 
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ def spec(engine: str, version: str = "1.0.0", **kw: object) -> EngineSpec:
 
 
 VLLM_FLAGS = [
-    "--host", "10.0.0.5", "--port", "8123", "--max-model-len", "8192", "--max-num-seqs", "4",
+    "--host", "127.0.0.1", "--port", "8123", "--max-model-len", "8192", "--max-num-seqs", "4",
     "--max-num-batched-tokens", "2048", "--gpu-memory-utilization", "0.9", "--block-size", "16",
     "--served-model-name", "chat",
 ]  # fmt: skip
@@ -67,17 +71,14 @@ VLLM_FLAGS = [
         ),
         pytest.param(
             spec("vllm-metal", "0.4.1", api_key="k3y", engine_args=("--enable-prefix-caching",)),
-            [
-                "/rt/vllm-metal/bin/vllm",
-                "serve",
-                str(MODEL),
-                *VLLM_FLAGS,
-                "--api-key",
-                "k3y",
-                "--enable-prefix-caching",
-            ],
-            {"HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1"},
-            id="vllm-metal later: no fraction knob, api key, extra args appended",
+            ["/rt/vllm-metal/bin/vllm", "serve", str(MODEL), "--enable-prefix-caching", *VLLM_FLAGS],
+            {
+                "HF_HUB_OFFLINE": "1",
+                "VLLM_HOST_IP": "127.0.0.1",
+                "VLLM_NO_USAGE_STATS": "1",
+                "VLLM_API_KEY": "k3y",
+            },
+            id="vllm-metal later: no fraction knob, key in env, user flags before the operator's",
         ),
         pytest.param(
             spec("vllm", device="cpu", dtype="float32", env={"OMP_NUM_THREADS": "2"}),
@@ -87,9 +88,9 @@ VLLM_FLAGS = [
                 "vllm.entrypoints.openai.api_server",
                 "--model",
                 str(MODEL),
-                *[("32" if f == "16" else f) for f in VLLM_FLAGS],
                 "--dtype",
                 "float32",
+                *[("32" if f == "16" else f) for f in VLLM_FLAGS],
             ],
             {
                 "OMP_NUM_THREADS": "2",
@@ -120,18 +121,18 @@ VLLM_FLAGS = [
                 "-m",
                 "mlx_lm",
                 "server",
+                "--temp",
+                "0.7",
                 "--model",
                 str(MODEL),
                 "--host",
-                "10.0.0.5",
+                "127.0.0.1",
                 "--port",
                 "8123",
                 "--decode-concurrency",
                 "4",
                 "--prompt-cache-bytes",
                 str(PLAN.kv_budget_bytes),
-                "--temp",
-                "0.7",
             ],
             {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(EMPTY_HF_CACHE)},
             id="mlx-lm",
@@ -142,7 +143,7 @@ def test_argv_and_env(s: EngineSpec, argv: list[str], env: dict[str, str]) -> No
     got = launch(s, 8123)
     assert list(got.argv) == argv
     assert dict(got.env) == env
-    assert got.endpoint == "10.0.0.5:8123"
+    assert got.endpoint == "127.0.0.1:8123"
 
 
 def test_llama_cpp_argv_finds_the_gguf(tmp_path: Path) -> None:
@@ -151,11 +152,20 @@ def test_llama_cpp_argv_finds_the_gguf(tmp_path: Path) -> None:
     got = launch(spec("llama.cpp", model_dir=tmp_path, api_key="s3cret"), 9000)
     assert list(got.argv) == [
         "/rt/llama.cpp/bin/llama-server", "-m", str(tmp_path / "model-Q4_K_M.gguf"), "-c", str(8192 * 4),
-        "-np", "4", "-ngl", "999", "--host", "10.0.0.5", "--port", "9000", "--alias", "chat",
-        "--api-key", "s3cret",
+        "-np", "4", "-ngl", "999", "--host", "127.0.0.1", "--port", "9000", "--alias", "chat",
     ]  # fmt: skip
-    assert got.redacted_argv()[-1] == "***"
+    assert got.env == {"LLAMA_API_KEY": "s3cret"}
+    assert got.redacted_env() == {"LLAMA_API_KEY": "***"}
     assert got.probe.body["model"] == "chat"
+
+
+@pytest.mark.parametrize("engine", ["vllm-metal", "vllm", "mlx-lm", "llama.cpp"])
+def test_the_key_is_never_on_argv(engine: str, tmp_path: Path) -> None:
+    """`ps` shows argv to every local user; the key travels in env (readable by the engine's user only)."""
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    got = launch(spec(engine, model_dir=tmp_path, api_key="s3cret-value"), 1)
+    assert not any("s3cret-value" in a for a in got.argv)
+    assert "s3cret-value" not in str(got.redacted_env())
 
 
 @pytest.mark.parametrize(
@@ -196,7 +206,7 @@ def test_pick_gguf_refuses(files: list[str]) -> None:
 )
 def test_operator_owned_flags_are_refused(engine: str, args: tuple[str, ...], tmp_path: Path) -> None:
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    with pytest.raises(EngineArgsError, match="operator-owned"):
+    with pytest.raises(EngineArgsError, match="which the operator owns"):
         launch(spec(engine, model_dir=tmp_path, engine_args=args), 1)
 
 
@@ -204,13 +214,13 @@ def test_operator_owned_flags_are_refused(engine: str, args: tuple[str, ...], tm
     "name", ["HF_HUB_OFFLINE", "VLLM_HOST_IP", "VLLM_API_KEY", "VLLM_METAL_MEMORY_FRACTION"]
 )
 def test_agent_owned_env_is_refused(name: str) -> None:
-    with pytest.raises(EngineArgsError, match="agent owns"):
+    with pytest.raises(EngineArgsError, match="set by the agent"):
         launch(spec("vllm", env={name: "1"}), 1)
 
 
 def test_values_that_look_like_flags_are_not_flags() -> None:
-    got = launch(spec("vllm", engine_args=("--seed", "-1", "--temperature", "-.5")), 1)
-    assert got.argv[-4:] == ("--seed", "-1", "--temperature", "-.5")
+    got = launch(spec("vllm", engine_args=("--seed", "-1", "--long-prefill-token-threshold", "-.5")), 1)
+    assert got.argv[3:7] == ("--seed", "-1", "--long-prefill-token-threshold", "-.5")
 
 
 @pytest.mark.parametrize(
@@ -263,10 +273,10 @@ def test_cpu_kvcache_gib(budget: int, gib: int) -> None:
     assert vllm.cpu_kvcache_gib(budget) == gib
 
 
-def test_mlx_lm_warns_it_cannot_enforce_a_key() -> None:
+def test_mlx_lm_leaves_the_key_to_the_proxy() -> None:
     got = launch(spec("mlx-lm", api_key="k"), 1)
-    assert "--api-key" not in got.argv
-    assert got.warnings and "api-key" in got.warnings[0]
+    assert "--api-key" not in got.argv and "k" not in got.env.values()
+    assert got.host == "127.0.0.1"  # reachable only through the agent's authenticating proxy
     assert got.prepare_dirs == (str(EMPTY_HF_CACHE),)
     assert "model" not in got.probe.body  # naming a model makes mlx_lm.server fetch it
 
@@ -275,7 +285,7 @@ def test_fingerprint_tracks_argv_and_env() -> None:
     a = launch(spec("vllm"), 1)
     assert a.fingerprint() == launch(spec("vllm"), 1).fingerprint()
     assert a.fingerprint() != launch(spec("vllm"), 2).fingerprint()
-    assert a.fingerprint() != launch(spec("vllm", env={"X": "1"}), 1).fingerprint()
+    assert a.fingerprint() != launch(spec("vllm", env={"OMP_NUM_THREADS": "1"}), 1).fingerprint()
 
 
 def test_unknown_engine() -> None:

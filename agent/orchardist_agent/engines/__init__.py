@@ -11,6 +11,7 @@ from pathlib import Path
 
 from orchardist_agent.engines import llama_cpp, mlx_lm, vllm, vllm_metal
 from orchardist_agent.engines.base import (
+    ENGINE_HOST,
     EngineArgsError,
     EngineSpec,
     Launch,
@@ -20,6 +21,7 @@ from orchardist_agent.engines.base import (
     Probe,
     Runtime,
 )
+from orchardist_agent.engines.policy import LaunchPolicyError
 
 ENGINES = ("vllm-metal", "mlx-lm", "llama.cpp", "vllm")
 
@@ -43,10 +45,12 @@ def launch(spec: EngineSpec, port: int, *, hf_cache: Path = EMPTY_HF_CACHE) -> L
 
 __all__ = [
     "EMPTY_HF_CACHE",
+    "ENGINE_HOST",
     "ENGINES",
     "EngineArgsError",
     "EngineSpec",
     "Launch",
+    "LaunchPolicyError",
     "Measured",
     "MemoryPlanLike",
     "Plan",

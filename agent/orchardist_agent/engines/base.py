@@ -15,6 +15,10 @@ from typing import Any, Literal, Protocol
 
 Device = Literal["metal", "cpu", "cuda"]
 
+#: Where every engine listens: loopback only. The agent's authenticating proxy serves the replica on
+#: the Mac's address and forwards here, so no engine is reachable without the deployment's key.
+ENGINE_HOST = "127.0.0.1"
+
 
 class MemoryPlanLike(Protocol):
     """The fields of ModelReplica.spec.memoryPlan the drivers read (orchardist.api's MemoryPlan fits)."""
@@ -107,12 +111,18 @@ class Launch:
         return hashlib.sha256(doc.encode()).hexdigest()
 
     def redacted_argv(self) -> list[str]:
-        """argv safe to write to disk and logs (the API key value hidden)."""
+        """argv safe to write to disk and logs (the API key value hidden, should it ever appear)."""
         return ["***" if self.api_key and a == self.api_key else a for a in self.argv]
+
+    def redacted_env(self) -> dict[str, str]:
+        """env safe to write to disk and logs: the API key reaches engines here, never on argv."""
+        return {k: "***" if self.api_key and v == self.api_key else v for k, v in self.env.items()}
 
 
 class EngineArgsError(ValueError):
     """The replica asks for something the engine driver refuses (operator-owned flag, unknown knob)."""
+
+    reason = "EngineArgsRefused"
 
 
 @dataclass(frozen=True)
@@ -124,24 +134,18 @@ class EngineSpec:
     model_dir: Path
     plan: MemoryPlanLike
     served_model_name: str
-    host: str = "127.0.0.1"
+    host: str = ENGINE_HOST  # the Mac's address the proxy serves; engines always bind ENGINE_HOST
     engine_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     api_key: str | None = None
     device: Device = "metal"
     dtype: str | None = None
+    allow_code_loading: bool = False  # the Mac's admin consented (agent --allow-code-loading)
 
     def launch(self, port: int) -> Launch:
         from orchardist_agent.engines import launch
 
         return launch(self, port)
-
-
-def flag_name(arg: str) -> str | None:
-    """`--max-model-len=8` -> `--max-model-len`; positional values -> None (negative numbers too)."""
-    if not arg.startswith("-") or arg == "-" or arg[1:2].isdigit() or arg[1:2] == ".":
-        return None
-    return arg.split("=", 1)[0]
 
 
 def format_fraction(value: float) -> str:

