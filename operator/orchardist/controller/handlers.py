@@ -216,11 +216,11 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
     async def replica_changed(
         event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None, labels: kopf.Labels, **_: Any
     ) -> None:
+        projector.poke()  # any replica: its Mac's projection follows it
         owner = labels.get(LABEL_DEPLOYMENT)
         if not owner or namespace is None or not serves(namespace):
             return
         etype = event.get("type")
-        projector.poke()
         # kopf indexes before it calls handlers: the index holds this event's replica, parsed.
         replica = None if etype == "DELETED" else ctl.indexed_replica(namespace, owner, name)
         if etype == "DELETED":
