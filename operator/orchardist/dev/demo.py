@@ -3,13 +3,19 @@
 Up: a real control plane, Debian's registry, the operator and one agent (a simulated Mac on
 Linux), a tiny model pushed with `orchardist push`, `examples/quickstart.yaml` applied, `kubectl
 wait` for Ready, then a real chat completion printed. Down: stops every process it started
-(the agent stops its engines on the way out) and removes the state. Each step says what it is
-doing, so a cold machine shows progress rather than silence.
+(the agent stops its engines on the way out), removes the Macs' network and the state. Each step
+says what it is doing, so a cold machine shows progress rather than silence.
+
+The simulated Mac lives in its own network namespace on a bridge (:mod:`orchardist.dev.netns`), so
+its engines have an address an EndpointSlice may hold and the deployment ends Ready, not Degraded.
+It reaches the apiserver and the registry (TLS from its own CA) at the bridge's host address.
+Without root or namespaces it shares loopback, and the demo says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -20,13 +26,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from orchardist.dev import procs
+from orchardist.dev import netns, procs
 from orchardist.dev.cluster import Cluster, repo_root
 from orchardist.dev.cluster import down as cluster_down
 
 DEMO_REGISTRY_PORT = 5001
-DEMO_MODEL_REF = f"oci://127.0.0.1:{DEMO_REGISTRY_PORT}/orchardist/tiny-llama:v1"
+#: The model reference examples/quickstart.yaml names; on a bridge the host part is the bridge's.
+QUICKSTART_REGISTRY = f"127.0.0.1:{DEMO_REGISTRY_PORT}"
+DEMO_MODEL_PATH = "orchardist/tiny-llama:v1"
 DEMO_NODE = "demo-mac-1"
+DEMO_CLIENT = "demo-client"  # a namespace that is no Mac: reaches the deployment like another host
 DEMO_DEPLOYMENT = "quickstart"
 
 
@@ -167,35 +176,76 @@ def _endpoint(md: dict[str, Any]) -> str:
     raise DemoError(f"the deployment is Ready but lists no ready endpoint: {md.get('status')}")
 
 
+def fabric_tag(state: Path) -> str:
+    """The network fabric's tag for a state dir: stable, so `dev down` (or the next `dev up`) of the
+    same state dir finds what a killed run left."""
+    return hashlib.sha256(str(state).encode()).hexdigest()[:6]
+
+
+def _network(state: Path, steps: _Steps) -> netns.Fabric:
+    steps("network: a bridge and a namespace per simulated Mac (ip netns)")
+    fabric = netns.create(fabric_tag(state), [DEMO_NODE, DEMO_CLIENT])
+    if fabric.loopback:
+        steps.note(
+            f"network namespaces unavailable ({fabric.fallback_reason}): the Mac shares loopback, so its "
+            "deployment will be Degraded (EndpointNotRoutable)"
+        )
+    else:
+        assert fabric.layout is not None
+        steps.note(f"bridge {fabric.layout.bridge} {fabric.host_address}/{fabric.layout.subnet.prefixlen}")
+        for m in fabric.members.values():
+            steps.note(f"{m.name} lives in namespace {m.netns} at {m.address}")
+    return fabric
+
+
+def _agent_kubeconfig(cluster: Cluster, fabric: netns.Fabric, dest: Path) -> Path:
+    if fabric.loopback:
+        return cluster.kubeconfig
+    text = netns.guest_kubeconfig(
+        cluster.kubeconfig.read_text(), f"https://{fabric.host_address}:{cluster.api_port}"
+    )
+    dest.write_text(text)
+    dest.chmod(0o600)
+    return dest
+
+
 def run_up(args: argparse.Namespace) -> int:
     """Start everything and serve the quickstart model; prints a real completion."""
-    from orchardist.dev.registry import Registry
+    from orchardist.dev.registry import Registry, make_tls
     from orchardist.dev.tinymodel import build as build_tiny_model
 
     root = _root()
     state = _state_dir(args)
     demo = state / "demo"
-    steps = _Steps(total=7 if args.demo else 5)
+    steps = _Steps(total=8 if args.demo else 6)
     try:
         _stop_all(state, quiet=True)
+        fabric = _network(state, steps)
         steps("control plane: etcd, kube-apiserver, kube-controller-manager (built from Go modules)")
         # The CRDs go in before the controller-manager starts, so its garbage collector knows them
-        # at once; the operator runs --standalone, so no kopf peering CRDs are needed.
-        cluster = Cluster.start(state, crds=root / "crds")
+        # at once; the operator runs --standalone, so no kopf peering CRDs are needed. On a bridge the
+        # apiserver listens on every address, so the Mac's namespace reaches it.
+        bind = "127.0.0.1" if fabric.loopback else "0.0.0.0"
+        cluster = Cluster.start(state, crds=root / "crds", bind_address=bind)
         steps.note(f"ready in {cluster.ready_seconds:.1f} s at {cluster.server}")
         cluster.kubectl("create", "namespace", "orchardist-system", check=False)
         demo.mkdir(parents=True, exist_ok=True)
 
-        steps(f"OCI registry (Debian's docker-registry) on 127.0.0.1:{DEMO_REGISTRY_PORT}")
-        registry = Registry.start(demo / "registry", port=DEMO_REGISTRY_PORT)
+        host = fabric.host_address
+        steps(f"OCI registry (Debian's docker-registry) on {host}:{DEMO_REGISTRY_PORT}")
+        tls = None if fabric.loopback else make_tls(demo / "registry-tls", host)
+        registry = Registry.start(demo / "registry", port=DEMO_REGISTRY_PORT, bind=host, tls=tls)
         procs.save([registry.record], demo / "pids")
+        if tls is not None:
+            steps.note(f"TLS from its own CA ({tls.ca}); its clients get SSL_CERT_FILE={tls.bundle}")
+        model_ref = f"oci://{registry.host}/{DEMO_MODEL_PATH}"
 
         steps("engine runtime: mlx-lm" + (" (CPU build on Linux)" if sys.platform != "darwin" else ""))
         mlx = _runtime(root, "mlx-lm")
         steps.note(str(mlx))
 
         steps("operator (kopf) and one agent" + (f" simulating {args.simulate}" if args.simulate else ""))
-        env = cluster.env()
+        env = cluster.env() | registry.client_env()
         operator = procs.start(
             "operator",
             [
@@ -218,7 +268,7 @@ def run_up(args: argparse.Namespace) -> int:
             "agent",
             "run",
             "--kubeconfig",
-            str(cluster.kubeconfig),
+            str(_agent_kubeconfig(cluster, fabric, demo / "agent-kubeconfig")),
             "--node-name",
             DEMO_NODE,
             "--store",
@@ -226,9 +276,9 @@ def run_up(args: argparse.Namespace) -> int:
             "--state-dir",
             str(demo / "agent"),
             "--address",
-            "127.0.0.1",
+            fabric.address(DEMO_NODE),
             "--bind-address",
-            "127.0.0.1",
+            "127.0.0.1" if fabric.loopback else "0.0.0.0",  # 0.0.0.0 of the Mac's own namespace
             "--runtime",
             f"mlx-lm={mlx}",
             "--stop-engines-on-exit",
@@ -237,6 +287,7 @@ def run_up(args: argparse.Namespace) -> int:
         ]
         if args.simulate and not (sys.platform == "darwin" and platform.machine() == "arm64"):
             agent_argv += ["--simulate", args.simulate]
+        agent_argv = fabric.wrap(DEMO_NODE, agent_argv)
         agent = procs.start("agent", agent_argv, demo / "logs" / "agent.log", env=env)
         procs.save([agent], demo / "pids")
         _wait_node(cluster, steps, agent)
@@ -246,17 +297,21 @@ def run_up(args: argparse.Namespace) -> int:
             _print_next(state)
             return 0
 
-        steps(f"tiny model: build it and `orchardist push` it to {DEMO_MODEL_REF}")
+        steps(f"tiny model: build it and `orchardist push` it to {model_ref}")
         model_dir = build_tiny_model(demo / "tiny-llama")
         push = subprocess.run(
-            [*_orchardist(), "push", str(model_dir), DEMO_MODEL_REF], capture_output=True, text=True, env=env
+            [*_orchardist(), "push", str(model_dir), model_ref], capture_output=True, text=True, env=env
         )
         if push.returncode != 0:
             raise DemoError(f"orchardist push failed:\n{push.stdout}\n{push.stderr}")
         steps.note(push.stdout.strip().splitlines()[-1] if push.stdout.strip() else "pushed")
 
         steps("kubectl apply -f examples/quickstart.yaml; kubectl wait --for=condition=Ready")
-        cluster.kubectl("apply", "-f", str(root / "examples" / "quickstart.yaml"))
+        manifest = (root / "examples" / "quickstart.yaml").read_text()
+        if registry.host != QUICKSTART_REGISTRY:
+            steps.note(f"(its model's registry is {registry.host} here, where the Mac reaches it)")
+            manifest = manifest.replace(f"oci://{QUICKSTART_REGISTRY}/", f"oci://{registry.host}/")
+        cluster.kubectl("apply", "-f", "-", input=manifest)
         md = _wait_ready(cluster, steps, timeout=float(getattr(args, "timeout", 300)))
 
         steps("a chat completion through the deployment's endpoint")
@@ -265,11 +320,7 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"\n  POST http://{endpoint}/v1/chat/completions  ({seconds * 1000:.0f} ms)")
         print(f"  assistant: {text!r}")
         print("  (a tiny random-weight Llama: the words are noise, the serving path is real)\n")
-        print(
-            "  Note: on one machine engines listen on 127.0.0.1, which a Service's EndpointSlice may not\n"
-            "  list, so `kubectl get md` says Degraded (EndpointNotRoutable). On your Macs the agent\n"
-            "  reports each Mac's LAN address and the Service routes to it.\n"
-        )
+        _report_exposure(cluster, fabric, endpoint)
         print(f"demo ready in {steps.elapsed():.0f} s")
         _print_next(state)
         return 0
@@ -278,6 +329,55 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"\norchardist dev up failed: {exc}\n{detail}", file=sys.stderr)
         print(f"logs: {demo / 'logs'} and {state / 'logs'}; stop with `orchardist dev down`", file=sys.stderr)
         return 1
+
+
+def _report_exposure(cluster: Cluster, fabric: netns.Fabric, endpoint: str) -> None:
+    """Say what the Service routes to and whether the deployment is Degraded; on a bridge, chat once
+    more from a namespace that is no Mac (another host, as far as it can tell)."""
+    slices = _json(cluster, "get", "endpointslices", "-l", f"kubernetes.io/service-name={DEMO_DEPLOYMENT}")
+    held = sorted(
+        f"{a}:{p['port']}"
+        for sl in slices.get("items", [])
+        for p in sl.get("ports") or []
+        for e in sl.get("endpoints") or []
+        for a in e.get("addresses") or []
+    )
+    md = _json(cluster, "get", "modeldeployment", DEMO_DEPLOYMENT)
+    degraded = [
+        c
+        for c in (md.get("status") or {}).get("conditions") or []
+        if c["type"] == "Degraded" and c["status"] == "True"
+    ]
+    print(f"  EndpointSlice {DEMO_DEPLOYMENT}: {', '.join(held) or '(empty)'}")
+    if degraded:
+        print(f"  Degraded: {degraded[0].get('reason')}: {degraded[0].get('message')}")
+    else:
+        print("  Degraded: no")
+    if fabric.loopback:
+        print(
+            f"  Note: network namespaces were unavailable here ({fabric.fallback_reason}), so the engine\n"
+            "  listens on 127.0.0.1, which an EndpointSlice may not list (EndpointNotRoutable). On your\n"
+            "  Macs the agent reports each Mac's LAN address and the Service routes to it.\n"
+        )
+        return
+    code = (
+        "import json, sys, urllib.request as u\n"
+        "body = json.dumps({'messages': [{'role': 'user', 'content': 'Hi'}], 'max_tokens': 4}).encode()\n"
+        "req = u.Request(sys.argv[1], data=body, headers={'Content-Type': 'application/json'})\n"
+        "print(u.urlopen(req, timeout=60).status)\n"
+    )
+    url = f"http://{endpoint}/v1/chat/completions"
+    out = subprocess.run(
+        fabric.wrap(DEMO_CLIENT, [sys.executable, "-c", code, url]),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    answered = out.returncode == 0 and out.stdout.strip() == "200"
+    where = f"from namespace {fabric.members[DEMO_CLIENT].netns} ({fabric.address(DEMO_CLIENT)})"
+    print(f"  {where}: POST {url} -> {'200' if answered else out.stderr.strip()[-300:]}\n")
+    if not answered:
+        raise DemoError(f"the deployment did not answer {where}")
 
 
 def _wait_node(cluster: Cluster, steps: _Steps, agent: procs.ProcRecord, timeout: float = 60) -> None:
@@ -332,6 +432,8 @@ def _stop_all(state: Path, *, quiet: bool = False) -> list[str]:
             if procs.stop(rec, grace=30 if rec.name == "agent" else 10):
                 stopped.append(rec.name)
     stopped += cluster_down(state)
+    if netns.unavailable() is None and netns.teardown(fabric_tag(state)):
+        stopped.append("network namespaces")
     if stopped and not quiet:
         print("stopped: " + ", ".join(stopped))
     return stopped
