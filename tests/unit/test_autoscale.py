@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -16,10 +16,12 @@ from orchardist.api.modeldeployment import (
     ModelDeployment,
     Scaling,
 )
+from orchardist.controller import plan as P  # noqa: N812 - short, reads like a namespace
 from orchardist.controller.autoscale import Demand, decide, desired_replicas
 from orchardist.controller.demand import DemandWatch, parse
 from orchardist.kube import Api
 from orchardist.kube.informer import RELIST
+from tests.unit import test_reconcile as R  # noqa: N812 - the plan tables' world builders
 
 NOW = datetime(2026, 12, 2, 12, 0, 0, tzinfo=UTC)
 
@@ -294,3 +296,44 @@ async def test_demand_watch_is_unknown_until_listed_then_tracks_changes() -> Non
     assert watch.apply(("ADDED", lease("x-demand", ns="team-b", target="x"))) == {("team-b", "x")}
     assert watch.apply(("DELETED", lease("m-demand"))) == {("team-a", "m")}
     assert watch.get("team-a", "m") == Demand()
+
+
+def test_reconciles_with_32_held_create_one_replica_and_never_touch_spec() -> None:
+    """Ten reconciles in a row with 32 requests held: one replica created, one Event, spec as written."""
+    s = R.spec(replicas=0, scaling={"minReplicas": 0, "maxReplicas": 3, "idleTimeoutSeconds": 60})
+    obs = R.observed(s, [R.mac("a"), R.mac("b")])
+    created, events = 0, []
+    for second in range(10):
+        now = NOW + timedelta(seconds=second)
+        ready = sum(r.ready for r in obs.replicas)
+        assert s.scaling is not None
+        scaled = decide(
+            s.scaling, s.replicas, obs.status.autoscaling, Demand(held=32, last_request=now), ready, now
+        )
+        step = P.decide(obs, scaled)
+        created += len(step.create)
+        events += [e.reason for e in step.events if e.reason in {"ScaleFromZero", "ScaleUp"}]
+        obs = R.apply(obs, step)
+    assert (created, events) == (1, ["ScaleFromZero"])
+    assert obs.spec == s and obs.spec.replicas == 0
+    assert obs.status.autoscaling is not None and obs.status.autoscaling.desired_replicas == 1
+    assert obs.status.ready == "0/1"
+
+
+def test_idle_deployment_goes_to_zero_then_asks_for_nothing() -> None:
+    """After the idle timeout the replica is deleted with an Idle Event; the next reconcile writes nothing."""
+    s = R.spec(replicas=1, scaling={"minReplicas": 0, "maxReplicas": 2, "idleTimeoutSeconds": 60})
+    assert s.scaling is not None
+    obs = R.observed(s, [R.mac("a")])
+    first = decide(s.scaling, s.replicas, None, Demand(), 0, NOW)
+    obs = R.apply(obs, P.decide(obs, first))
+    obs = replace(obs, replicas=[replace(r, phase="Ready") for r in obs.replicas])
+    later = NOW + timedelta(seconds=61)
+    idle = decide(s.scaling, s.replicas, obs.status.autoscaling, Demand(), 1, later)
+    step = P.decide(obs, idle)
+    assert [why for _, why in step.delete] == ["scaled down"]
+    assert [e.reason for e in step.events if e.reason == "Idle"] == ["Idle"]
+    obs = R.apply(obs, step)
+    assert obs.status.autoscaling is not None and obs.status.autoscaling.desired_replicas == 0
+    again = decide(s.scaling, s.replicas, obs.status.autoscaling, Demand(), 0, later + timedelta(seconds=5))
+    assert P.decide(obs, again).empty

@@ -27,6 +27,8 @@ from typing import Any
 
 from orchardist.api.modeldeployment import Autoscaling, ModelDeployment, Scaling
 
+#: Reasons that moved the count; while the count stays, the last of them remains the reason shown.
+_CHANGES = frozenset({"Starting", "ScaleFromZero", "ScaleUp", "ScaleDown", "Idle", "Limits"})
 MAX_HISTORY = 64  # recommendations kept at most (status.autoscaling.recommendations' maxItems)
 
 
@@ -48,7 +50,7 @@ class Decision:
     message: str
     last_scale_time: datetime
     recommendations: tuple[tuple[int, datetime], ...] = ()
-    previous: int | None = None  # the count decided before (None: the first decision)
+    previous: int | None = None  # the count before: the last decision's, or the starting count
     # The demand as status shows it: the last known one while the watch has not listed yet.
     in_flight: int = 0
     held: int = 0
@@ -159,9 +161,9 @@ def decide(
             desired=desired,
             reason=reason,
             message=message,
-            last_scale_time=now if before is not None and desired != before else last_scale,
+            last_scale_time=now if desired != (before if before is not None else current) else last_scale,
             recommendations=recs,
-            previous=before,
+            previous=before if before is not None else current,
             in_flight=shown.in_flight,
             held=shown.held,
             last_request=last_request.replace(microsecond=0) if last_request is not None else None,
@@ -230,6 +232,9 @@ def decide(
         return decision(
             current, "Starting", f"starting with {_plural(current, 'replica')} (spec.replicas)", recs
         )
+    if previous is not None and previous.reason in _CHANGES and previous.message:
+        # Still where the last change put it: that change is still the why (and status stays put).
+        return decision(current, previous.reason, previous.message, recs)
     return decision(current, "Steady", f"{load_words}: {current} is right", recs)
 
 
