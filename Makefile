@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 LOCK_ARGS ?=
 
-.PHONY: help venv lock system-deps kubebins runtimes test-deps test unit lint crds bench demo clean
+.PHONY: help venv lock system-deps kubebins image runtimes test-deps test unit lint crds bench demo clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,10 +41,14 @@ system-deps: ## install the Debian packages the tests and the demo use (registry
 kubebins: ## build etcd, kube-apiserver, kube-controller-manager, kubectl, helm (cached by version)
 	bash hack/build-kubebins.sh
 
+image: venv system-deps ## build the operator image (OCI layout) without a container engine, cached by its inputs
+	bash hack/build-image.sh
+
 runtimes: venv ## install the engine runtimes the tests start (mlx-lm, vLLM CPU), cached by version
 	bash hack/install-runtimes.sh mlx-lm vllm
 
-test-deps: venv system-deps kubebins runtimes
+test-deps: venv system-deps kubebins runtimes image
+	bash hack/build-kubebins.sh --node >/dev/null
 
 test: test-deps lint ## install what the tests need, lint, then run every test tier
 	ORCHARDIST_KUBEBINS="$$(bash hack/build-kubebins.sh 2>/dev/null)" \
