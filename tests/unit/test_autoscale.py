@@ -100,6 +100,14 @@ ROWS = [
     Row("zero and no demand stays at zero", before(0), Demand(), 0, 0, "Steady"),
     Row("zero just after going idle stays at zero", before(0, 1), busy(last=400), 0, 0, "Steady"),
     Row("in flight above target scales up at once", before(1), busy(in_flight=12), 1, 3, "ScaleUp"),
+    Row(
+        "held requests are counted in flight, not twice",
+        before(1),
+        busy(in_flight=8, held=8),
+        1,
+        2,
+        "ScaleUp",
+    ),
     Row("scale-up stops at maxReplicas", before(1), busy(in_flight=100), 1, 4, "ScaleUp"),
     Row(
         "up window: the lowest recent recommendation wins",
@@ -202,7 +210,7 @@ def test_n_held_requests_cause_one_start() -> None:
 
 def test_change_is_remembered_for_the_event_and_status() -> None:
     """A change carries the count before it; status round-trips through the API type."""
-    got = decide(scaling(), 1, before(1), busy(in_flight=12, held=2), 1, NOW)
+    got = decide(scaling(), 1, before(1), busy(in_flight=14, held=2), 1, NOW)
     assert (got.previous, got.desired, got.changed) == (1, 4, True)
     st = Autoscaling.model_validate(got.status())
     assert (st.desired_replicas, st.reason, st.in_flight, st.held, st.last_scale_time) == (
@@ -212,7 +220,7 @@ def test_change_is_remembered_for_the_event_and_status() -> None:
         2,
         NOW,
     )
-    steady = decide(scaling(), 1, st, busy(in_flight=12, held=2), 4, NOW + timedelta(seconds=5))
+    steady = decide(scaling(), 1, st, busy(in_flight=14, held=2), 4, NOW + timedelta(seconds=5))
     assert (steady.changed, steady.last_scale_time) == (False, NOW)
 
 

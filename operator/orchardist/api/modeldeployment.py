@@ -247,7 +247,8 @@ Aliases = Annotated[
 
 # The demand signal: the gateway keeps one coordination.k8s.io/v1 Lease per deployment, in the
 # deployment's namespace, named `<deployment>-demand` and labelled LABEL_DEMAND_FOR=<deployment>;
-# spec.renewTime is the last request's time and the two annotations hold integer strings.
+# spec.renewTime is the last request's time and the two annotations hold integer strings: the
+# requests in flight (held ones included) and those held, waiting for a ready replica.
 LABEL_DEMAND_FOR = "orchardist.io/demand-for"
 ANNOTATION_IN_FLIGHT = "orchardist.io/in-flight"
 ANNOTATION_HELD = "orchardist.io/held"
@@ -470,7 +471,9 @@ class Autoscaling(ApiModel):
     last_scale_time: datetime | None = Field(
         None, description="When desiredReplicas last changed (RFC 3339)."
     )
-    in_flight: int | None = Field(None, ge=0, description="Requests in flight at the gateway when last read.")
+    in_flight: int | None = Field(
+        None, ge=0, description="Requests in flight at the gateway (held ones included) when last read."
+    )
     held: int | None = Field(
         None, ge=0, description="Requests the gateway held, waiting for a ready replica, when last read."
     )

@@ -6,7 +6,8 @@ The count goes to ``status.autoscaling.desiredReplicas`` and the reconcile uses 
 
 The shape follows the HorizontalPodAutoscaler's, for requests in flight instead of CPU:
 
-- the raw recommendation is ``ceil((inFlight + held) / targetInFlight)``, at least 1 while the
+- the raw recommendation is ``ceil(inFlight / targetInFlight)`` (in flight counts the held
+  requests too), at least 1 while the
   deployment is not idle, clamped into ``[minReplicas, maxReplicas]``;
 - stabilization: a scale-up goes to the lowest recommendation of the up window, a scale-down to
   the highest of the down window (a recommendation counts while it was current within the window);
@@ -173,7 +174,7 @@ def decide(
         why = previous.reason if previous is not None and previous.reason else "Starting"
         return decision(current, why, "waiting for the gateway's demand signal", history)
 
-    load = demand.in_flight + demand.held
+    load = max(demand.in_flight, demand.held)  # in flight counts the held ones too
     last_activity = max(last_request or last_scale, last_scale)
     quiet_s = (now - last_activity).total_seconds()
     idle = load == 0 and quiet_s >= scaling.idle_timeout_seconds
@@ -206,8 +207,7 @@ def decide(
     )
     up, down = _clamp(min(win.up), scaling), _clamp(max(win.down), scaling)
     load_words = (
-        f"{load} in flight or held for {_plural(ready, 'ready replica')} "
-        f"(target {scaling.target_in_flight} each)"
+        f"{load} in flight for {_plural(ready, 'ready replica')} (target {scaling.target_in_flight} each)"
     )
     if current < up:
         return decision(up, "ScaleUp", f"{load_words}: {current} -> {up}", recs)
