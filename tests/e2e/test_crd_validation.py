@@ -141,8 +141,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         variant(MD, {"spec.kvCache.gpuMemoryUtilization": 1.5}),
         "gpuMemoryUtilization must be between 0.1 and 0.99",
     ),
-    ("md-args-model", md_args("--model", "x"), "must not contain --model or -m"),
-    ("md-args-port", md_args("--port=9000"), "must not contain --host or --port"),
+    ("md-args-model", md_args("--mod", "x"), "--mod sets --model, -m,"),
+    ("md-args-port", md_args("--port=9000"), "--port=9000 sets --host, --port"),
     ("md-args-max-model-len", md_args("--max-model-len=4096"), "set spec.contextLength instead"),
     ("md-args-ctx-size", md_args("-c", "4096"), "set spec.contextLength instead"),
     (
@@ -155,7 +155,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     (
         "md-args-batched",
         md_args("--max-num-batched-tokens=8192"),
-        "must not contain --max-num-batched-tokens",
+        "sets --max-num-batched-tokens",
     ),
     ("md-args-served-name", md_args("--served-model-name", "x"), "served under the ModelDeployment's name"),
     ("md-args-api-key", md_args("--api-key=s3cret"), "set spec.apiKeySecretRef instead"),
@@ -247,7 +247,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         variant(MR, {"spec.memoryPlan.maxNumBatchedTokens": 4}),
         "maxNumBatchedTokens must be at least memoryPlan.maxNumSeqs",
     ),
-    ("mr-args", variant(MR, {"spec.engineArgs": ["--host=0.0.0.0"]}), "must not contain --host or --port"),
+    ("mr-args", variant(MR, {"spec.engineArgs": ["--host=0.0.0.0"]}), "--host=0.0.0.0 sets --host, --port"),
 ]
 
 
