@@ -216,7 +216,7 @@ def test_change_is_remembered_for_the_event_and_status() -> None:
     assert (st.desired_replicas, st.reason, st.in_flight, st.held, st.last_scale_time) == (
         4,
         "ScaleUp",
-        12,
+        14,
         2,
         NOW,
     )
