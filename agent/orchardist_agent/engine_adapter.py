@@ -140,8 +140,20 @@ class EngineAdapter:
             device="metal" if sys.platform == "darwin" else "cpu",
         )
 
-    async def ensure(self, key: Key, replica: ModelReplicaSpec, model_dir: Path, api_key: str | None) -> None:
-        """Start (or keep) the replica's engine and open (or re-route) its proxy."""
+    async def ensure(
+        self,
+        key: Key,
+        replica: ModelReplicaSpec,
+        model_dir: Path,
+        api_key: str | None,
+        *,
+        port: int | None = None,
+    ) -> None:
+        """Start (or keep) the replica's engine and open (or re-route) its proxy.
+
+        ``port`` is the public port the replica had (its status endpoint): a restarted agent
+        serves an adopted engine on it again, so clients and the EndpointSlice keep working.
+        """
         try:
             spec = self.spec(replica, model_dir, api_key)
             st = await self.supervisor.ensure(join(key), spec)
@@ -157,7 +169,7 @@ class EngineAdapter:
             api_key=api_key,
             max_body_bytes=self.cfg.proxy_max_body_bytes,
         )
-        await self.proxy.serve(join(key), self.routes[key])
+        await self.proxy.serve(join(key), self.routes[key], port or 0)
 
     def unexposed(self, key: Key) -> bool:
         """An engine runs (adopted) but no proxy serves it yet: the loop asks ``ensure`` again."""

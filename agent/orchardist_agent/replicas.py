@@ -242,7 +242,7 @@ class ReplicaLoop:
                 return  # evicted or deleted meanwhile: the next pass sees it
             self._pin(key, view.digest)
             api_key = await self._api_key(view)
-            await self.engines.ensure(key, obj.spec, model.path, api_key)
+            await self.engines.ensure(key, obj.spec, model.path, api_key, port=public_port(obj))
             LOG.info("engine started", replica=f"{key[0]}/{key[1]}", engine=view.engine)
         elif act is Act.STOP:
             await self.engines.stop(key)
@@ -310,3 +310,9 @@ class ReplicaLoop:
         for task in list(self._background):  # Events being written
             task.cancel()
         await self.engines.close(stop_engines=stop_engines)
+
+
+def public_port(obj: ModelReplica) -> int | None:
+    """The port of the replica's reported endpoint (``address:port``), kept across agent restarts."""
+    _, sep, port = str(status_json(obj).get("endpoint") or "").rpartition(":")
+    return int(port) if sep and port.isdigit() else None

@@ -189,6 +189,8 @@ class FakeEngines:
     def __init__(self) -> None:
         self.running: dict[Key, EngineView] = {}
         self.ensured: list[tuple[Key, Any, Path, str | None]] = []
+        self.ports: list[int | None] = []  # the public port each ensure asked to keep
+        self.hidden: set[Key] = set()  # adopted engines no proxy serves yet
         self.stopped: list[Key] = []
 
     async def start(self, notify: Any) -> None:
@@ -204,10 +206,14 @@ class FakeEngines:
         return list(self.running)
 
     def unexposed(self, key: Key) -> bool:
-        return False  # these engines are reachable as soon as they run
+        return key in self.hidden
 
-    async def ensure(self, key: Key, spec: Any, model_dir: Path, api_key: str | None) -> None:
+    async def ensure(
+        self, key: Key, spec: Any, model_dir: Path, api_key: str | None, *, port: int | None = None
+    ) -> None:
         self.ensured.append((key, spec, model_dir, api_key))
+        self.ports.append(port)
+        self.hidden.discard(key)
         self.running[key] = EngineView(
             EngineState.READY, port=8001, pid=4242, started_at="2026-12-02T01:00:00Z"
         )
@@ -458,3 +464,19 @@ async def test_the_api_key_secret_is_read_from_the_nodes_projection(rig: Rig) ->
     rig.api.put(replica("r1", apiKeySecretRef={"name": "keys", "key": "token"}))
     await settle(rig)
     assert [api_key for *_, api_key in rig.engines.ensured] == ["s3cr3t"]
+
+
+async def test_an_adopted_engine_is_served_again_on_the_port_it_had(rig: Rig) -> None:
+    """After an agent restart the engine runs but no proxy listens: the loop re-exposes it, asking
+    for the port in the replica's endpoint so clients and the EndpointSlice keep working."""
+    rig.store.models[DIGEST] = 100
+    rig.engines.running[(NS, "r1")] = EngineView(EngineState.READY, port=None, pid=4242)
+    rig.engines.hidden.add((NS, "r1"))
+    obj = replica("r1") | {"status": {"phase": "Ready", "endpoint": f"{ADDRESS}:8123"}}
+    await rig.loop.handle(("relist", [obj]))
+    await settle(rig)
+    assert [key for key, *_ in rig.engines.ensured] == [(NS, "r1")]
+    assert rig.engines.ports == [8123]
+    assert not rig.engines.unexposed((NS, "r1"))
+    await rig.loop.converge_all()
+    assert len(rig.engines.ensured) == 1  # exposed once, not on every pass
