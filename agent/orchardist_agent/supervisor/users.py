@@ -15,8 +15,9 @@ import pwd
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-#: Variables of the agent's environment an engine may inherit (locale, search path, temp dir).
-INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+#: Variables of the agent's environment an engine may inherit (locale, search path). Not TMPDIR:
+#: on macOS it is a per-user 0700 directory the engine user cannot enter.
+INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 
 
 @dataclass(frozen=True)
