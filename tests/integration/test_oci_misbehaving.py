@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -356,3 +357,28 @@ async def test_slow_registry_does_not_hold_up_the_same_blob_from_another(
         with contextlib.suppress(asyncio.CancelledError):
             await slow
         store.close()
+
+
+async def test_cli_blob_deadline(fake: FakeRegistry, tmp_path: Path) -> None:
+    """``orchardist pull --blob-deadline`` reaches the store: the CLI gives up and says why."""
+    fake.add_model(secrets.token_bytes(4 * MiB))
+    fake.send_blob = drip(fake.closing, 1024, 0.02)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchardist",
+        "pull",
+        f"oci://{fake.host}/m:v1",
+        "--dest",
+        str(tmp_path / "out"),
+        "--store",
+        str(tmp_path / "store"),
+        "--blob-deadline",
+        "0.5",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 1
+    assert "not complete within its 0.5 s deadline; given up" in err.decode()
+    assert not (tmp_path / "out").exists()

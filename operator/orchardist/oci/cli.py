@@ -86,6 +86,20 @@ def register_pull(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budget", type=int, default=1 << 50, metavar="BYTES", help="store disk budget (LRU eviction)"
     )
+    parser.add_argument(
+        "--min-rate",
+        type=int,
+        default=None,
+        metavar="BYTES_PER_S",
+        help="cut a blob download slower than this over a minute (a retry resumes it; default 64 KiB/s)",
+    )
+    parser.add_argument(
+        "--blob-deadline",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up a blob not downloaded within this time, retries included (default 6 h)",
+    )
     _common(parser)
     parser.set_defaults(func=run_pull)
 
@@ -93,11 +107,22 @@ def register_pull(parser: argparse.ArgumentParser) -> None:
 def run_pull(args: argparse.Namespace) -> int:
     async def job() -> int:
         from orchardist.oci.store import ContentStore
+        from orchardist.oci.transfer import DEFAULT_LIMITS, TransferLimits
 
         ref = parse(args.ref)
-        store = ContentStore(args.store or _default_store(), args.budget, insecure=args.insecure_registry)
-        model = await store.pull(ref, auth=_credentials(args, ref), progress=ConsolePrinter())
-        dest = await store.export(model, args.dest)
+        limits = TransferLimits(
+            min_rate=DEFAULT_LIMITS.min_rate if args.min_rate is None else args.min_rate,
+            window=DEFAULT_LIMITS.window,
+            deadline=DEFAULT_LIMITS.deadline if args.blob_deadline is None else args.blob_deadline,
+        )
+        store = ContentStore(
+            args.store or _default_store(), args.budget, insecure=args.insecure_registry, limits=limits
+        )
+        try:
+            model = await store.pull(ref, auth=_credentials(args, ref), progress=ConsolePrinter())
+            dest = await store.export(model, args.dest)
+        finally:
+            store.close()
         print(
             f"pulled {ref.pinned(model.digest)} ({model.layout}, {len(model.files)} files, "
             f"{human_bytes(model.total_bytes)}) into {dest}"

@@ -43,6 +43,7 @@ _log = log.get(__name__)
 MANIFEST_LIMIT = 4 << 20
 TOKEN_LIMIT = 64 << 10  # a token response is a few KiB; a registry must not make us buffer more
 TOKEN_TIMEOUT = 60.0  # seconds for the whole token exchange
+SMALL_BODY_DEADLINE = 120.0  # seconds for a whole manifest, config or token body
 CONFIG_LIMIT = 4 << 20
 CHUNK = 1 << 20
 UPLOAD_CHUNK = 64 << 20
@@ -282,13 +283,24 @@ class RegistryClient:
 
     @staticmethod
     async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+        """A small body, at most ``limit`` bytes, within :data:`SMALL_BODY_DEADLINE` seconds.
+
+        The session's read timeout restarts with every byte, so without the deadline a registry
+        dripping a manifest could hold a pull forever.
+        """
         if resp.content_length is not None and resp.content_length > limit:
             raise TooLargeError(f"{what}: {resp.content_length} bytes exceeds the {limit}-byte limit")
         buf = bytearray()
-        async for chunk in resp.content.iter_chunked(CHUNK):
-            buf += chunk
-            if len(buf) > limit:
-                raise TooLargeError(f"{what}: more than the {limit}-byte limit")
+        try:
+            async with asyncio.timeout(SMALL_BODY_DEADLINE):
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    buf += chunk
+                    if len(buf) > limit:
+                        raise TooLargeError(f"{what}: more than the {limit}-byte limit")
+        except TimeoutError:
+            raise RegistryUnreachableError(
+                f"{what}: not received within {SMALL_BODY_DEADLINE:g} s ({len(buf)} bytes so far)"
+            ) from None
         return bytes(buf)
 
     # ---- manifests ------------------------------------------------------------------------------
