@@ -191,7 +191,7 @@ def test_demand_starts_one_replica_from_zero_and_idle_returns_to_zero(scene: Sce
     ready = next(c for c in md["status"]["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "ScaledDown", ready
     reasons: list[str] = wait_for(
-        lambda: (r := scene.events()) if {"ScaleFromZero", "Idle"} <= set(r) else None,
+        lambda: r if {"ScaleFromZero", "Idle"} <= set(r := scene.events()) else None,
         timeout=30,
         interval=0.5,
         message="ScaleFromZero and Idle Events",

@@ -31,6 +31,7 @@ from orchardist.controller.pinning import Pins
 from orchardist.controller.scheduler import Mac
 from orchardist.controller.world import RE_RESOLVE, Refused
 from orchardist.kube import paths
+from orchardist.kube.events import EventRecorder
 
 LOG = log.get(__name__)
 WRITE_MEMORY = 2.0  # seconds our own status/Service/slice writes stand in for the (lagging) watch
@@ -79,6 +80,7 @@ class Controller:
     services: Store[JSON] | None = None  # (namespace, name) -> our Services
     slices: Store[JSON] | None = None  # (namespace, service name) -> our EndpointSlices
     demand: DemandSource | None = None  # the gateway's demand per deployment (None: never known)
+    recorder: EventRecorder | None = None  # Events outside kopf's handlers (see _post)
     assumed: dict[Key, dict[str, ModelReplica]] = field(default_factory=dict)  # (ns, deployment) -> name ->
     forgotten: set[Key] = field(default_factory=set)  # (ns, replica name) deleted by us
     phases: dict[str, str | None] = field(default_factory=dict)  # replica uid -> last phase seen
@@ -187,7 +189,7 @@ class Controller:
         try:
             await self.adapter.finish(namespace, name, uid, decided, service)
         except ServiceConflictError as exc:
-            kopf.event(ref, type="Warning", reason="ServiceConflict", message=str(exc))
+            await self._post(ref, "Warning", "ServiceConflict", str(exc))
             raise kopf.TemporaryError(str(exc), delay=30) from exc
         if decided.service is not None or decided.slices or decided.delete_slices:
             written = {s["metadata"]["name"]: s for s in slices}
@@ -210,7 +212,7 @@ class Controller:
         if pin is not None and RE_RESOLVE in annotations:
             await self.adapter.forget_annotation(namespace, name, RE_RESOLVE)
         for ev in decided.events:
-            kopf.event(ref, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+            await self._post(ref, ev.type, ev.reason, ev.message[:1024])
         if not decided.empty:
             LOG.info(
                 "reconciled",
@@ -235,6 +237,16 @@ class Controller:
             return None
         demand = self.demand.get(namespace, name) if self.demand is not None else None
         return autoscale.decide(md.spec.scaling, md.spec.replicas, current.autoscaling, demand, ready, now)
+
+    async def _post(self, ref: kopf.Body, type_: str, reason: str, message: str) -> None:
+        """An Event through kopf's poster; a reconcile kopf did not start (the demand watch's) has no
+        poster in its context, so its Events go through the shared writer instead."""
+        try:
+            kopf.event(ref, type=type_, reason=reason, message=message)
+        except LookupError:
+            if self.recorder is None:
+                self.recorder = EventRecorder(self.adapter.kube, "orchardist-controller")
+            await self.recorder.record(dict(ref), type_, reason, message)
 
     async def _refused(self, md: Refused) -> None:
         """A spec the API server let through but the types refuse: say so in status, do nothing else."""
