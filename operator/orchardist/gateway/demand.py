@@ -19,14 +19,21 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from orchardist import log
+from orchardist.api.modeldeployment import (
+    ANNOTATION_HELD,
+    ANNOTATION_IN_FLIGHT,
+    LABEL_DEMAND_FOR,
+    demand_lease_name,
+)
 from orchardist.gateway.catalog import Key
 from orchardist.kube import JSON, Kube, paths
 
 LOG = log.get(__name__)
 
-LABEL = "orchardist.io/demand-for"
-IN_FLIGHT = "orchardist.io/in-flight"
-HELD = "orchardist.io/held"
+# One spelling for both sides: the controller's autoscaler reads what these name.
+LABEL = LABEL_DEMAND_FOR
+IN_FLIGHT = ANNOTATION_IN_FLIGHT
+HELD = ANNOTATION_HELD
 INTERVAL_S = 2.0
 
 
@@ -35,10 +42,6 @@ class Demand:
     in_flight: int = 0
     held: int = 0
     last_request: datetime | None = None
-
-
-def lease_name(deployment: str) -> str:
-    return f"{deployment}-demand"
 
 
 def micro_time(when: datetime) -> str:
@@ -55,7 +58,7 @@ def lease_body(key: Key, demand: Demand, instance: str) -> JSON:
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
         "metadata": {
-            "name": lease_name(name),
+            "name": demand_lease_name(name),
             "namespace": namespace,
             "labels": {LABEL: name},
             "annotations": {IN_FLIGHT: str(demand.in_flight), HELD: str(demand.held)},
@@ -109,7 +112,7 @@ class DemandBoard:
 async def write(kube: Kube, key: Key, demand: Demand, instance: str) -> None:
     """Create or update one demand Lease (a merge patch; created when missing)."""
     body = lease_body(key, demand, instance)
-    path = paths.lease(key[0], lease_name(key[1]))
+    path = paths.lease(key[0], demand_lease_name(key[1]))
     if await kube.patch_existing(path, body) is None and not await kube.create(paths.lease(key[0]), body):
         await kube.merge_patch(path, body)  # created meanwhile by another writer
 
