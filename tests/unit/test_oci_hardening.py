@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchardist.oci import gguf
+from orchardist.oci import gguf, safepath
 from orchardist.oci.auth import credential_refusal
 from orchardist.oci.errors import (
     DeadlineError,
@@ -256,3 +256,24 @@ def test_gzip_bomb_stops_at_the_uncompressed_budget(tmp_path: Path) -> None:
 def test_archive_within_the_budget_extracts(tmp_path: Path) -> None:
     data = gzip.compress(_tar(("file", "w", bytes(100 << 10))))
     assert extract_tar(io.BytesIO(data), tmp_path, "gzip", "t", limit=1 << 20) == [("w", 100 << 10)]
+
+
+def test_huge_pax_header_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """A pax header is read into memory whole: a big one is refused from its declared size."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("w")
+        info.pax_headers = {"comment": "x" * (2 << 20)}
+        tf.addfile(info, io.BytesIO(b""))
+    buf.seek(0)
+    with pytest.raises(UnsafePathError, match=r"byte metadata header \(more than 1048576\); refused"):
+        extract_tar(buf, tmp_path, None, "t")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_too_many_entries_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(safepath, "MAX_ENTRIES", 10)
+    data = _tar(*[("file", f"f{i}", b"") for i in range(11)])
+    with pytest.raises(UnsafePathError, match="more than 10 tar entries; refused"):
+        extract_tar(io.BytesIO(data), tmp_path, None, "t")
+    assert len(list(tmp_path.iterdir())) == 10

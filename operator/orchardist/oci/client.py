@@ -176,10 +176,10 @@ class RegistryClient:
                 if refusal:
                     raise AuthRequiredError(f"{what}: {refusal}")
                 headers["Authorization"] = self.credentials.basic_header()
-            try:
+            try:  # a redirect to another origin drops the Authorization header (aiohttp does)
                 async with (
                     asyncio.timeout(TOKEN_TIMEOUT),
-                    self.session.get(realm, params=params, headers=headers, allow_redirects=False) as resp,
+                    self.session.get(realm, params=params, headers=headers) as resp,
                 ):
                     if resp.status in (401, 403):
                         raise AuthRequiredError(

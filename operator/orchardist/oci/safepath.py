@@ -23,6 +23,31 @@ from typing import IO, Any
 from orchardist.oci.errors import StoreFullError, UnsafePathError
 
 COPY_CHUNK = 1 << 20
+#: a pax or GNU long-name header is read into memory whole: bigger ones are refused
+MAX_META_HEADER = 1 << 20
+#: entries per archive (each costs an inode and memory while extracting); a model has a few hundred
+MAX_ENTRIES = 100_000
+
+
+class _BoundedInfo(tarfile.TarInfo):
+    """Tar headers whose metadata blocks (read into memory before we see the entry) are bounded."""
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _META_TYPES and self.size > MAX_META_HEADER:
+            raise UnsafePathError(
+                f"tar entry {self.name[:80]!r}: a {self.size}-byte metadata header "
+                f"(more than {MAX_META_HEADER}); refused"
+            )
+        return super()._proc_member(tf)  # type: ignore[misc,no-any-return]
+
+
+_META_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
 
 
 def safe_relpath(path: str, what: str = "path") -> PurePosixPath:
@@ -106,8 +131,11 @@ def extract_tar(
     files: list[tuple[str, int]] = []
     extracted: dict[PurePosixPath, tuple[int, int]] = {}
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tf:
-            for member in tf:
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedInfo) as tf:
+            for count, member in enumerate(tf, 1):
+                tf.members.clear()  # type: ignore[attr-defined]  # a stream is read once: keeping every header only costs memory
+                if count > MAX_ENTRIES:
+                    raise UnsafePathError(f"{what}: more than {MAX_ENTRIES} tar entries; refused")
                 _extract_member(tf, member, root, what, files, extracted)
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise UnsafePathError(f"{what}: not a readable tar archive: {exc}") from exc
