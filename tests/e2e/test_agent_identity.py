@@ -178,10 +178,15 @@ def test_agent_writes_its_own_macnode_and_is_refused_on_another(
     assert created.returncode == 0, created.stderr
     cluster.kubectl("create", "-f", "-", input=_macnode(B))  # node B registered by someone else
 
+    # A server-side apply writes without reading first (kubectl patch reads, which the
+    # authorization webhook refuses before admission is reached).
+    foreign = json.dumps({**json.loads(_macnode(B)), "status": json.loads(STATUS)["status"]})
     err = refused(
-        a.kubectl("patch", "macnode", B, "--subresource=status", "--type=merge", "-p", STATUS),
+        a.kubectl("apply", "--server-side", "--subresource=status", "-f", "-", input=foreign),
         f"orchardist agent {A} may only write its own MacNode, not MacNode {B}",
     )
+    read = a.kubectl("patch", "macnode", B, "--subresource=status", "--type=merge", "-p", STATUS)
+    refused(read, f"orchardist agent {A} may read only its own MacNode, not MacNode {B}")
     assert "ValidatingAdmissionPolicy" in err and "denied request" in err
 
     own = a.kubectl("patch", "macnode", A, "--subresource=status", "--type=merge", "-p", STATUS)
@@ -196,7 +201,7 @@ def test_agent_writes_its_own_macnode_and_is_refused_on_another(
     assert impostor.returncode != 0
     assert "may only write its own MacNode, not MacNode mac-id-c" in impostor.stderr
     relabel = a.kubectl("label", "macnode", B, "stolen=yes")
-    assert relabel.returncode != 0 and "may only write its own MacNode" in relabel.stderr
+    assert relabel.returncode != 0 and "may read only its own MacNode" in relabel.stderr
     # RBAC still bounds what an agent can do at all.
     delete = a.kubectl("delete", "macnode", A)
     assert delete.returncode != 0 and "forbidden" in delete.stderr.lower()
@@ -304,18 +309,19 @@ def test_the_real_agent_runs_with_only_its_own_credentials(
 
 
 def test_the_real_agent_cannot_pose_as_another_node(agents: dict[str, Agent], tmp_path: Path) -> None:
-    """A's token with another node name: the agent's first write (registration) is refused."""
+    """A's token with another node name: the agent's first call (reading that MacNode) is refused."""
     proc = _run_agent(agents[A], "mac-id-impostor", tmp_path / "impostor")
     log = tmp_path / "impostor" / "agent.log"
     try:
         wait_for(
-            lambda: "may only write its own" in log.read_text() or proc.poll() is not None,
+            lambda: "may read only its own" in log.read_text() or proc.poll() is not None,
             timeout=60,
             interval=0.5,
             message=lambda: f"the impostor refused (or exited):\n{log.read_text()[-3000:]}",
         )
+        # Its first call, reading the MacNode, is refused by the authorization webhook.
         assert (
-            f"orchardist agent {A} may only write its own MacNode, not MacNode mac-id-impostor"
+            f"orchardist agent {A} may read only its own MacNode, not MacNode mac-id-impostor"
             in log.read_text()
         )
     finally:

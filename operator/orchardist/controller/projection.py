@@ -281,13 +281,14 @@ class Projector:
     async def _apply(self, todo: Changes) -> None:
         for body in todo.namespaces:
             await self.kube.create(paths.namespace(), body)
-        # The Role is narrowed first and widened last, so no moment grants a copy it should not.
-        for ns, body in todo.put_bindings:
-            await self._put(binding_path(ns), binding_path(ns, READER), body)
+        # Copies before the Role that names them, the Role before its binding (granting a Role
+        # needs it to exist), and copies no longer wanted removed only after the Role let go.
         for ns, body in todo.put_secrets:
             await self._put(paths.secret(ns), paths.secret(ns, body["metadata"]["name"]), body)
         for ns, body in todo.put_roles:
             await self._put(role_path(ns), role_path(ns, READER), body)
+        for ns, body in todo.put_bindings:
+            await self._put(binding_path(ns), binding_path(ns, READER), body)
         for ns, name in todo.delete_secrets:
             await self.kube.delete(paths.secret(ns, name))
         LOG.info(
