@@ -402,7 +402,7 @@ def test_rollout_to_a_new_digest_completes_without_dropping_ready(world: World) 
     old_pids = pids_of(old)
     old_digest = world.digests["small"]
     new_dir = tinymodel.build(w.model_dir.parent / "small-v2", seed=1)
-    new_digest = push_cli(new_dir, w.tag, fleet.cluster.env())
+    new_digest = push_cli(new_dir, w.tag, fleet.cluster.env() | fleet.env)
     assert new_digest != old_digest
 
     t0 = time.monotonic()
