@@ -199,3 +199,17 @@ def test_demand_starts_one_replica_from_zero_and_idle_returns_to_zero(scene: Sce
     assert reasons.count("ScaleFromZero") == 1, reasons
     assert (md["metadata"]["generation"], md["spec"]["replicas"]) == (generation, 0)
     assert spec_writers(md) == [], md["metadata"]["managedFields"]
+
+    # `kubectl scale` writes spec.replicas through the scale subresource; with scaling set it is
+    # only the count to start with, so nothing starts while no request is held.
+    scene.cluster.kubectl("scale", "modeldeployment", "tiny", "-n", scene.ns, "--replicas=2")
+    scaled = scene.md()
+    assert scaled["spec"]["replicas"] == 2 and scaled["metadata"]["generation"] == generation + 1
+    wait_for(
+        lambda: scene.md()["status"].get("observedGeneration") == generation + 1,
+        timeout=30,
+        interval=0.5,
+        message="the scaled generation reconciled",
+    )
+    assert scene.md()["status"]["autoscaling"]["desiredReplicas"] == 0
+    assert scene.replicas() == []
