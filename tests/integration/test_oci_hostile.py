@@ -231,3 +231,34 @@ async def test_second_process_cannot_open_the_store(tmp_path: Path) -> None:
     allowed = _open_in_another_process(root)
     assert allowed.returncode == 0, allowed.stderr
     assert (root / ".lock").stat().st_mode & 0o777 == 0o600
+
+
+async def test_archive_larger_than_its_blob_gets_room_by_eviction(registry: str, tmp_path: Path) -> None:
+    """The control case for the budget: a real archive expanding past the room made for its
+    compressed size evicts an unpinned model and extracts whole."""
+    old_repo, new_repo = f"test/old-{secrets.token_hex(3)}", f"test/new-{secrets.token_hex(3)}"
+    await push_artifact(
+        registry,
+        f"{old_repo}:v1",
+        MODELPACK_CONFIG,
+        [(mt.MODELPACK_WEIGHT_RAW, secrets.token_bytes(6 * MiB), {mt.FILEPATH: "model.safetensors"})],
+        artifact_type=mt.MODELPACK_MANIFEST,
+    )
+    payload = secrets.token_bytes(3 * MiB) + bytes(3 * MiB)  # compresses to about half
+    await push_artifact(
+        registry,
+        f"{new_repo}:v1",
+        MODELPACK_CONFIG,
+        [(TAR_GZIP, gzip.compress(_tar(("file", "model.safetensors", payload))), {})],
+        artifact_type=mt.MODELPACK_MANIFEST,
+    )
+    store = ContentStore(tmp_path / "store", 14 * MiB)
+    try:
+        old = await store.pull(f"oci://{registry}/{old_repo}:v1")
+        new = await store.pull(f"oci://{registry}/{new_repo}:v1")
+        assert (new.path / "model.safetensors").read_bytes() == payload
+        assert [d for d, _ in store.cached()] == [new.digest]  # the old model made the room
+        assert not old.path.exists()
+        assert store.usage().used_bytes <= 14 * MiB
+    finally:
+        store.close()

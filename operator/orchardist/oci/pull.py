@@ -32,7 +32,7 @@ from orchardist.oci.client import CONFIG_LIMIT, Manifest, RegistryClient
 from orchardist.oci.errors import DigestMismatchError, RegistryUnreachableError, StoreFullError
 from orchardist.oci.fsutil import atomic_write, fsync_path
 from orchardist.oci.index import ModelRecord, StoreIndex, blob_list, hex_of
-from orchardist.oci.layouts import Layer, read_layout
+from orchardist.oci.layouts import Layer, Layout, read_layout
 from orchardist.oci.materialize import materialize
 from orchardist.oci.progress import Tracker
 from orchardist.oci.reference import Reference
@@ -227,13 +227,7 @@ class Puller:
                 if record is not None and self.index.model_path(digest).is_dir():
                     return record  # a pull of the same manifest from another source built it
                 tracker.set_phase("materializing")
-                files, extracted = await asyncio.to_thread(
-                    materialize,
-                    layout,
-                    self.index.blob_path,
-                    self.index.model_path(digest),
-                    extract_limit=max(0, budget - self.used_bytes()),
-                )
+                files, extracted = await self._materialize(layout, digest, extracted_estimate)
                 await asyncio.to_thread(atomic_write, self.index.manifest_path(digest), manifest.raw)
                 record = ModelRecord(
                     reference=str(r),
@@ -251,6 +245,29 @@ class Puller:
             self.active.subtract(blobs)
             self.active += Counter()  # drop zero counts
         return record
+
+    async def _materialize(
+        self, layout: Layout, digest: str, estimate: int
+    ) -> tuple[list[tuple[str, int]], int]:
+        """The model directory, archives limited to the room left in the budget (uncompressed).
+
+        Room was made for the archives' compressed size; one that expands further gets one more
+        try after GC makes room for twice that, so a near-full store evicts what a real archive
+        needs while a compression bomb still stops at a bounded size (and evicts little).
+        """
+        budget = self.budget_bytes()
+        limit = max(0, budget - self.used_bytes())
+        try:
+            return await self._build(layout, digest, limit)
+        except StoreFullError:
+            if limit >= 2 * estimate:
+                raise
+        await self.make_room(2 * estimate)
+        return await self._build(layout, digest, max(0, budget - self.used_bytes()))
+
+    async def _build(self, layout: Layout, digest: str, limit: int) -> tuple[list[tuple[str, int]], int]:
+        path = self.index.model_path(digest)
+        return await asyncio.to_thread(materialize, layout, self.index.blob_path, path, extract_limit=limit)
 
     async def _ensure_small(self, client: RegistryClient, repo: str, layer: Layer) -> None:
         if layer.digest in self.index.blobs:
