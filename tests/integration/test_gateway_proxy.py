@@ -182,3 +182,25 @@ async def test_streams_pass_through_with_usage_metered(gateway: tuple[Gateway, s
         "orchardist_gateway_tokens_total", {"key": "keys/k", "model": "team/stream", "kind": "completion"}
     )
     assert sample is not None and sample > 0
+
+
+async def test_a_client_that_leaves_mid_stream_frees_its_replica(
+    gateway: tuple[Gateway, str], engine: str
+) -> None:
+    gw, url = gateway
+    gw.state.apply("md", ("ADDED", deployment("leaver", hold_s=30)))
+    gw.state.apply("mr", ("ADDED", replica("leaver-0", "leaver", engine)))
+    stream = await client(url).chat.completions.create(
+        model="leaver", messages=[{"role": "user", "content": "Talk"}], max_tokens=200, stream=True
+    )
+    async for chunk in stream:
+        if chunk.choices:
+            break
+    await stream.close()
+
+    def counted() -> float | None:
+        labels = {"key": "keys/k", "model": "team/leaver", "code": "499"}
+        return gw.metrics.registry.get_sample_value("orchardist_gateway_requests_total", labels)
+
+    await async_wait_for(counted, timeout=30, message="the abandoned stream counted as 499")
+    assert not gw.outstanding and gw.board.demand[("team", "leaver")].in_flight == 0

@@ -8,6 +8,7 @@ usage chunk so tokens are metered. The answer's ``model`` is rewritten back to w
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ REPLICA_HEADER = "X-Orchardist-Replica"
 #: Statuses of an agent's proxy whose engine is gone or starting: try another replica.
 RETRYABLE = frozenset({502, 503, 504})
 MLX_DEFAULT = "default_model"
+#: The status counted for a stream whose client disconnected (nginx's convention; never sent).
+CLIENT_LEFT = 499
 
 
 class RetryableError(Exception):
@@ -144,14 +147,27 @@ async def call_stream(
                 passed = meter.line(line)
                 if meter.first_token and outcome.first_token_at is None:
                     outcome.first_token_at = clock()
-                if passed is not None:
-                    await out.write(passed)
+                if passed is not None and not await _write(out, passed):
+                    # The client left (a reader that stops at its first token does): stop reading
+                    # the engine; releasing an unfinished response closes it, ending the generation.
+                    outcome.status, outcome.usage = CLIENT_LEFT, meter.usage
+                    return out, outcome
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             # Tokens already reached the client: a retry would repeat them. End the stream as it is.
             outcome.status = 502
-            await out.write(f"data: {json.dumps({'error': {'message': repr(exc)}})}\n\n".encode())
+            await _write(out, f"data: {json.dumps({'error': {'message': repr(exc)}})}\n\n".encode())
         outcome.usage = meter.usage
-        await out.write_eof()
+        with contextlib.suppress(ConnectionError):
+            await out.write_eof()
         return out, outcome
     finally:
         resp.release()
+
+
+async def _write(out: web.StreamResponse, data: bytes) -> bool:
+    """Send to the client at once; False when it has gone."""
+    try:
+        await out.write(data)
+    except ConnectionError:
+        return False
+    return True
