@@ -239,6 +239,7 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
 
     @kopf.on.event(*mn, id="macnode-changed", registry=registry)
     async def macnode_changed(event: kopf.RawEvent, **_: Any) -> None:
+        projector.poke()  # the indexes are filled: the projection may run
         etype = event.get("type")
         if etype is None:
             return

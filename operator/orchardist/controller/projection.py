@@ -228,11 +228,15 @@ class Projector:
         self._poke = asyncio.Event()
 
     def poke(self) -> None:
-        """Ask for a pass soon (a replica came, went or changed)."""
+        """Ask for a pass soon (a replica came, went or changed). The first poke also says the
+        replica index is filled: kopf calls handlers only after its indexes are."""
         self._poke.set()
 
     async def run(self, interval: float) -> None:
-        """Converge every ``interval`` seconds and whenever poked (source Secrets change unannounced)."""
+        """After the first poke, converge every ``interval`` seconds and whenever poked (source
+        Secrets change unannounced). Before it, an empty index is "not listed yet", and a pass
+        would take every copy away."""
+        await self._poke.wait()
         while True:
             self._poke.clear()
             try:
