@@ -26,6 +26,7 @@ from orchardist.api.constants import API_VERSION
 from orchardist.api.macnode import MacNode
 from orchardist.kube import SYSTEM_NAMESPACE, Kube, paths
 
+from .host.facts import display_gi
 from .reconcile import JSON, merge_conditions, node_conditions, now_iso
 
 LOG = log.get(__name__)
@@ -124,6 +125,11 @@ class NodeAgent:
         host = dict(self._host)
         memory = dict(host.get("memory") or {})
         memory["allocatedBytes"] = self.state.allocated_bytes
+        # Display strings beside the numbers (ALLOCATED and FREE in `kubectl get mn`).
+        memory["allocated"] = display_gi(self.state.allocated_bytes)
+        working_set = memory.get("gpuWorkingSetBytes")
+        if working_set is not None:
+            memory["free"] = display_gi(max(int(working_set) - self.state.allocated_bytes, 0))
         store = {**(host.get("modelStore") or {}), **self.state.store}
         budget = store.get("budgetBytes")
         conds = node_conditions(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchardist.api.common import Condition
-from orchardist.controller.status import Cond, Facts, conditions, phase, render
+from orchardist.controller.status import Cond, Facts, conditions, phase, render, summary
 
 D = "sha256:" + "ab" * 32
 
@@ -210,3 +210,65 @@ def test_render_keeps_transition_time_while_status_holds() -> None:
         "Stalled",
         "Degraded",
     ]
+
+
+OK = Cond(False, "AsExpected", "")
+SUMMARY = [
+    (
+        "stalled wins over a Degraded that also holds",
+        {
+            "Ready": Cond(True, "Ready", "1/2 ready"),
+            "Stalled": Cond(True, "Unschedulable", "no Mac fits:\n  mac-a: too small"),
+            "Degraded": Cond(True, "ReplicasDown", "1/2 replicas ready"),
+        },
+        ("Unschedulable", "no Mac fits: mac-a: too small"),
+    ),
+    (
+        "degraded while serving",
+        {
+            "Ready": Cond(True, "Ready", "2/2"),
+            "Stalled": OK,
+            "Degraded": Cond(True, "NodeNotReady", "1 lost"),
+        },
+        ("NodeNotReady", "1 lost"),
+    ),
+    (
+        "progressing shows what it waits for",
+        {
+            "Ready": Cond(False, "PullProgressing", "1 replica(s) pulling (42%)"),
+            "Stalled": OK,
+            "Degraded": OK,
+        },
+        ("PullProgressing", "1 replica(s) pulling (42%)"),
+    ),
+    (
+        "healthy says how it serves",
+        {
+            "Ready": Cond(True, "Ready", "2/2 replicas ready at sha256:0123456789ab"),
+            "Stalled": OK,
+            "Degraded": OK,
+        },
+        ("Ready", "2/2 replicas ready at sha256:0123456789ab"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "conds", "want"), SUMMARY, ids=[t[0] for t in SUMMARY])
+def test_summary_picks_the_condition_that_explains(
+    case: str, conds: dict[str, Cond], want: tuple[str, str]
+) -> None:
+    """REASON/MESSAGE show Stalled, else Degraded, else Ready, on one line."""
+    assert summary({"Reconciling": OK, **conds}) == want
+
+
+def test_summary_message_fits_a_column() -> None:
+    """A long message is cut to 256 characters, ending in an ellipsis, so the CRD's bound holds."""
+    long = Cond(True, "Unschedulable", "x " * 400)
+    reason, message = summary({"Ready": Cond(False, "Unschedulable", ""), "Stalled": long, "Degraded": OK})
+    assert (reason, len(message), message[-1]) == ("Unschedulable", 256, "\u2026")
+
+
+def test_summary_of_real_facts_is_the_stall() -> None:
+    """Through conditions(): an unschedulable deployment shows Unschedulable with the scheduler's words."""
+    conds = conditions(Facts(desired=1, unschedulable="no Mac has 80Gi free (mac-a: 28Gi free)"))
+    assert summary(conds) == ("Unschedulable", "no Mac has 80Gi free (mac-a: 28Gi free)")

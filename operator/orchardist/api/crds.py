@@ -73,6 +73,7 @@ KINDS: tuple[Kind, ...] = (
             _column("Engine", ".spec.engine", description="The inference engine"),
             _column("Ready", ".status.ready", description="Ready replicas / desired replicas"),
             _column("Status", ".status.phase", description="Summary of the conditions"),
+            _column("Reason", ".status.reason", description="Why: Stalled, else Degraded, else Ready"),
             _AGE,
             _column(
                 "Digest",
@@ -81,6 +82,7 @@ KINDS: tuple[Kind, ...] = (
                 priority=1,
             ),
             _column("Endpoint", ".status.endpoint", description="The Service's address", priority=1),
+            _column("Message", ".status.message", description="That condition's message", priority=1),
         ),
     ),
     Kind(
@@ -95,6 +97,8 @@ KINDS: tuple[Kind, ...] = (
             _column(
                 "Working Set", ".status.memory.gpuWorkingSet", description="Memory the GPU may keep resident"
             ),
+            _column("Allocated", ".status.memory.allocated", description="Working set held by replicas"),
+            _column("Free", ".status.memory.free", description="Working set not allocated"),
             _column(
                 "Ready", '.status.conditions[?(@.type=="Ready")].status', description="Heartbeat is fresh"
             ),

@@ -118,6 +118,14 @@ class Memory(ApiModel):
     gpu_working_set: str | None = Field(
         None, max_length=16, description='gpuWorkingSetBytes for display, such as "48Gi".'
     )
+    allocated: str | None = Field(
+        None, max_length=16, description='allocatedBytes for display, such as "20Gi".'
+    )
+    free: str | None = Field(
+        None,
+        max_length=16,
+        description='The GPU working set not allocated to replicas, for display, such as "28Gi".',
+    )
 
 
 class ModelStore(ApiModel):

@@ -502,6 +502,16 @@ class ModelDeploymentStatus(ApiModel):
     phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] | None = Field(
         None, description="A one-word summary of the conditions for display (STATUS column)."
     )
+    reason: str | None = Field(
+        None,
+        max_length=64,
+        description="For display (REASON column): the reason of Stalled, else Degraded, else Ready.",
+    )
+    message: str | None = Field(
+        None,
+        max_length=256,
+        description="For display (MESSAGE column, -o wide): that condition's message on one line.",
+    )
     resolved_digest: str | None = Field(
         None, pattern=DIGEST, description="The digest spec.model resolved to (sha256:<64 hex>)."
     )

@@ -258,7 +258,14 @@ class Controller:
         }
         previous = md.status.conditions
         rendered = st.render(conds, md.generation, previous, st.rfc3339(self.clock()))
-        new = {"observedGeneration": md.generation, "phase": "Failed", "conditions": rendered}
+        reason, message = st.summary(conds)
+        new = {
+            "observedGeneration": md.generation,
+            "phase": "Failed",
+            "reason": reason,
+            "message": message,
+            "conditions": rendered,
+        }
         strip = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in rendered]
         have = [c.to_json() for c in previous]
         have = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in have]

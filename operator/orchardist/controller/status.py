@@ -151,6 +151,19 @@ def phase(conds: Mapping[str, Cond], f: Facts) -> str:
     return "Progressing"
 
 
+def summary(conds: Mapping[str, Cond]) -> tuple[str, str]:
+    """(reason, message) for the REASON and MESSAGE columns: why it is stuck, else what is missing,
+    else how it serves; the message on one line and short enough for a terminal."""
+    if conds["Stalled"].status:
+        shown = conds["Stalled"]
+    elif conds["Degraded"].status:
+        shown = conds["Degraded"]
+    else:
+        shown = conds["Ready"]
+    line = " ".join(shown.message.split())
+    return shown.reason[:64], (line if len(line) <= 256 else line[:255] + "\u2026")
+
+
 def rfc3339(when: datetime) -> str:
     """A time as the API server writes it (UTC, whole seconds)."""
     if when.tzinfo is not None:
@@ -262,9 +275,12 @@ def report(
         {"name": c["metadata"]["name"], "nodeName": c["spec"]["nodeName"], "phase": "Pending"}
         for c in creates
     ]
+    reason, message = summary(conds)
     new: dict[str, Any] = {
         "observedGeneration": obs.generation,
         "phase": phase(conds, facts),
+        "reason": reason,
+        "message": message,
         "replicas": facts.existing,
         "readyReplicas": facts.ready,
         "updatedReplicas": facts.updated,
