@@ -68,5 +68,5 @@ def test_vllm_flags_in_real_api_server_help(vllm_runtime: Runtime) -> None:
     text = run_help(vllm_runtime, "-m", "vllm.entrypoints.openai.api_server", "--help=all")
     known = flags_in(text)
     flags = emitted("vllm", vllm_runtime.version)
-    assert {"--model", "--dtype", "--api-key", "--block-size"} <= set(flags)
+    assert {"--model", "--dtype", "--block-size"} <= set(flags)
     assert [f for f in flags if f not in known] == []

@@ -45,8 +45,8 @@ def launch(spec: EngineSpec, port: int, *, hf_cache: Path = EMPTY_HF_CACHE) -> L
 
 __all__ = [
     "EMPTY_HF_CACHE",
-    "ENGINE_HOST",
     "ENGINES",
+    "ENGINE_HOST",
     "EngineArgsError",
     "EngineSpec",
     "Launch",

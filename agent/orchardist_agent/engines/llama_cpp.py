@@ -82,7 +82,7 @@ POLICY = LaunchPolicy(
     flags=LLAMA_FLAGS,
     env_names=COMMON_ENV
     | {"LLAMA_LOG_VERBOSITY", "LLAMA_LOG_COLORS", "LLAMA_LOG_TIMESTAMPS", "LLAMA_LOG_PREFIX"},
-    code_flags={"--chat-template": True, "--chat-template-file": True, "--lora": True},
+    code_flags={"--chat-template": True, "--chat-template-file": True},
     driver_owned=OWNED_FLAGS,
 )
 

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from orchardist.api.launch import ENV_OWNERS, FLAG_OWNERS, OWNED_ENV_PREFIXES, sets_flag
+from orchardist.api.launch import ENV_OWNERS, FLAG_OWNERS, OWNED_ENV_PREFIXES, WHOLE_FLAGS, sets_flag
 from orchardist.api.rules import ApiModel, Rule, cel_string
 
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -101,7 +101,10 @@ def _sets_any(flags: tuple[str, ...]) -> str:
     if not longs:
         return f"({exact})"
     abbreviates = f"{_cel_list(longs)}.exists(f, f.startsWith({_NAME}))"
-    prefix = f"(a.startsWith('--') && size({_NAME}) > 2 && {abbreviates})"
+    # Whole flags that prefix one of these are not abbreviations (argparse matches exactly first).
+    whole = [w for w in WHOLE_FLAGS if any(f.startswith(w) and f != w for f in longs)]
+    not_whole = f"!({_NAME} in {_cel_list(whole)}) && " if whole else ""
+    prefix = f"(a.startsWith('--') && size({_NAME}) > 2 && {not_whole}{abbreviates})"
     return f"({exact} || {prefix})"
 
 

@@ -122,6 +122,10 @@ CODE_LOADING_FLAGS: Final = (
     "--log-file",
 )
 
+#: Whole flags of some engine that are also prefixes of a listed flag (`--reasoning-parser` of
+#: `--reasoning-parser-plugin`): argparse takes an exact match before any abbreviation.
+WHOLE_FLAGS: Final = ("--reasoning-parser",)
+
 CODE_LOADING_HINT: Final = (
     "it makes the engine run code or read files named by the deployment; a cluster admin must allow "
     "code loading (chart value engines.allowCodeLoading) and the Mac's admin must start the agent "
@@ -207,6 +211,8 @@ def sets_flag(arg: str, flag: str) -> bool:
     name = flag_of(arg)
     if name == flag:
         return True
+    if name in WHOLE_FLAGS:
+        return False
     return flag.startswith("--") and name.startswith("--") and len(name) > 2 and flag.startswith(name)
 
 
