@@ -47,6 +47,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     demo_up.add_argument(
         "--simulate", metavar="PROFILE", default="m4-pro-64gb", help="Mac profile the local agent simulates"
     )
+    demo_up.add_argument(
+        "--in-cluster",
+        action="store_true",
+        help="run the operator as a Pod from the Helm chart on a real node (kubelet, containerd, "
+        "kube-proxy) with the locally built image; needs root",
+    )
     demo_up.set_defaults(func=_lazy("run_up"))
     demo_down = sub.add_parser("down", help="stop everything `dev up` started and remove its state")
     _state_arg(demo_down)
