@@ -246,23 +246,28 @@ def run_up(args: argparse.Namespace) -> int:
 
         steps("operator (kopf) and one agent" + (f" simulating {args.simulate}" if args.simulate else ""))
         env = cluster.env() | registry.client_env()
-        operator = procs.start(
-            "operator",
-            [
-                *_orchardist(),
+        if getattr(args, "in_cluster", False):  # the chart's operator Pod on a real node
+            from orchardist.dev import incluster
+
+            incluster.run_operator(cluster, note=steps.note)
+        else:
+            operator = procs.start(
                 "operator",
-                "run",
-                "--kubeconfig",
-                str(cluster.kubeconfig),
-                "--standalone",
-                "--all-namespaces",
-                "--log-format",
-                "json",
-            ],
-            demo / "logs" / "operator.log",
-            env=env,
-        )
-        procs.save([operator], demo / "pids")
+                [
+                    *_orchardist(),
+                    "operator",
+                    "run",
+                    "--kubeconfig",
+                    str(cluster.kubeconfig),
+                    "--standalone",
+                    "--all-namespaces",
+                    "--log-format",
+                    "json",
+                ],
+                demo / "logs" / "operator.log",
+                env=env,
+            )
+            procs.save([operator], demo / "pids")
         agent_argv = [
             *_orchardist(),
             "agent",
@@ -287,8 +292,9 @@ def run_up(args: argparse.Namespace) -> int:
         ]
         if args.simulate and not (sys.platform == "darwin" and platform.machine() == "arm64"):
             agent_argv += ["--simulate", args.simulate]
-        agent_argv = fabric.wrap(DEMO_NODE, agent_argv)
-        agent = procs.start("agent", agent_argv, demo / "logs" / "agent.log", env=env)
+        agent = procs.start(
+            "agent", agent_argv, demo / "logs" / "agent.log", env=env, before_exec=fabric.enter(DEMO_NODE)
+        )
         procs.save([agent], demo / "pids")
         _wait_node(cluster, steps, agent)
 
@@ -321,6 +327,12 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"  assistant: {text!r}")
         print("  (a tiny random-weight Llama: the words are noise, the serving path is real)\n")
         _report_exposure(cluster, fabric, endpoint)
+        if getattr(args, "in_cluster", False) and not fabric.loopback:
+            from orchardist.dev import incluster
+
+            address = incluster.service_address(cluster, "default", DEMO_DEPLOYMENT)
+            answer = incluster.chat(address, lambda argv: fabric.wrap(DEMO_CLIENT, argv))
+            print(f"  through Service {DEMO_DEPLOYMENT}'s ClusterIP {address} from {DEMO_CLIENT}: {answer}\n")
         print(f"demo ready in {steps.elapsed():.0f} s")
         _print_next(state)
         return 0
@@ -431,6 +443,9 @@ def _stop_all(state: Path, *, quiet: bool = False) -> list[str]:
         for rec in sorted(procs.load(pids), key=lambda r: order.get(r.name, 9)):
             if procs.stop(rec, grace=30 if rec.name == "agent" else 10):
                 stopped.append(rec.name)
+    from orchardist.dev.node import down_at as node_down
+
+    stopped += node_down(state / "node")  # before the control plane: its pods' state is under it
     stopped += cluster_down(state)
     if netns.unavailable() is None and netns.teardown(fabric_tag(state)):
         stopped.append("network namespaces")
