@@ -27,14 +27,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 MACS = ["m4-pro-64gb", "m4-pro-64gb", "m4-max-128gb", "m4-max-128gb"]
-LAYERS = 24
+LAYERS = 8
 CONTEXT = 4096
-LATENCY_ROUNDS = 60
-STREAM_ROUNDS = 6
-STREAM_TOKENS = 96
-PREFIXES = 6
-REQUESTS_PER_ARM = 36
-PREFIX_WORDS = 500
+LATENCY_ROUNDS = 40
+STREAM_ROUNDS = 4
+STREAM_TOKENS = 64
+PREFIXES = 5
+REQUESTS_PER_ARM = 20
+PREFIX_WORDS = 200
 
 
 def _b64(text: str) -> str:
@@ -263,7 +263,11 @@ def _stream_rate(client: Any, model: str, messages: list[dict[str, str]]) -> flo
 
 def _ttft(client: Any, model: str, messages: list[dict[str, str]]) -> float:
     t0 = time.perf_counter()
-    for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=2, stream=True):
-        if chunk.choices and chunk.choices[0].delta.content is not None:
-            return time.perf_counter() - t0
-    return time.perf_counter() - t0
+    first = None
+    with client.chat.completions.create(model=model, messages=messages, max_tokens=2, stream=True) as stream:
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content is not None:
+                first = time.perf_counter() - t0
+    if first is None:
+        raise RuntimeError("the stream carried no token")
+    return first
