@@ -144,3 +144,17 @@ def test_sweep_removes_a_fabric_whose_owner_died() -> None:
     finally:
         dead.remove()
         alive.remove()
+
+
+def test_a_recorded_process_runs_in_a_macs_namespace(fabric: netns.Fabric, tmp_path: Path) -> None:
+    """``Fabric.enter`` as a child's pre-exec step: the process is in the Mac's namespace and its
+    record (pid, start, command line) stays checkable, unlike a process behind ``ip netns exec``."""
+    argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+    rec = procs.start("in-a-mac", argv, tmp_path / "in-a-mac.log", before_exec=fabric.enter("mac-a"))
+    try:
+        assert procs.is_running(rec)
+        inside = Path(f"/proc/{rec.pid}/ns/net").stat().st_ino
+        assert inside == (netns.NETNS_DIR / fabric.members["mac-a"].netns).stat().st_ino
+        assert inside != Path("/proc/self/ns/net").stat().st_ino
+    finally:
+        assert procs.stop(rec, grace=5)

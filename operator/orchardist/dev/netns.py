@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -40,6 +40,8 @@ TEST_POOL = IPv4Network("10.213.0.0/16")
 #: Records of live fabrics (tag, subnet, owning process).
 RECORDS = Path("/run/orchardist-net")
 LOOPBACK = IPv4Address("127.0.0.1")
+NETNS_DIR = Path("/run/netns")  # where `ip netns add` mounts a named namespace
+_CLONE_NEWNET = 0x40000000
 _IFNAMSIZ = 15  # the kernel's limit on an interface name
 
 
@@ -284,6 +286,26 @@ class Fabric:
         if self.layout is None:
             return list(argv)
         return ["ip", "netns", "exec", self.members[name].netns, *argv]
+
+    def enter(self, name: str) -> Callable[[], None] | None:
+        """A function that moves the calling process into Mac ``name``'s namespace: a child's
+        ``preexec_fn``, for a process whose record must show its own command line (``wrap``'s
+        ``ip netns exec`` execs, so the line first seen is ``ip``'s). None on loopback."""
+        if self.layout is None:
+            return None
+        path = str(NETNS_DIR / self.members[name].netns)
+
+        def enter() -> None:  # runs in the child between fork and exec
+            import ctypes
+
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {path}")
+            finally:
+                os.close(fd)
+
+        return enter
 
     def remove(self) -> int:
         return teardown(self.layout.tag) if self.layout else 0

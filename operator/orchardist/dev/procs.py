@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -85,12 +85,14 @@ def start(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     die_with_parent: bool = False,
+    before_exec: Callable[[], None] | None = None,
 ) -> ProcRecord:
     """Start ``argv`` in a new session with stdout+stderr appended to ``log_path``.
 
     ``die_with_parent`` (Linux): the kernel sends SIGTERM when this Python process dies, so a test
     run killed by a timeout leaves no control plane behind on a shared machine. Off for
-    ``dev cluster up``, whose processes must outlive the command.
+    ``dev cluster up``, whose processes must outlive the command. ``before_exec`` runs in the child
+    before exec (e.g. entering a network namespace, which keeps the command line the record checks).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as out:
@@ -102,7 +104,7 @@ def start(
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_tie_to_parent if die_with_parent and sys.platform == "linux" else None,
+            preexec_fn=_preexec(die_with_parent and sys.platform == "linux", before_exec),
         )
     _children[proc.pid] = proc
     found = processes.settle(proc.pid, argv)
@@ -118,6 +120,19 @@ def start(
     rec = ProcRecord(name=name, pid=proc.pid, start_time=found.started, argv=list(argv), log=str(log_path))
     _log.debug("started", proc=name, pid=proc.pid, log=str(log_path))
     return rec
+
+
+def _preexec(tie: bool, before_exec: Callable[[], None] | None) -> Callable[[], None] | None:
+    if not tie:
+        return before_exec
+    if before_exec is None:
+        return _tie_to_parent
+
+    def both() -> None:
+        _tie_to_parent()
+        before_exec()
+
+    return both
 
 
 def _tie_to_parent() -> None:  # runs in the child between fork and exec
