@@ -232,13 +232,17 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
         next_facts = loop.time() + self.facts_interval
         next_beat = loop.time() + (self.heartbeat_interval if self._lease_ok else 0.0)
+        behind = False  # a heartbeat failed: the next one writes the whole status
         while not stop.is_set():
             now = loop.time()
             try:
+                force = False
                 if now >= next_beat:
+                    # A heartbeat this late (paused, or the API server away) may have let the Lease
+                    # expire, and the controller then wrote Ready=Unknown: write the whole status.
+                    force = behind or now - next_beat > self.heartbeat_interval
                     await self.renew_lease()
                     next_beat = now + self.heartbeat_interval
-                force = False
                 if now >= next_facts:
                     # Now and then the whole status is written even if unchanged: this repairs a
                     # MacNode deleted (or edited) behind the agent's back.
@@ -247,7 +251,9 @@ class NodeAgent:
                     force = True
                 self._changed.clear()
                 await self._push_status(force)
+                behind = False
             except Exception as exc:  # the API server may be away for a while: keep trying
+                behind = True
                 LOG.warning("heartbeat failed", node=self.name, error=str(exc))
                 next_beat = min(next_beat, loop.time() + 2.0)
             wake = min(next_beat, next_facts) - loop.time()

@@ -6,6 +6,9 @@
   re-triggers its reconcile, so the EndpointSlice follows readiness within a reconcile (< 1 s).
 - MacNode: an ``event`` handler retries the deployments a Mac may help (``plan.needs_placement``)
   when one appears or changes, and reconciles everything when one is deleted.
+- MacNodes whose Lease expired: a background sweep every resync (``nodehealth.py``) marks them
+  NotReady, as Kubernetes' node lifecycle controller does (a kopf timer would put a finalizer on
+  every MacNode).
 - Demand Leases (the gateway's, one per deployment, in its namespace): a labelled watch of their
   own (``demand.py``; kopf allows one selector per resource and the Macs' Leases use it), each
   change triggering the deployment's reconcile (autoscaling, ``autoscale.py``).
@@ -35,6 +38,7 @@ from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller import world
 from orchardist.controller.demand import DemandWatch
 from orchardist.controller.kube import ensure_peering
+from orchardist.controller.nodehealth import NodeHealth
 from orchardist.controller.projection import Projector
 from orchardist.controller.reconciler import Controller, deployment_ref
 from orchardist.controller.world import LABEL_MANAGED_BY, MANAGED_BY, SERVICE_NAME_LABEL, SLICE_MANAGED_BY
@@ -128,6 +132,8 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         SYSTEM_NAMESPACE,
     )
     background: list[asyncio.Task[None]] = []
+    # Macs whose Lease expired are shown NotReady (the dead agent cannot say so itself).
+    health = NodeHealth(ctl.adapter.kube, lambda: ctl.macnodes, lambda: ctl.leases, ctl.config.lease_grace)
     mr = (GROUP, VERSION, "modelreplicas")
     mn = (GROUP, VERSION, "macnodes")
 
@@ -177,6 +183,7 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         ctl.macnodes, ctl.leases = kwargs["mn_index"], kwargs["lease_index"]
         ctl.services, ctl.slices = kwargs["svc_index"], kwargs["slice_index"]
         background.append(asyncio.create_task(projector.run(opts.resync_seconds)))
+        background.append(asyncio.create_task(health.run(opts.resync_seconds)))
         # The gateway's demand Leases live in the deployments' namespaces: a watch of their own.
         ctl.demand = watch = DemandWatch(ctl.adapter.kube.raw, lambda ns, n: _quietly(ctl.trigger(ns, n)))
         background.append(asyncio.create_task(watch.run()))
@@ -240,6 +247,7 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
     @kopf.on.event(*mn, id="macnode-changed", registry=registry)
     async def macnode_changed(event: kopf.RawEvent, **_: Any) -> None:
         projector.poke()  # the indexes are filled: the projection may run
+        health.listed.set()  # and the Lease index too: a Lease missing now is missing
         etype = event.get("type")
         if etype is None:
             return
