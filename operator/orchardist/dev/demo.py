@@ -140,23 +140,14 @@ def _wait_ready(cluster: Cluster, steps: _Steps, timeout: float) -> dict[str, An
 
 
 def _chat(endpoint: str) -> tuple[str, float]:
+    """One completion; the model is named as clients name it: the deployment (its served name)."""
     base = f"http://{endpoint}"
-    model: str | None = None
-    try:
-        with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as resp:
-            body = resp.read()
-            if body:
-                ids = [m.get("id") for m in json.loads(body).get("data", [])]
-                model = next((i for i in ids if i), None)
-    except (OSError, ValueError):
-        model = None
     payload: dict[str, Any] = {
+        "model": DEMO_DEPLOYMENT,
         "messages": [{"role": "user", "content": "Say hello to the orchard."}],
         "max_tokens": 24,
         "temperature": 0.7,
     }
-    if model:
-        payload["model"] = model
     req = urllib.request.Request(
         f"{base}/v1/chat/completions",
         data=json.dumps(payload).encode(),
