@@ -401,7 +401,7 @@ def test_the_real_operator_runs_with_only_its_chart_credentials(
 
 def test_the_policies_type_check_clean(cluster: Cluster, agents: dict[str, Agent]) -> None:
     """The controller-manager type-checks each policy's CEL against its resource's schema."""
-    for resource in ("macnodes", "leases", "modelreplicas"):
+    for resource in ("macnodes", "macnode-spec", "leases", "modelreplicas"):
         name = f"identity-orchardist-agent-{resource}"
 
         def checked(name: str = name) -> dict[str, Any] | None:

@@ -96,7 +96,7 @@ def test_operator_deployment_image_is_configurable(bare: Cluster) -> None:
     docs = render(
         bare, "image.repository=example.invalid/orchardist", "image.tag=1.2.3", "image.pullPolicy=Always"
     )
-    [dep] = [d for d in docs if d["kind"] == "Deployment"]
+    [dep] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")]
     [container] = dep["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "example.invalid/orchardist:1.2.3"
     assert container["imagePullPolicy"] == "Always"
@@ -197,7 +197,7 @@ def test_helm_install_on_the_real_apiserver(bare: Cluster) -> None:
     assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "orchardist-operator"
     for sa in ("orchardist-operator", "orchardist-agent-mac-a", "orchardist-agent-mac-b"):
         bare.kubectl("get", "serviceaccount", sa, "-n", SYSTEM_NS)
-    for resource in ("macnodes", "leases", "modelreplicas"):
+    for resource in ("macnodes", "macnode-spec", "leases", "modelreplicas"):
         bare.kubectl("get", "validatingadmissionpolicy", f"orchardist-agent-{resource}")
         bare.kubectl("get", "validatingadmissionpolicybinding", f"orchardist-agent-{resource}")
 
@@ -210,18 +210,31 @@ def test_helm_install_on_the_real_apiserver(bare: Cluster) -> None:
         (op, ["create", "endpointslices.discovery.k8s.io", "-n", "default"], True),
         (op, ["watch", "leases.coordination.k8s.io", "-n", SYSTEM_NS], True),
         (op, ["update", "leases.coordination.k8s.io", "-n", SYSTEM_NS], False),
-        (op, ["patch", "macnodes.orchardist.io", "--subresource=status"], False),
+        (op, ["patch", "macnodes.orchardist.io", "--subresource=status"], True),  # NotReady on Lease expiry
+        (op, ["patch", "macnodes.orchardist.io"], False),
         (op, ["patch", "modelreplicas.orchardist.io", "--subresource=status", "-n", "default"], False),
         (op, ["create", "pods", "-n", "default"], False),
         (agent, ["patch", "macnodes.orchardist.io", "--subresource=status"], True),
         (agent, ["update", "leases.coordination.k8s.io", "-n", SYSTEM_NS], True),
         (agent, ["create", "leases.coordination.k8s.io", "-n", "default"], False),
-        (agent, ["watch", "modelreplicas.orchardist.io", "-n", "default"], True),
+        # RBAC grants list/watch; the authorization webhook refuses them unless narrowed to
+        # spec.nodeName=mac-a, which `can-i` cannot express (tests/e2e/test_hostile_rbac.py can).
+        (agent, ["watch", "modelreplicas.orchardist.io", "-n", "default"], False),
+        (agent, ["get", "modelreplicas.orchardist.io", "-n", "default"], False),
         (agent, ["patch", "modelreplicas.orchardist.io", "--subresource=status", "-n", "default"], True),
         (agent, ["create", "modelreplicas.orchardist.io", "-n", "default"], False),
         (agent, ["delete", "macnodes.orchardist.io"], False),
         (agent, ["patch", "modeldeployments.orchardist.io", "-n", "default"], False),
         (agent, ["list", "secrets", "-n", "default"], False),
+        (agent, ["get", "secrets", "-n", "default"], False),  # only its projection's Role grants any
+        (agent, ["get", "secrets", "-n", "orchardist-node-mac-a"], False),  # nothing projected yet
+        # The per-Mac Secret projection (controller/projection.py).
+        (op, ["create", "namespaces"], True),
+        (op, ["create", "secrets", "-n", "orchardist-node-mac-a"], True),
+        (op, ["create", "roles.rbac.authorization.k8s.io", "-n", "orchardist-node-mac-a"], True),
+        (op, ["create", "rolebindings.rbac.authorization.k8s.io", "-n", "orchardist-node-mac-a"], True),
+        (op, ["delete", "namespaces"], False),
+        (op, ["create", "clusterroles.rbac.authorization.k8s.io"], False),
     ]
     wrong = []
     for who, args, allowed in expect:
