@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from orchardist.api import launch as launch_lists
 from orchardist.api.launch import CODE_LOADING_FLAGS, OPERATOR_OWNED_FLAGS, owned_flag
 from orchardist_agent.engines import EngineSpec, Plan, Runtime, launch, llama_cpp, mlx_lm, vllm, vllm_metal
 from orchardist_agent.engines.policy import LaunchPolicy, LaunchPolicyError, check_args, check_env
@@ -304,3 +305,20 @@ def test_the_drivers_own_flags_come_last(engine: str, tmp_path: Path) -> None:
     end = max(i for i, a in enumerate(argv) if a == user[0]) + 2
     tail = argv[end:]
     assert tail and all(owned_flag(a) is not None for a in tail if a.startswith("-"))
+
+
+def test_the_charts_code_loading_policy_uses_the_apis_lists() -> None:
+    """One source: the chart's admission policy lists what orchardist.api.launch lists."""
+    template = (
+        Path(__file__).parents[2] / "charts/orchardist/templates/engine-code-loading-policy.yaml"
+    ).read_text()
+
+    def listed(var: str) -> tuple[str, ...]:
+        m = re.search(rf"\{{\{{- \${var} := list (.*?) \}}\}}", template)
+        assert m, var
+        return tuple(re.findall(r'"([^"]+)"', m.group(1)))
+
+    assert listed("flags") == CODE_LOADING_FLAGS
+    assert listed("env") == launch_lists.CODE_LOADING_ENV
+    assert listed("prefixes") == launch_lists.CODE_LOADING_ENV_PREFIXES
+    assert listed("whole") == launch_lists.WHOLE_FLAGS
