@@ -153,3 +153,16 @@ def test_loopback_fabric_runs_commands_as_they_are() -> None:
     real = netns.Fabric(layout, {m.name: m for m in layout.members(["a"])})
     assert real.wrap("a", ["orchardist"]) == ["ip", "netns", "exec", "orch-ab12-0", "orchardist"]
     assert (real.loopback, real.host_address, real.address("a")) == (False, "10.213.77.1", "10.213.77.2")
+
+
+def test_without_root_create_falls_back_to_loopback_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No root: nothing is run, every Mac is 127.0.0.1, and one warning names the reason."""
+    from structlog.testing import capture_logs
+
+    monkeypatch.setattr("orchardist.dev.netns.os.geteuid", lambda: 1000)
+    monkeypatch.setattr(netns, "_run", lambda *a, **k: pytest.fail(f"ran {a}"))
+    with capture_logs() as logs:
+        fab = netns.create("ab12", ["mac-a", "mac-b"])
+    assert (fab.loopback, fab.fallback_reason) == (True, "not root")
+    assert {fab.address("mac-a"), fab.address("mac-b")} == {"127.0.0.1"}
+    assert [(e["log_level"], e["reason"]) for e in logs] == [("warning", "not root")]
