@@ -63,6 +63,7 @@ class AgentConfig:
     address: str | None = None  # None: discovered
     bind_address: str | None = None  # where replicas' proxies listen; None: the node's address
     engine_user: str | None = None  # the unprivileged account engines run as (None: the agent's)
+    allow_code_loading: bool = False  # the Mac's admin lets engines load code the deployment names
     proxy_max_body_bytes: int = 4 << 20
     heartbeat_interval: float = 10.0
     runtimes: dict[str, Path] = field(default_factory=dict)

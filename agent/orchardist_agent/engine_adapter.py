@@ -64,7 +64,8 @@ class EngineAdapter:
         )
         self.proxy = ProxyServer(cfg.bind_address or listen or cfg.address or "127.0.0.1")
         self.routes: dict[Key, Route] = {}  # what each replica's proxy should serve
-        self.failed: dict[Key, str] = {}  # replicas whose engine cannot even be composed
+        # replicas whose engine cannot even be composed: (reason, message)
+        self.failed: dict[Key, tuple[str, str]] = {}
         self._runtimes: list[Runtime] = []
         self._runtimes_at = -math.inf
 
@@ -97,7 +98,8 @@ class EngineAdapter:
 
     def view(self, key: Key) -> EngineView | None:
         if key in self.failed:
-            return EngineView(EngineState.FAILED, message=self.failed[key])
+            reason, message = self.failed[key]
+            return EngineView(EngineState.FAILED, message=message, reason=reason)
         st = self.supervisor.status(join(key))
         if st is None:
             return None
@@ -138,6 +140,7 @@ class EngineAdapter:
             env={e.name: e.value for e in replica.env},
             api_key=api_key,
             device="metal" if sys.platform == "darwin" else "cpu",
+            allow_code_loading=self.cfg.allow_code_loading,
         )
 
     async def ensure(
@@ -158,7 +161,8 @@ class EngineAdapter:
             spec = self.spec(replica, model_dir, api_key)
             st = await self.supervisor.ensure(join(key), spec)
         except (EngineArgsError, ValueError) as exc:
-            self.failed[key] = f"cannot start the engine: {exc}"
+            reason = exc.reason if isinstance(exc, EngineArgsError) else ""
+            self.failed[key] = (reason, f"cannot start the engine: {exc}")
             LOG.warning("engine refused", replica=join(key), error=str(exc))
             return
         served = spec.served_model_name

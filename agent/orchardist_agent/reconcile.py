@@ -108,6 +108,7 @@ class EngineView:
     started_at: str | None = None
     measured: Mapping[str, int] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()  # what the driver could not honour (e.g. no --api-key)
+    reason: str = ""  # why it FAILED when not a crash (e.g. EngineArgsRefused); default CrashLoop
 
 
 @dataclass(frozen=True)
@@ -291,8 +292,9 @@ def desired_status(replica: ReplicaView, observed: Observed) -> tuple[str, list[
         extra["measured"] = dict(engine.measured)
     if engine.state in (EngineState.BACKOFF, EngineState.FAILED):
         msg = clip(engine.message or f"{replica.engine} exited")
-        extra["lastError"] = {"reason": "CrashLoop", "message": msg}
-        conds += [Cond("Started", False, "CrashLoop", msg), Cond("Ready", False, "CrashLoop", msg)]
+        why = engine.reason or "CrashLoop"
+        extra["lastError"] = {"reason": why, "message": msg}
+        conds += [Cond("Started", False, why, msg), Cond("Ready", False, why, msg)]
         return ("Failed" if engine.state == EngineState.FAILED else "Starting"), conds, extra
     known = (("pid", engine.pid), ("port", engine.port))  # the pid is unknown until the process runs
     started = replica.engine + "".join(f" {k} {v}" for k, v in known if v is not None)
@@ -371,7 +373,7 @@ def status_patch(
 
 
 #: Reasons a person should notice: their Events are Warnings.
-WARNING_REASONS = frozenset({"DoesNotFit", "PullFailed", "CrashLoop", "EngineNotInstalled"})
+WARNING_REASONS = frozenset({"DoesNotFit", "PullFailed", "CrashLoop", "EngineNotInstalled", "EngineArgsRefused"})
 
 
 def condition_events(

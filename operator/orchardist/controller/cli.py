@@ -64,11 +64,19 @@ def register(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds between level-based resyncs (default: grace / 4, <= 10)",
     )
-    run_p.add_argument(
+    health = run_p.add_mutually_exclusive_group()
+    health.add_argument(
+        "--health-port",
+        type=int,
+        default=8080,
+        metavar="PORT",
+        help="answer the pod's liveness and readiness probes at http://0.0.0.0:PORT/healthz (8080; 0: off)",
+    )
+    health.add_argument(
         "--liveness",
         metavar="URL",
         default=None,
-        help="serve kopf's health endpoint for the pod's probes, e.g. http://0.0.0.0:8080/healthz",
+        help="the health endpoint at another address, e.g. http://127.0.0.1:9090/healthz",
     )
     run_p.add_argument("--log-level", default="INFO")
     run_p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
@@ -113,8 +121,30 @@ def run(args: argparse.Namespace) -> int:
                 standalone=opts.peering is None,
                 peering_name=opts.peering,
                 priority=priority if opts.peering else None,
-                liveness_endpoint=args.liveness,
+                liveness_endpoint=health_endpoint(args.liveness, args.health_port),
                 identity=identity,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str
             )
         )
     return 0
+
+
+def health_endpoint(liveness: str | None, port: int) -> str | None:
+    """Where kopf serves its health endpoint: 200 with each probe's result while the operator runs
+    (a stalled event loop stops answering, so the liveness probe restarts the pod).
+
+    A port already taken (a second operator on one machine, in development) is reported and left
+    out rather than stopping the operator; in a pod the port is free and a probe that finds nothing
+    restarts it, so nothing goes unnoticed there.
+    """
+    if liveness:
+        return liveness
+    if not port:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds it
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError as exc:
+            LOG.warning("health port in use: probes not served", port=port, error=str(exc))
+            return None
+    return f"http://0.0.0.0:{port}/healthz"

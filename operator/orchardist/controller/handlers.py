@@ -198,6 +198,11 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
             lease_grace=ctl.config.lease_grace,
         )
 
+    @kopf.on.probe(id="listed", registry=registry)
+    def listed(**_: Any) -> bool:
+        """In the health endpoint's answer: whether every watched kind has been listed."""
+        return health.listed.is_set()
+
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
         for task in background:
