@@ -73,6 +73,12 @@ def register(parser: argparse.ArgumentParser) -> None:
         "(default: the agent's own; development only)",
     )
     run_p.add_argument(
+        "--allow-code-loading",
+        action="store_true",
+        help="let engines load code or files a deployment names (--trust-remote-code, parser "
+        "plugins, PYTHONPATH, ...); the Mac's admin's consent, needed besides the cluster's",
+    )
+    run_p.add_argument(
         "--proxy-max-body",
         type=parse_bytes,
         default=4 << 20,
@@ -119,6 +125,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         address=args.address,
         bind_address=args.bind_address,
         engine_user=args.engine_user,
+        allow_code_loading=args.allow_code_loading,
         proxy_max_body_bytes=args.proxy_max_body,
         heartbeat_interval=args.heartbeat_interval,
         runtimes=dict(args.runtime),

@@ -373,7 +373,9 @@ def status_patch(
 
 
 #: Reasons a person should notice: their Events are Warnings.
-WARNING_REASONS = frozenset({"DoesNotFit", "PullFailed", "CrashLoop", "EngineNotInstalled", "EngineArgsRefused"})
+WARNING_REASONS = frozenset(
+    {"DoesNotFit", "PullFailed", "CrashLoop", "EngineNotInstalled", "EngineArgsRefused"}
+)
 
 
 def condition_events(

@@ -327,7 +327,7 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"demo ready in {steps.elapsed():.0f} s")
         _print_next(state)
         return 0
-    except (DemoError, procs.ProcessError, subprocess.CalledProcessError) as exc:
+    except (DemoError, procs.ProcessError, netns.NetnsError, subprocess.CalledProcessError) as exc:
         detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else ""
         print(f"\norchardist dev up failed: {exc}\n{detail}", file=sys.stderr)
         print(f"logs: {demo / 'logs'} and {state / 'logs'}; stop with `orchardist dev down`", file=sys.stderr)
