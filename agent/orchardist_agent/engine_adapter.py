@@ -121,8 +121,15 @@ class EngineAdapter:
             if st.start_time
             else None,
             measured=measured,
-            warnings=tuple(st.warnings),
+            warnings=tuple(st.warnings) + self._exposure_warnings(key),
         )
+
+    def _exposure_warnings(self, key: Key) -> tuple[str, ...]:
+        """Say on the Started condition when a replica answers anyone who reaches the Mac."""
+        route = self.routes.get(key)
+        if route is None or route.api_key is not None:
+            return ()
+        return (NO_KEY_WARNING,)
 
     def spec(self, replica: ModelReplicaSpec, model_dir: Path, api_key: str | None) -> EngineSpec:
         """The driver input for a replica (raises ValueError when its engine is not installed)."""
@@ -207,6 +214,9 @@ ENGINE_HOST = "127.0.0.1"
 #: The model name an engine answers to when it is not the served name: mlx-lm has no
 #: served-name flag and loads whatever a request names, except ``default_model`` (its --model).
 UPSTREAM_MODEL = {"mlx-lm": "default_model"}
+
+
+NO_KEY_WARNING = "no apiKeySecretRef: the endpoint answers anyone who reaches it (model pinned)"
 
 
 def engine_port(st: EngineStatus) -> int | None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +21,9 @@ import openai
 import pytest
 from aiohttp import web
 
+from orchardist.api.modelreplica import ModelReplicaSpec
+from orchardist_agent.config import AgentConfig
+from orchardist_agent.engine_adapter import NO_KEY_WARNING, EngineAdapter
 from orchardist_agent.engines import EngineSpec, Plan, Runtime
 from orchardist_agent.proxy import ProxyServer, Route
 from orchardist_agent.supervisor import Supervisor, SupervisorConfig
@@ -317,3 +323,89 @@ async def test_an_engine_that_is_down_is_a_502_in_openai_shape(scripted: Scripte
     )
     stats = scripted.proxy.stats("t/s")
     assert stats is not None and stats.failed == 1 and stats.waiting == 0
+
+
+# ---- the agent's engine adapter: engine, proxy and endpoint together --------------------------------
+
+
+def replica_spec() -> ModelReplicaSpec:
+    mib, digest = 2**20, "sha256:" + "a" * 64
+    plan = {
+        "weightBytes": 4 * mib,
+        "overheadBytes": 64 * mib,
+        "kvBudgetBytes": 64 * mib,
+        "kvBytesPerToken": 512,
+        "blockSize": 16,
+        "numBlocks": 8192,
+        "maxModelLen": 512,
+        "maxNumSeqs": 2,
+        "maxNumBatchedTokens": 512,
+        "gpuMemoryUtilization": 0.92,
+        "reservedBytes": 256 * mib,
+    }
+    return ModelReplicaSpec.model_validate(
+        {
+            "nodeName": "mac",
+            "deployment": "tiny",
+            "model": f"oci://registry.test/tiny@{digest}",
+            "digest": digest,
+            "engine": "mlx-lm",
+            "servedModelName": "tiny",
+            "memoryPlan": plan,
+        }
+    )
+
+
+@pytest.mark.engine
+async def test_the_proxy_follows_an_engine_the_supervisor_moved(
+    mlx_runtime: Runtime, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The view's port is the proxy's and stays put; when a restarted engine finds its port taken
+    and moves, the proxy sends the next requests to the new port."""
+    cfg = AgentConfig(
+        node_name="mac",
+        store=tmp_path / "store",
+        state_dir=tmp_path / "state",
+        runtimes={"mlx-lm": mlx_runtime.prefix},
+    )
+    sup = Supervisor(tmp_path / "state" / "engines", tmp_path / "logs", config=FAST)
+    engines = EngineAdapter(cfg, sup, listen="127.0.0.1")
+    await engines.start(lambda key: None)
+    key = ("team", "tiny-0")
+    blocker: socket.socket | None = None
+    try:
+        await engines.ensure(key, replica_spec(), tiny_model, None)
+        first = await sup.wait("team/tiny-0", {"Ready"}, within=120)
+        view = engines.view(key)
+        assert view is not None and view.port is not None and first.endpoint is not None
+        engine_port = int(first.endpoint.rsplit(":", 1)[1])
+        assert view.port != engine_port and view.warnings == (NO_KEY_WARNING,)
+        base = f"http://127.0.0.1:{view.port}"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}) as r,
+        ):
+            assert r.status == 200
+
+        assert first.pid is not None
+        os.kill(first.pid, signal.SIGKILL)
+        await sup.wait("team/tiny-0", {"CrashLoop"}, within=10)
+        blocker = socket.socket()
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the proxy's TIME_WAITs
+        blocker.bind(("127.0.0.1", engine_port))  # taken while the engine waits to restart
+        blocker.listen()
+        again = await sup.wait("team/tiny-0", {"Ready"}, within=120)
+        assert again.endpoint is not None and int(again.endpoint.rsplit(":", 1)[1]) != engine_port
+        moved = engines.view(key)
+        assert moved is not None and moved.port == view.port  # the replica's endpoint did not change
+        route = engines.proxy.route("team/tiny-0")
+        assert route is not None and route.upstream_port == int(again.endpoint.rsplit(":", 1)[1])
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}) as r,
+        ):
+            assert r.status == 200
+    finally:
+        if blocker is not None:
+            blocker.close()
+        await engines.close(stop_engines=True)
