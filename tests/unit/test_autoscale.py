@@ -164,6 +164,31 @@ ROWS = [
     Row("requests in flight are never idle", before(1), busy(in_flight=1, last=900), 1, 1, "Steady"),
     Row("a recent scale counts as activity", before(1, 10), Demand(), 0, 1, "Steady"),
     Row(
+        "held counts older than the hold timeout are a dead gateway's",
+        before(0),
+        busy(held=5, last=400),
+        0,
+        0,
+        "Steady",
+    ),
+    Row("held within the hold timeout start one", before(0), busy(held=5, last=250), 0, 1, "ScaleFromZero"),
+    Row(
+        "in flight left for hours by a dead gateway: idle",
+        before(1),
+        busy(in_flight=3, last=7200),
+        1,
+        0,
+        "Idle",
+    ),
+    Row(
+        "in flight for half an hour is a long stream: keep",
+        before(1),
+        busy(in_flight=1, last=1800),
+        1,
+        1,
+        "Steady",
+    ),
+    Row(
         "idle with minReplicas 1 keeps one", before(1), busy(last=900), 1, 1, "Steady", scaling(minReplicas=1)
     ),
     Row("minReplicas raised lifts the count", before(0), Demand(), 0, 2, "Limits", scaling(minReplicas=2)),

@@ -16,7 +16,9 @@ The shape follows the HorizontalPodAutoscaler's, for requests in flight instead 
 - with ``minReplicas`` 0, no request for ``idleTimeoutSeconds`` (and none in flight or held)
   goes to zero at once; the idle timeout is that step's window.
 
-Demand that is not known yet (the demand watch has not listed) changes nothing.
+Demand that is not known yet (the demand watch has not listed) changes nothing; counts a dead
+gateway left behind expire (held after the hold timeout, in flight after an hour or the idle
+timeout, whichever is longer, since the last request).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from orchardist.api.modeldeployment import Autoscaling, ModelDeployment, Scaling
 
 #: Reasons that moved the count; while the count stays, the last of them remains the reason shown.
 _CHANGES = frozenset({"Starting", "ScaleFromZero", "ScaleUp", "ScaleDown", "Idle", "Limits"})
+STALE_IN_FLIGHT_S = 3600  # an in-flight count this long after the last request is a dead gateway's
+HOLD_SLACK_S = 10  # the gateway writes its Lease at most every few seconds
 MAX_HISTORY = 64  # recommendations kept at most (status.autoscaling.recommendations' maxItems)
 
 
@@ -120,6 +124,20 @@ def _remember(
     return tuple(kept[-MAX_HISTORY:])
 
 
+def _live_load(demand: Demand, scaling: Scaling, since_request_s: float | None) -> int:
+    """Requests in flight (held ones included) that can still be waiting, from what the Lease says.
+
+    Counts left behind by a gateway that died are not demand: no request is held longer than the
+    hold timeout (the gateway answers 503 then), and none is counted in flight past
+    ``STALE_IN_FLIGHT_S`` (or the idle timeout, if longer) since the last request arrived.
+    """
+    if since_request_s is None:
+        return max(demand.in_flight, demand.held)
+    held = demand.held if since_request_s <= scaling.hold_timeout_seconds + HOLD_SLACK_S else 0
+    fresh = since_request_s <= max(STALE_IN_FLIGHT_S, scaling.idle_timeout_seconds)
+    return max(demand.in_flight if fresh else 0, held)
+
+
 def _history(previous: Autoscaling | None) -> tuple[tuple[int, datetime], ...]:
     if previous is None:
         return ()
@@ -174,9 +192,9 @@ def decide(
         why = previous.reason if previous is not None and previous.reason else "Starting"
         return decision(current, why, "waiting for the gateway's demand signal", history)
 
-    load = max(demand.in_flight, demand.held)  # in flight counts the held ones too
     last_activity = max(last_request or last_scale, last_scale)
     quiet_s = (now - last_activity).total_seconds()
+    load = _live_load(demand, scaling, (now - last_request).total_seconds() if last_request else None)
     idle = load == 0 and quiet_s >= scaling.idle_timeout_seconds
 
     if current == 0:
