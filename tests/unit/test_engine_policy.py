@@ -322,3 +322,31 @@ def test_the_charts_code_loading_policy_uses_the_apis_lists() -> None:
     assert listed("env") == launch_lists.CODE_LOADING_ENV
     assert listed("prefixes") == launch_lists.CODE_LOADING_ENV_PREFIXES
     assert listed("whole") == launch_lists.WHOLE_FLAGS
+
+
+def test_a_refused_launch_is_reported_on_the_replica() -> None:
+    """The agent's status says EngineArgsRefused (not CrashLoop) with the policy's words, as a Warning."""
+    from orchardist_agent.reconcile import EngineState, EngineView, Observed, ReplicaView, desired_status
+
+    with pytest.raises(LaunchPolicyError) as caught:
+        check_args(vllm.POLICY, ("--max-model", "9"))
+    message = f"cannot start the engine: {caught.value}"
+    view = EngineView(EngineState.FAILED, message=message, reason=caught.value.reason)
+    replica = ReplicaView(
+        namespace="ns",
+        name="r1",
+        uid="u1",
+        generation=1,
+        node_name="mac-1",
+        model="oci://127.0.0.1:5000/m@sha256:" + "a" * 64,
+        digest="sha256:" + "a" * 64,
+        engine="vllm",
+        reserved_bytes=1 << 30,
+    )
+    phase, conds, extra = desired_status(
+        replica, Observed(free_bytes=1 << 40, reserved=True, cached=True, engine=view)
+    )
+    assert phase == "Failed"
+    assert extra["lastError"]["reason"] == "EngineArgsRefused"
+    assert "(--max-model is read as --max-model-len)" in extra["lastError"]["message"]
+    assert {(c.type, c.status, c.reason) for c in conds} >= {("Started", False, "EngineArgsRefused")}
