@@ -270,6 +270,12 @@ def test_pull_secret_from_the_replicas_namespace_is_used(
         "data": {".dockerconfigjson": base64.b64encode(dockerconfig.encode()).decode()},
     }
     apply(cluster, namespace, secret)
+    # What the controller's projection does (no operator runs here): the copy the agent may read.
+    from orchardist.api.projection import node_namespace, projected_secret
+
+    cluster.kubectl("create", "namespace", node_namespace(agent.node))
+    copy = {**secret, "metadata": {"name": projected_secret(namespace, "regcred")}}
+    apply(cluster, node_namespace(agent.node), copy)
     apply(cluster, namespace, replica("private", agent.node, private_ref, pullSecretRef={"name": "regcred"}))
     st = wait_phase(cluster, agent, namespace, "private", "Ready", timeout=180)
     assert condition(st, "Pulled")["status"] == "True"
@@ -277,6 +283,7 @@ def test_pull_secret_from_the_replicas_namespace_is_used(
     pid = engine_pid(st)
     cluster.kubectl("delete", "modelreplica", "-n", namespace, "private", "--wait=true")
     wait_for("the engine to exit", lambda: not alive(pid), timeout=60)
+    cluster.kubectl("delete", "namespace", node_namespace(agent.node), "--wait=false")
 
 
 def test_replica_deleted_while_the_agent_was_away_has_its_engine_stopped(
