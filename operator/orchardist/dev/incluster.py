@@ -11,6 +11,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from orchardist.dev import node as node_mod
 from orchardist.dev import nodeconf
@@ -25,9 +27,41 @@ class InCluster:
     seconds: dict[str, float]
 
 
-def run_operator(cluster: Cluster, *, note: Callable[[str], None] = print) -> InCluster:
+CA_CONFIGMAP = "orchardist-registry-ca"
+CA_DIR = "/etc/orchardist/registry-ca"
+
+
+def registry_ca_values(cluster: Cluster, ca: Path) -> dict[str, Any]:
+    """Chart values that trust a registry's own CA: a ConfigMap holding it, mounted read-only, and
+    SSL_CERT_FILE pointing there (the operator reads model manifests to resolve digests)."""
+    cluster.kubectl("create", "namespace", node_mod.RELEASE_NAMESPACE, check=False)
+    made = cluster.kubectl(
+        "create",
+        "configmap",
+        CA_CONFIGMAP,
+        "-n",
+        node_mod.RELEASE_NAMESPACE,
+        f"--from-file=ca.crt={ca}",
+        "--dry-run=client",
+        "-o",
+        "json",
+    )
+    cluster.kubectl("apply", "-f", "-", input=made.stdout)
+    return {
+        "operator": {
+            "env": [{"name": "SSL_CERT_FILE", "value": f"{CA_DIR}/ca.crt"}],
+            "extraVolumes": [{"name": "registry-ca", "configMap": {"name": CA_CONFIGMAP}}],
+            "extraVolumeMounts": [{"name": "registry-ca", "mountPath": CA_DIR, "readOnly": True}],
+        }
+    }
+
+
+def run_operator(
+    cluster: Cluster, *, registry_ca: Path | None = None, note: Callable[[str], None] = print
+) -> InCluster:
     """Start the node, push the operator image (built or reused by ``hack/build-image.sh``) to its
-    registry, install the chart with it and wait until the operator Pod is Running and Ready."""
+    registry, install the chart with it and wait until the operator Pod is Running and Ready.
+    ``registry_ca``: the CA of the registry models come from, when it has its own."""
     root = repo_root()
     if root is None:
         raise node_mod.NodeError("--in-cluster needs an Orchardist checkout (hack/, charts/)")
@@ -44,7 +78,8 @@ def run_operator(cluster: Cluster, *, note: Callable[[str], None] = print) -> In
         seconds["image"] = time.monotonic() - t1
         note(f"operator image {image}")
         t2 = time.monotonic()
-        pod = node.install_operator(image)
+        values = registry_ca_values(cluster, registry_ca) if registry_ca is not None else None
+        pod = node.install_operator(image, values=values)
         seconds["install"] = time.monotonic() - t2
     except BaseException:
         node.stop()

@@ -221,11 +221,18 @@ class Node:
         return f"{self.registry.host}/{repo}:{tag}"
 
     def install_operator(
-        self, image_ref: str, *, extra_sets: tuple[str, ...] = (), timeout: float = 180
+        self,
+        image_ref: str,
+        *,
+        values: dict[str, Any] | None = None,
+        extra_sets: tuple[str, ...] = (),
+        timeout: float = 180,
     ) -> str:
-        """`helm upgrade --install` the chart with ``image_ref``; wait for its Pod Ready; its name.
+        """`helm upgrade --install` the chart with ``image_ref`` (and ``values``); wait for its Pod
+        Ready; return its name.
 
-        CRDs a plain `kubectl apply` put there first are adopted (``--take-ownership``).
+        CRDs a `kubectl apply` put there first are adopted: ``--take-ownership`` for Helm's
+        ownership marks, ``--force-conflicts`` for the fields kubectl's server-side apply owns.
         """
         root = repo_root()
         if root is None:
@@ -245,6 +252,10 @@ class Node:
             "--wait",
             f"--timeout={int(timeout)}s",
         ]
+        if values:
+            path = self.layout.state / "values.json"
+            path.write_text(json.dumps(values))
+            args += ["-f", str(path)]
         self.cluster.helm(*args, *[a for s in sets for a in ("--set", s)], timeout=timeout + 30)
         return self.operator_pod()
 
