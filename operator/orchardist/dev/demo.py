@@ -240,7 +240,7 @@ def run_up(args: argparse.Namespace) -> int:
         if getattr(args, "in_cluster", False):  # the chart's operator Pod on a real node
             from orchardist.dev import incluster
 
-            incluster.run_operator(cluster, note=steps.note)
+            incluster.run_operator(cluster, registry_ca=tls.ca if tls else None, note=steps.note)
         else:
             operator = procs.start(
                 "operator",
