@@ -25,7 +25,7 @@ from orchardist.api.modelreplica import ModelReplicaSpec
 from orchardist_agent.config import AgentConfig
 from orchardist_agent.engine_adapter import NO_KEY_WARNING, EngineAdapter
 from orchardist_agent.engines import EngineSpec, Plan, Runtime
-from orchardist_agent.proxy import ProxyServer, Route
+from orchardist_agent.proxy import ProxyServer, Route, server
 from orchardist_agent.supervisor import Supervisor, SupervisorConfig
 from tests.fixtures.wait import async_wait_for
 
@@ -304,6 +304,22 @@ async def test_hop_by_hop_headers_stop_at_the_proxy(scripted: Scripted) -> None:
     lowered = {k.lower(): v for k, v in got.items()}
     assert {"x-client-hop", "te", "proxy-authorization"}.isdisjoint(lowered)
     assert lowered["authorization"] == f"Bearer {KEY}" and lowered["x-request-id"] == "abc"
+
+
+async def test_a_body_that_never_arrives_is_cut_off_with_408(
+    scripted: Scripted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "BODY_TIMEOUT_S", 0.5)
+    port = int(scripted.base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+    writer.write(f'{head}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"prompt":'.encode())
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.readuntil(b"}}"), timeout=10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"Connection: close" in answer
+    assert b'"request_timeout"' in answer and b"within 0.5 s" in answer
+    assert scripted.seen_headers == []  # nothing reached the engine
 
 
 async def test_an_engine_that_is_down_is_a_502_in_openai_shape(scripted: Scripted) -> None:

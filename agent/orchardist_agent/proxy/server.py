@@ -9,6 +9,7 @@ replica keeps its public port while the supervisor moves the engine.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ _log = log.get(__name__)
 #: Connecting to an engine on loopback takes microseconds; longer means it is not listening.
 CONNECT_TIMEOUT_S = 5.0
 READ_CHUNK = 64 * 1024
+#: A client that takes longer than this to send a request body holds a connection for nothing.
+BODY_TIMEOUT_S = 60.0
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -143,7 +146,20 @@ class ProxyServer:
             reply = _refused(policy.UNAUTHORIZED)
             reply.headers["WWW-Authenticate"] = "Bearer"
             return reply
-        body = await _read_body(request, route.max_body_bytes)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                body = await _read_body(request, route.max_body_bytes)
+        except TimeoutError:
+            slow = Refusal(
+                408,
+                f"The request body did not arrive within {BODY_TIMEOUT_S:g} s.",
+                "invalid_request_error",
+                "request_timeout",
+            )
+            stats.refuse(slow.code)
+            reply = _refused(slow)
+            reply.force_close()
+            return reply
         if body is None:
             refusal = policy.too_large(route.max_body_bytes)
             stats.refuse(refusal.code)
