@@ -1,8 +1,9 @@
 """Engine processes: start, readiness, liveness, restart with backoff, adopt after an agent restart, stop.
 
 `health` decides (a pure state machine), `core.Supervisor` observes and acts, `launcher` is the one
-place an engine is started, `records` lets the next agent adopt running engines, `probe` talks to the
-engine's HTTP API and `logs` keeps its log file. Process identity is `orchardist.processes`.
+place an engine is started, `users` the unprivileged account and environment it starts under,
+`records` lets the next agent adopt running engines, `probe` talks to the engine's HTTP API and
+`logs` keeps its log file. Process identity is `orchardist.processes`.
 """
 
 from __future__ import annotations

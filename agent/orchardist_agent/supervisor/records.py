@@ -1,7 +1,7 @@
 """On-disk records of running engines, so a restarted agent can adopt them instead of restarting them.
 
-One JSON file per replica key, written atomically and readable only by the agent's user (it holds the
-full command line, which may carry the deployment's API key, as `ps` shows anyway).
+One JSON file per replica key, written atomically, 0600 in a 0700 directory: it holds the launch's
+environment, which carries the deployment's API key (never the command line, which `ps` shows).
 """
 
 from __future__ import annotations
