@@ -213,7 +213,8 @@ def test_engine_that_exits_reports_crash_loop_with_its_last_log_lines(
 ) -> None:
     agent = engine_agent.start()
     registered(cluster, agent)
-    apply(cluster, namespace, replica("bad", agent.node, tiny_ref, engineArgs=["--no-such-flag"]))
+    # An allowed flag with a value the engine's parser refuses: the engine starts, complains, exits.
+    apply(cluster, namespace, replica("bad", agent.node, tiny_ref, engineArgs=["--max-tokens", "lots"]))
 
     def crash_looping() -> dict[str, Any] | None:
         st = status_of(cluster, namespace, "bad")
@@ -222,7 +223,7 @@ def test_engine_that_exits_reports_crash_loop_with_its_last_log_lines(
     st = wait_for("CrashLoop", crash_looping, timeout=120)
     assert condition(st, "Ready")["status"] == "False"
     assert st["lastError"]["reason"] == "CrashLoop"
-    assert "--no-such-flag" in st["lastError"]["message"]  # argparse's complaint, from the engine log
+    assert "--max-tokens" in st["lastError"]["message"]  # argparse's complaint, from the engine log
     assert st["restarts"] >= 1
     cluster.kubectl("delete", "modelreplica", "-n", namespace, "bad", "--wait=true")
     wait_for(
@@ -230,6 +231,28 @@ def test_engine_that_exits_reports_crash_loop_with_its_last_log_lines(
         lambda: not list((agent.workdir / "state" / "engines").glob("*.json")),
         timeout=60,
     )
+
+
+def test_engine_args_the_policy_refuses_never_start_an_engine(
+    cluster: Cluster, namespace: str, engine_agent: Agent, tiny_ref: tuple[str, str]
+) -> None:
+    """Items the CRD cannot judge (not on mlx-lm's allowlist, a stray value, code loading without
+    the Mac admin's consent) are refused by the agent: EngineArgsRefused, every problem named."""
+    agent = engine_agent.start()
+    registered(cluster, agent)
+    hostile = ["--no-such-flag", "--temp", "0.5", "stray", "--trust-remote-code"]
+    apply(cluster, namespace, replica("refused", agent.node, tiny_ref, engineArgs=hostile))
+
+    def refused() -> dict[str, Any] | None:
+        st = status_of(cluster, namespace, "refused")
+        return st if condition(st, "Started").get("reason") == "EngineArgsRefused" else None
+
+    st = wait_for("EngineArgsRefused", refused, timeout=120)
+    message = st["lastError"]["message"]
+    assert st["lastError"]["reason"] == "EngineArgsRefused" and st["phase"] == "Failed"
+    assert "--no-such-flag is not an allowed mlx-lm flag" in message
+    assert "bare value 'stray'" in message and "--trust-remote-code" in message
+    assert not list((agent.workdir / "state" / "engines").glob("*.json"))  # nothing was started
 
 
 @pytest.fixture(scope="session")
