@@ -176,6 +176,12 @@ class MacNodeStatus(ApiModel):
     address: str | None = Field(
         None, max_length=253, description="The address replicas on this Mac serve on."
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="The port of the agent's Prometheus metrics on `address` (absent: not served).",
+    )
     agent_version: str | None = Field(None, max_length=64, description="The agent's version.")
     simulated_profile: str | None = Field(
         None,
