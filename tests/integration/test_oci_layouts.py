@@ -277,8 +277,8 @@ async def test_docker_tar_layers(registry: str, tmp_path: Path) -> None:
             (mt.DMR_VLLM_CONFIG_TAR, tar_bytes({"config.json": json.dumps(TINY_CONFIG).encode()}), {}),
             (
                 mt.DMR_DIR_TAR,
-                tar_bytes({"vocab.json": b"{}", "sub/merges.txt": b"a b"}),
-                {mt.FILEPATH: "tok"},
+                tar_bytes({"tok/vocab.json": b"{}", "tok/sub/merges.txt": b"a b"}),
+                {mt.FILEPATH: "dir-tar-1.tar"},
             ),
         ],
     )

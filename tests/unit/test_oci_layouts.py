@@ -52,7 +52,7 @@ CASES = {
             ("config.json", None, "config"),
             ("chat_template.jinja", None, "config"),
             ("LICENSE", None, "doc"),
-            ("tokenizer", "tar", "other"),
+            ("", "tar", "other"),  # Docker extracts a dir.tar at the model root
         ],
     ),
     "dmr-v0.1-bare": (

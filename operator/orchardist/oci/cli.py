@@ -142,7 +142,15 @@ def register_push(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=("modelpack", "docker"),
         default="modelpack",
-        help="CNCF ModelPack (default) or Docker Model Runner (config v0.2, a layer per file)",
+        help="CNCF ModelPack (default) or Docker Model Runner (a layer per file; config v0.1 for "
+        "GGUF models as Docker writes them, v0.2 otherwise)",
+    )
+    parser.add_argument(
+        "--docker-config-version",
+        choices=("auto", "v0.1", "v0.2"),
+        default="auto",
+        help="with --format docker: the config version (auto: v0.1 for GGUF, v0.2 otherwise; "
+        "v0.1 is what older Docker clients read, and keeps only top-level files)",
     )
     _common(parser)
     parser.set_defaults(func=run_push)
@@ -159,6 +167,7 @@ def run_push(args: argparse.Namespace) -> int:
             args.dir,
             ref,
             format=args.format,
+            docker_config=args.docker_config_version,
             auth=_credentials(args, ref),
             insecure=args.insecure_registry,
             progress=ConsolePrinter(),
@@ -192,7 +201,7 @@ async def describe(ref: Reference, auth: Credentials | None, insecure: list[str]
             "pinned": ref.pinned(info.digest),
             "layout": info.layout.name,
             "layoutVersion": info.layout.version,
-            "format": info.layout.format,
+            "format": info.format,
             "totalBytes": info.layout.total_bytes,
             "weightBytes": exact_weight_bytes(info.layout),
             "files": [
@@ -212,6 +221,7 @@ async def describe(ref: Reference, auth: Credentials | None, insecure: list[str]
         except (OCIError, ValueError) as exc:
             out["profileError"] = str(exc)
             return out
+        out["weightBytes"] = profile.weight_bytes  # tar layers: uncompressed, read from the archive
         out["profile"] = {
             "architecture": profile.architecture,
             "parameters": profile.parameters,

@@ -219,7 +219,7 @@ class StoreIndex:
         return ModelRecord(
             reference=str(data.get("annotations", {}).get("org.opencontainers.image.ref.name", "")),
             layout=layout.name,
-            format=layout.format,
+            format=layout.format_with(p for p, _ in files),
             blobs=blobs,
             files=sorted(files),
             blob_bytes=sum(self.blobs[b] for b in blobs),

@@ -8,7 +8,7 @@ ORAS (``org.opencontainers.image.title``). Every path is checked before anything
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,8 +83,36 @@ class Layout:
                 return "safetensors"
         return None
 
+    def format_with(self, files: Iterable[str] = (), config: Mapping[str, Any] | None = None) -> str | None:
+        """The weights' format when layers are archives: :attr:`format`, else the paths the tar
+        layers are annotated with (modctl names the packed file), else the files they held, else
+        what the config says (Docker and ModelPack ``config.format``, the Kitfile's model path)."""
+        found = self.format or _format_of_names(
+            [e.layer.annotated_path or "" for e in self.entries if e.archive and e.role == "weight"]
+        )
+        found = found or _format_of_names(list(files))
+        if found or not config:
+            return found
+        c = config.get("config")
+        declared = c.get("format") if isinstance(c, Mapping) else None
+        if isinstance(declared, str) and declared.lower() in ("gguf", "safetensors"):
+            return declared.lower()
+        model = config.get("model")
+        if isinstance(model, Mapping):
+            return _format_of_names([str(model.get("path") or ""), str(model.get("format") or "")])
+        return None
+
     def find(self, path: str) -> Entry | None:
         return next((e for e in self.entries if e.archive is None and e.path == path), None)
+
+
+def _format_of_names(names: list[str]) -> str | None:
+    low = [n.lower() for n in names]
+    if any((n.endswith(".gguf") and "mmproj" not in n) or n == "gguf" for n in low):
+        return "gguf"
+    if any(n.endswith(".safetensors") or n == "safetensors" for n in low):
+        return "safetensors"
+    return None
 
 
 def _archive_of(suffix: str) -> str | None:
@@ -139,8 +167,9 @@ def _dmr(config: Layer, layers: list[Layer]) -> Layout:
             mt.DMR_LICENSE: "doc",
         }.get(t, "config")
         if t in (mt.DMR_VLLM_CONFIG_TAR, mt.DMR_DIR_TAR):
-            into = _checked(path, "dir.tar path") if (t == mt.DMR_DIR_TAR and path) else ""
-            entries.append(Entry(layer, into, "tar", "config" if t == mt.DMR_VLLM_CONFIG_TAR else "other"))
+            # Docker's reader extracts both at the model root; a dir.tar's members already carry the
+            # directory's name and its filepath annotation is only the tar file's own name
+            entries.append(Entry(layer, "", "tar", "config" if t == mt.DMR_VLLM_CONFIG_TAR else "other"))
             continue
         if not path:
             if version == "v0.2":
@@ -228,12 +257,16 @@ def _oras(config: Layer, layers: list[Layer], manifest: Mapping[str, Any]) -> La
             raise UnknownLayoutError(
                 f"unknown model layout (layers without file names): {_media_types(manifest)}"
             )
-        path = _checked(title, f"layer {layer.digest[:19]} title")
         if layer.annotations.get(mt.ORAS_UNPACK) == "true" or layer.media_type == mt.OCI_LAYER_TAR_GZIP:
+            # oras tars a directory with its own name as the top entry (``.`` for ``oras push REF .``):
+            # the members carry their paths, so the title names no file and is checked only if it
+            # is not the root
+            if title.strip("/") not in (".", ""):
+                _checked(title, f"layer {layer.digest[:19]} title")
             comp = "tar+zstd" if layer.media_type.endswith("zstd") else "tar+gzip"
-            # oras tars a directory with its own name as the top entry: unpack at the model root
             entries.append(Entry(layer, "", "tar" if layer.media_type.endswith(".tar") else comp, "other"))
         else:
+            path = _checked(title, f"layer {layer.digest[:19]} title")
             entries.append(Entry(layer, path, None, _role_from_name(path)))
     return Layout("oras", "v1", config, tuple(entries))
 

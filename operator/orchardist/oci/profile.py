@@ -1,7 +1,9 @@
 """A model's profile for the planner from the manifest and small blobs only (never the weights).
 
-Exact weight bytes come from layer sizes; ``config.json`` from its own layer (or a small config
-tar); a GGUF header from a Range read of the first megabytes of the first weight shard.
+Exact weight bytes come from layer sizes (a tar layer's uncompressed size: annotated, from the gzip
+trailer or from the member's header); ``config.json`` from its own layer (or a small config tar); a
+GGUF header from a Range read of the first megabytes of the first weight shard, or of the tar layer
+holding it, decompressed only as far as the header.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from orchardist.oci import gguf
+from orchardist.oci import mediatypes as mt
 from orchardist.oci.auth import Credentials
 from orchardist.oci.client import CONFIG_LIMIT, Manifest, RegistryClient
 from orchardist.oci.errors import OCIError, TooLargeError
@@ -26,6 +30,8 @@ CONFIG_JSON_LIMIT = 16 << 20
 CONFIG_TAR_LIMIT = 64 << 20
 GGUF_FIRST_READ = 4 << 20
 GGUF_MAX_READ = 128 << 20
+#: what a tar of one file adds to it (headers, a pax record, padding, the end blocks)
+TAR_OVERHEAD = 64 << 10
 _WEIGHT_EXT = (".safetensors", ".gguf")
 
 
@@ -50,9 +56,19 @@ class Inspection:
     def described(self) -> dict[str, Any]:
         return describe_config(self.layout, self.config)
 
+    @property
+    def format(self) -> str | None:
+        """``gguf`` | ``safetensors`` from the manifest, else from the config (or Kitfile)."""
+        return self.layout.format_with(config=self.config)
 
-def exact_weight_bytes(layout: Layout) -> int:
-    """Bytes of the weight files themselves (safetensors/GGUF shards), else all weight layers."""
+
+def exact_weight_bytes(layout: Layout, unpacked: Mapping[str, int] | None = None) -> int:
+    """Bytes of the weight files themselves (safetensors/GGUF shards), else all weight layers.
+
+    A tar layer counts its files' uncompressed size: ``unpacked`` (digest -> bytes, read from the
+    archive itself) first, then the file metadata its packer annotated, then the layer's size
+    (a plain tar is its files plus headers; a compressed one is only a lower bound).
+    """
     exact = sum(
         e.layer.size
         for e in layout.entries
@@ -61,7 +77,22 @@ def exact_weight_bytes(layout: Layout) -> int:
         and e.path.lower().endswith(_WEIGHT_EXT)
         and "mmproj" not in e.path.lower()
     )
-    return exact or layout.weight_bytes
+    archived = sum(
+        (unpacked or {}).get(e.layer.digest) or _annotated_size(e) or e.layer.size
+        for e in layout.entries
+        if e.archive is not None and e.role == "weight"
+    )
+    return exact + archived or layout.weight_bytes
+
+
+def _annotated_size(e: Entry) -> int | None:
+    """The file size a ModelPack packer (modctl) wrote in ``org.cncf.model.file.metadata+json``."""
+    raw = e.layer.annotations.get(mt.FILE_METADATA)
+    try:
+        size = json.loads(raw).get("size") if raw else None
+    except (ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) and size >= 0 else None
 
 
 async def inspect(
@@ -98,25 +129,36 @@ async def model_profile(
 
 async def profile_of(client: RegistryClient, info: Inspection) -> ModelProfile:
     layout, repo = info.layout, info.reference.repository
-    weight_bytes = exact_weight_bytes(layout)
+    fmt = info.format
+    unpacked = await _gzip_sizes(client, repo, layout)
     cfg_entry = _config_json_entry(layout)
     if cfg_entry is not None:
         raw = await client.get_blob(repo, cfg_entry.layer.digest, limit=CONFIG_JSON_LIMIT)
         return planning.from_config(
-            _json(raw, cfg_entry.path), weight_bytes, format=layout.format or "safetensors"
+            _json(raw, cfg_entry.path), exact_weight_bytes(layout, unpacked), format=fmt or "safetensors"
         )
     first_gguf = next(
         (e for e in layout.entries if e.archive is None and e.role == "weight" and _is_gguf(e)), None
     )
     if first_gguf is not None:
         meta = await read_gguf_metadata(client, repo, first_gguf)
-        return planning.from_gguf_metadata(meta, weight_bytes)
+        return planning.from_gguf_metadata(meta, exact_weight_bytes(layout, unpacked))
+    if fmt == "gguf":
+        tarred = next((e for e in layout.entries if e.archive is not None and e.role == "weight"), None)
+        if tarred is not None:
+            meta, member_size = await read_gguf_in_tar(client, repo, tarred)
+            whole = unpacked.get(tarred.layer.digest) or _annotated_size(tarred) or tarred.layer.size
+            if whole - member_size <= TAR_OVERHEAD:  # the layer is that one file: count the file
+                unpacked[tarred.layer.digest] = member_size
+            return planning.from_gguf_metadata(meta, exact_weight_bytes(layout, unpacked))
     for e in layout.entries:
         if e.archive is not None and e.layer.size <= CONFIG_TAR_LIMIT:
             blob = await client.get_blob(repo, e.layer.digest, limit=CONFIG_TAR_LIMIT)
             config = _config_from_tar(blob, e.archive)
             if config is not None:
-                return planning.from_config(config, weight_bytes, format=layout.format or "safetensors")
+                return planning.from_config(
+                    config, exact_weight_bytes(layout, unpacked), format=fmt or "safetensors"
+                )
     raise ProfileUnavailableError(
         f"{info.reference}: no config.json layer, GGUF weights or small config archive to profile"
     )
@@ -154,6 +196,98 @@ async def read_gguf_metadata(client: RegistryClient, repo: str, entry: Entry) ->
             want = min(want * 4, GGUF_MAX_READ, entry.layer.size)
         except gguf.GGUFError as exc:
             raise ProfileUnavailableError(f"{entry.path}: {exc}") from exc
+
+
+async def _gzip_sizes(client: RegistryClient, repo: str, layout: Layout) -> dict[str, int]:
+    """Uncompressed sizes of gzip weight layers from their trailer (ISIZE, the size mod 2**32).
+
+    One 4-byte Range read per layer; the size is the smallest value with that remainder that is not
+    below the compressed size, which is exact for weights (they barely compress) under 4 GiB ratio.
+    """
+    out: dict[str, int] = {}
+    for e in layout.entries:
+        if e.archive != "tar+gzip" or e.role != "weight" or e.layer.size < 18 or _annotated_size(e):
+            continue
+        tail = await client.get_blob_range(repo, e.layer.digest, e.layer.size - 4, 4)
+        if len(tail) == 4:
+            isize = int.from_bytes(tail, "little")
+            floor = e.layer.size - e.layer.size // 64  # weights shrink by a few percent at most
+            out[e.layer.digest] = isize + max(0, -(-(floor - isize) // (1 << 32))) * (1 << 32)
+    return out
+
+
+class _Prefix:
+    """The start of a (compressed) tar layer, decompressed just far enough to read headers."""
+
+    def __init__(self, archive: str) -> None:
+        self.archive = archive
+
+    def tar_bytes(self, head: bytes, limit: int) -> bytes:
+        if self.archive == "tar":
+            return head
+        if self.archive == "tar+gzip":
+            try:
+                return zlib.decompressobj(wbits=31).decompress(head, limit)
+            except zlib.error as exc:
+                raise ProfileUnavailableError(f"not a gzip stream: {exc}") from exc
+        import zstandard
+
+        try:
+            out: bytes = zstandard.ZstdDecompressor().decompressobj().decompress(head)
+        except zstandard.ZstdError as exc:
+            raise ProfileUnavailableError(f"not a zstd stream: {exc}") from exc
+        return out[:limit]
+
+
+def gguf_member(tar_head: bytes, complete: bool) -> tuple[dict[str, Any], int] | None:
+    """(GGUF metadata, member size) of the first ``.gguf`` member in the start of a tar stream.
+
+    None when the bytes end before the header does (read more); an error when the whole archive
+    was given and holds no readable GGUF. Pure, so it is tested with the producers' archives.
+    """
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar_head), mode="r:") as tf:
+            for m in iter(tf.next, None):
+                name = m.name.lower()
+                if not (m.isreg() and name.endswith(".gguf") and "mmproj" not in name):
+                    continue
+                body = tar_head[m.offset_data : m.offset_data + m.size]
+                try:
+                    return gguf.parse_header(body), m.size
+                except gguf.NeedMoreError:
+                    if len(body) == m.size:
+                        raise ProfileUnavailableError(f"{m.name}: GGUF header runs past the file") from None
+                    return None
+                except gguf.GGUFError as exc:
+                    raise ProfileUnavailableError(f"{m.name}: {exc}") from exc
+    except tarfile.TarError as exc:
+        if complete:
+            raise ProfileUnavailableError(f"not a readable tar archive: {exc}") from exc
+        return None
+    if complete:
+        raise ProfileUnavailableError("the weight archive holds no .gguf file")
+    return None
+
+
+async def read_gguf_in_tar(client: RegistryClient, repo: str, entry: Entry) -> tuple[dict[str, Any], int]:
+    """A GGUF header from inside a (tar, tar+gzip, tar+zstd) layer: Range reads of the layer's
+    first bytes, decompressed just far enough, widened until the member's header fits."""
+    assert entry.archive is not None
+    prefix = _Prefix(entry.archive)
+    want = min(GGUF_FIRST_READ, entry.layer.size)
+    what = f"layer {entry.layer.digest[:19]}"
+    while True:
+        head = await client.get_blob_range(repo, entry.layer.digest, 0, want)
+        complete = want >= entry.layer.size
+        try:
+            found = gguf_member(prefix.tar_bytes(head, GGUF_MAX_READ + (1 << 20)), complete)
+        except ProfileUnavailableError as exc:
+            raise ProfileUnavailableError(f"{what}: {exc}") from exc
+        if found is not None:
+            return found
+        if want >= min(GGUF_MAX_READ, entry.layer.size):
+            raise TooLargeError(f"{what}: GGUF header not within its first {want} bytes")
+        want = min(want * 4, GGUF_MAX_READ, entry.layer.size)
 
 
 def _config_from_tar(blob: bytes, archive: str) -> dict[str, Any] | None:

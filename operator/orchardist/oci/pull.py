@@ -34,6 +34,7 @@ from orchardist.oci.fsutil import atomic_write, fsync_path
 from orchardist.oci.index import ModelRecord, StoreIndex, blob_list, hex_of
 from orchardist.oci.layouts import Layer, Layout, read_layout
 from orchardist.oci.materialize import materialize
+from orchardist.oci.peers import PeerSource
 from orchardist.oci.progress import Tracker
 from orchardist.oci.reference import Reference
 from orchardist.oci.transfer import (
@@ -192,9 +193,17 @@ class Puller:
         return self._locks.setdefault(key, asyncio.Lock())
 
     async def pull_new(
-        self, client: RegistryClient, r: Reference, manifest: Manifest, tracker: Tracker
+        self,
+        client: RegistryClient,
+        r: Reference,
+        manifest: Manifest,
+        tracker: Tracker,
+        peers: PeerSource | None = None,
     ) -> ModelRecord:
-        """Download what is missing and materialize the model; returns its (saved) record."""
+        """Download what is missing and materialize the model; returns its (saved) record.
+
+        With ``peers``, each missing blob is asked of the fleet first (:meth:`PeerSource.obtain`).
+        """
         digest = manifest.digest
         layout = read_layout(manifest.data)
         blobs = blob_list(layout)
@@ -219,7 +228,7 @@ class Puller:
             try:
                 async with asyncio.TaskGroup() as tg:
                     for layer in missing:
-                        tg.create_task(self._ensure_blob(client, r.repository, layer, tracker, sem))
+                        tg.create_task(self._ensure_blob(client, r.repository, layer, tracker, sem, peers))
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
             async with self.lock("materialize:" + digest):  # local work only: no network inside
@@ -232,7 +241,7 @@ class Puller:
                 record = ModelRecord(
                     reference=str(r),
                     layout=layout.name,
-                    format=layout.format,
+                    format=layout.format_with(p for p, _ in files),
                     blobs=blobs,
                     files=sorted(files),
                     blob_bytes=sum(self.index.blobs[b] for b in blobs),
@@ -281,7 +290,13 @@ class Puller:
             await self._commit(layer.digest, tmp)
 
     async def _ensure_blob(
-        self, client: RegistryClient, repo: str, layer: Layer, tracker: Tracker, sem: asyncio.Semaphore
+        self,
+        client: RegistryClient,
+        repo: str,
+        layer: Layer,
+        tracker: Tracker,
+        sem: asyncio.Semaphore,
+        peers: PeerSource | None = None,
     ) -> None:
         tag = source_tag(client.registry, repo)
         async with sem, self.lock(f"blob:{tag}:{layer.digest}"):
@@ -289,17 +304,28 @@ class Puller:
                 tracker.add(layer.size)
             else:
                 partial = self.index.tmp_dir / f"{hex_of(layer.digest)}.{tag}.partial"
-                await download(
-                    client,
-                    repo,
-                    layer,
-                    partial,
-                    tracker.add,
-                    attempts=self.attempts,
-                    fast=self.fast,
-                    on_request=self._count_get,
-                    limits=self.limits,
-                )
+
+                async def from_registry(on_bytes: Callable[[int], None]) -> None:
+                    await download(
+                        client,
+                        repo,
+                        layer,
+                        partial,
+                        on_bytes,
+                        attempts=self.attempts,
+                        fast=self.fast,
+                        on_request=self._count_get,
+                        limits=self.limits,
+                    )
+
+                if peers is None:
+                    await from_registry(tracker.add)
+                else:  # peer bytes go to their own partial file: never mixed with a registry's
+                    from_peers = self.index.tmp_dir / f"{hex_of(layer.digest)}.{tag}-peers.partial"
+                    source = await peers.obtain(
+                        layer.digest, layer.size, from_peers, tracker.add, from_registry
+                    )
+                    partial = from_peers if source == "peers" else partial
                 await self._commit(layer.digest, partial)
         tracker.layer_done()
 

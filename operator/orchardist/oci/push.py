@@ -1,4 +1,8 @@
-"""Push a model directory as an OCI artifact: CNCF ModelPack (default) or Docker Model Runner v0.2.
+"""Push a model directory as an OCI artifact: CNCF ModelPack (default) or Docker Model Runner.
+
+Docker's own packager writes config v0.1 for a GGUF model (weights, license, chat template and
+projector, found by media type; what older clients read) and v0.2 for a directory; ``auto`` does
+the same.
 
 One layer per file, uncompressed, each annotated with its relative path, so any reader can
 materialize it without guessing. Blobs the registry already has are skipped (HEAD first); big
@@ -29,6 +33,9 @@ from orchardist.oci.reference import Reference, parse
 _log = log.get(__name__)
 
 Format = Literal["modelpack", "docker"]
+DockerConfig = Literal["auto", "v0.1", "v0.2"]
+#: the media types a v0.1 reader finds by type: anything else needs v0.2's per-file paths
+_V01_TYPES = (mt.DMR_GGUF, mt.DMR_LICENSE, mt.DMR_CHAT_TEMPLATE, mt.DMR_MMPROJ)
 HASH_CHUNK = 4 << 20
 
 
@@ -88,6 +95,20 @@ def docker_media_type(rel: str) -> str:
     if _is_license(name):
         return mt.DMR_LICENSE
     return mt.DMR_FILE
+
+
+def docker_config_version(rels: Sequence[str], wanted: DockerConfig = "auto") -> str:
+    """The DMR config media type for these files: v0.1 for a GGUF model as Docker writes it."""
+    off = [r for r in rels if "/" in r or docker_media_type(r) not in _V01_TYPES]
+    gguf_model = any(docker_media_type(r) == mt.DMR_GGUF for r in rels)
+    if wanted == "v0.1" and (off or not gguf_model):
+        raise OCIError(
+            "Docker config v0.1 holds only top-level GGUF weights, license, chat template and "
+            f"projector; not {', '.join(off[:5]) or 'a model without GGUF weights'} (use v0.2)"
+        )
+    if wanted == "v0.1" or (wanted == "auto" and gguf_model and not off):
+        return mt.DMR_CONFIG_V01
+    return mt.DMR_CONFIG_V02
 
 
 def scan(model_dir: Path) -> list[tuple[str, Path]]:
@@ -189,7 +210,11 @@ def _model_facts(files: Sequence[tuple[str, Path]]) -> dict[str, Any]:
 
 
 def build(
-    model_dir: Path, files: Sequence[tuple[str, Path, str, int]], fmt: Format, name: str
+    model_dir: Path,
+    files: Sequence[tuple[str, Path, str, int]],
+    fmt: Format,
+    name: str,
+    docker_config: DockerConfig = "auto",
 ) -> tuple[Blob, list[Blob], dict[str, Any]]:
     """Config blob, layer blobs and the manifest for hashed files ``(rel, path, digest, size)``."""
     facts = _model_facts([(rel, p) for rel, p, _, _ in files])
@@ -231,7 +256,8 @@ def build(
             "descriptor": {"created": _now()},
             "rootfs": {"type": "rootfs", "diff_ids": diff_ids},
         }
-        config = Blob.of_bytes(mt.DMR_CONFIG_V02, json.dumps(body, separators=(",", ":")).encode())
+        version = docker_config_version([rel for rel, _, _, _ in files], docker_config)
+        config = Blob.of_bytes(version, json.dumps(body, separators=(",", ":")).encode())
     manifest: dict[str, Any] = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST}
     if fmt == "modelpack":
         manifest["artifactType"] = mt.MODELPACK_MANIFEST
@@ -282,6 +308,7 @@ async def push(
     ref: str | Reference,
     *,
     format: Format = "modelpack",
+    docker_config: DockerConfig = "auto",
     auth: Credentials | None = None,
     insecure: Iterable[str] = (),
     progress: ProgressCallback | None = None,
@@ -300,7 +327,7 @@ async def push(
     hashed = await asyncio.gather(*(asyncio.to_thread(_hash_file, p) for _, p in found))
     files = [(rel, p, d, s) for (rel, p), (d, s) in zip(found, hashed, strict=True)]
     config, layers, manifest = await asyncio.to_thread(
-        build, model_dir, files, format, model_dir.resolve().name
+        build, model_dir, files, format, model_dir.resolve().name, docker_config
     )
     tracker = Tracker(progress, str(r))
     tracker.start("", sum(b.size for b in layers) + config.size, len(layers) + 1, phase="uploading")
