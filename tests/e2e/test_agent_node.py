@@ -52,12 +52,13 @@ def test_agent_registers_its_macnode_and_renews_its_lease(cluster: Cluster, agen
     # The printer columns a person sees.
     table = cluster.kubectl("get", "macnodes", agent.node).stdout.splitlines()
     header, row = table[0].split(), table[1].split()
-    assert header[:6] == ["NAME", "CHIP", "MEMORY", "WORKING", "SET", "READY"]
+    assert header[:8] == ["NAME", "CHIP", "MEMORY", "WORKING", "SET", "ALLOCATED", "FREE", "READY"]
     assert row[0] == agent.node
     assert row[1:3] == ["M4", "Pro"]
     assert row[3] == "64Gi"
     assert row[4] == status["memory"]["gpuWorkingSet"] and row[4].endswith("Gi")
-    assert row[5] == "True"
+    assert row[5:7] == ["0Gi", status["memory"]["gpuWorkingSet"]]  # nothing allocated: all free
+    assert row[7] == "True"
 
     lease = kget(cluster, "lease", "-n", "orchardist-system", agent.node)
     assert lease["spec"]["holderIdentity"] == agent.node
