@@ -34,7 +34,6 @@ from orchardist.oci.fsutil import atomic_write, fsync_path
 from orchardist.oci.index import ModelRecord, StoreIndex, blob_list, hex_of
 from orchardist.oci.layouts import Layer, Layout, read_layout
 from orchardist.oci.materialize import materialize
-from orchardist.oci.peers import PeerSource
 from orchardist.oci.progress import Tracker
 from orchardist.oci.reference import Reference
 from orchardist.oci.transfer import (
@@ -193,17 +192,9 @@ class Puller:
         return self._locks.setdefault(key, asyncio.Lock())
 
     async def pull_new(
-        self,
-        client: RegistryClient,
-        r: Reference,
-        manifest: Manifest,
-        tracker: Tracker,
-        peers: PeerSource | None = None,
+        self, client: RegistryClient, r: Reference, manifest: Manifest, tracker: Tracker
     ) -> ModelRecord:
-        """Download what is missing and materialize the model; returns its (saved) record.
-
-        With ``peers``, each missing blob is asked of the fleet first (:meth:`PeerSource.obtain`).
-        """
+        """Download what is missing and materialize the model; returns its (saved) record."""
         digest = manifest.digest
         layout = read_layout(manifest.data)
         blobs = blob_list(layout)
@@ -228,7 +219,7 @@ class Puller:
             try:
                 async with asyncio.TaskGroup() as tg:
                     for layer in missing:
-                        tg.create_task(self._ensure_blob(client, r.repository, layer, tracker, sem, peers))
+                        tg.create_task(self._ensure_blob(client, r.repository, layer, tracker, sem))
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
             async with self.lock("materialize:" + digest):  # local work only: no network inside
@@ -290,13 +281,7 @@ class Puller:
             await self._commit(layer.digest, tmp)
 
     async def _ensure_blob(
-        self,
-        client: RegistryClient,
-        repo: str,
-        layer: Layer,
-        tracker: Tracker,
-        sem: asyncio.Semaphore,
-        peers: PeerSource | None = None,
+        self, client: RegistryClient, repo: str, layer: Layer, tracker: Tracker, sem: asyncio.Semaphore
     ) -> None:
         tag = source_tag(client.registry, repo)
         async with sem, self.lock(f"blob:{tag}:{layer.digest}"):
@@ -304,28 +289,17 @@ class Puller:
                 tracker.add(layer.size)
             else:
                 partial = self.index.tmp_dir / f"{hex_of(layer.digest)}.{tag}.partial"
-
-                async def from_registry(on_bytes: Callable[[int], None]) -> None:
-                    await download(
-                        client,
-                        repo,
-                        layer,
-                        partial,
-                        on_bytes,
-                        attempts=self.attempts,
-                        fast=self.fast,
-                        on_request=self._count_get,
-                        limits=self.limits,
-                    )
-
-                if peers is None:
-                    await from_registry(tracker.add)
-                else:  # peer bytes go to their own partial file: never mixed with a registry's
-                    from_peers = self.index.tmp_dir / f"{hex_of(layer.digest)}.{tag}-peers.partial"
-                    source = await peers.obtain(
-                        layer.digest, layer.size, from_peers, tracker.add, from_registry
-                    )
-                    partial = from_peers if source == "peers" else partial
+                await download(
+                    client,
+                    repo,
+                    layer,
+                    partial,
+                    tracker.add,
+                    attempts=self.attempts,
+                    fast=self.fast,
+                    on_request=self._count_get,
+                    limits=self.limits,
+                )
                 await self._commit(layer.digest, partial)
         tracker.layer_done()
 
