@@ -85,6 +85,14 @@ def register(parser: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="largest request body a replica's proxy accepts, e.g. 4Mi (default)",
     )
+    run_p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9464,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://<bind address>:PORT/metrics (9464; 0: off; "
+        "a taken port falls back to a free one, reported in MacNode status.metricsPort)",
+    )
     run_p.add_argument("--heartbeat-interval", type=float, default=10.0, help="Lease renewal period, s (10)")
     run_p.add_argument(
         "--runtime",
@@ -127,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         engine_user=args.engine_user,
         allow_code_loading=args.allow_code_loading,
         proxy_max_body_bytes=args.proxy_max_body,
+        metrics_port=args.metrics_port,
         heartbeat_interval=args.heartbeat_interval,
         runtimes=dict(args.runtime),
         log_format=args.log_format,
@@ -194,6 +203,15 @@ def host_facts(cfg: AgentConfig) -> Callable[[], dict[str, Any]]:
     return facts
 
 
+def with_metrics_port(facts: Callable[[], dict[str, Any]], port: int) -> Callable[[], dict[str, Any]]:
+    """The host facts plus the port the agent's metrics listen on (MacNode status.metricsPort)."""
+
+    def more() -> dict[str, Any]:
+        return {**facts(), "metricsPort": port}
+
+    return more
+
+
 async def register_node(node: NodeAgent, host: dict[str, Any], stop: asyncio.Event) -> bool:
     """Register the MacNode, retrying by :data:`orchardist.retry.NETWORK` until it works or ``stop``.
 
@@ -229,6 +247,7 @@ async def register_node(node: NodeAgent, host: dict[str, Any], stop: asyncio.Eve
 async def main(cfg: AgentConfig) -> int:
     from orchardist.kube import Kube, RawApi, api_client
 
+    from .metrics import AgentMetrics
     from .node import NodeAgent, discover_address
 
     cfg.store.mkdir(parents=True, exist_ok=True)
@@ -238,14 +257,21 @@ async def main(cfg: AgentConfig) -> int:
     facts = host_facts(cfg)
     first = await asyncio.to_thread(facts)  # on macOS system_profiler takes a second or two: once
     address = cfg.address or str(first.get("address") or "") or discover_address()
+    metrics = AgentMetrics()
+    if cfg.metrics_port:
+        port = await metrics.start(cfg.bind_address or address, cfg.metrics_port)
+        facts = with_metrics_port(facts, port)
+        first["metricsPort"] = port
     kube = Kube(RawApi(api_client(cfg.kubeconfig)))
     node = NodeAgent(kube, cfg.node_name, facts, address=address, heartbeat_interval=cfg.heartbeat_interval)
+    metrics.collector.attach(node)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     if not await register_node(node, first, stop):
+        await metrics.close()
         return 0
     LOG.info(
         "agent running",
@@ -258,6 +284,7 @@ async def main(cfg: AgentConfig) -> int:
     from .replicas import ReplicaLoop
 
     replicas = ReplicaLoop.create(kube, node, cfg, address)
+    metrics.collector.attach(node, replicas)
     tasks = [
         asyncio.create_task(node.run(stop), name="heartbeat"),
         asyncio.create_task(replicas.run(stop), name="replicas"),
@@ -275,6 +302,7 @@ async def main(cfg: AgentConfig) -> int:
         with contextlib.suppress(Exception, asyncio.CancelledError):  # a failure was logged above
             await asyncio.wait_for(task, 10)
     await replicas.shutdown(stop_engines=cfg.stop_engines_on_exit)
+    await metrics.close()
     try:
         await asyncio.wait_for(node.mark_stopped(), 5)
     except Exception as exc:

@@ -65,6 +65,7 @@ class AgentConfig:
     engine_user: str | None = None  # the unprivileged account engines run as (None: the agent's)
     allow_code_loading: bool = False  # the Mac's admin lets engines load code the deployment names
     proxy_max_body_bytes: int = 4 << 20
+    metrics_port: int = 9464  # Prometheus metrics on the bind address (0: not served)
     heartbeat_interval: float = 10.0
     runtimes: dict[str, Path] = field(default_factory=dict)
     log_format: str = "auto"
