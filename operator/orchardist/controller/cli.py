@@ -9,6 +9,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import kopf
 
@@ -16,6 +18,8 @@ from orchardist import kube as kube_setup
 from orchardist import log
 from orchardist.controller import authz, handlers
 from orchardist.controller.kube import Adapter, Kube
+from orchardist.controller.metrics import ControllerMetrics
+from orchardist.controller.metrics import serve as serve_metrics
 from orchardist.controller.reconciler import Config, Controller
 
 LOG = log.get(__name__)
@@ -78,6 +82,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the health endpoint at another address, e.g. http://127.0.0.1:9090/healthz",
     )
+    run_p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8081,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://0.0.0.0:PORT/metrics (8081; 0: off)",
+    )
     run_p.add_argument("--log-level", default="INFO")
     run_p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     run_p.set_defaults(func=run)
@@ -105,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
         resync_seconds=resync,
     )
     api = kube_setup.api_client(args.kubeconfig)
-    ctl = Controller(Adapter(Kube(api)), Config(lease_grace=args.lease_grace))
+    metrics = ControllerMetrics()
+    ctl = Controller(Adapter(Kube(api)), Config(lease_grace=args.lease_grace), metrics=metrics)
+    metrics.watch_fleet(lambda: (ctl.deployments, ctl.replicas))
     registry = kopf.OperatorRegistry()
     handlers.register(registry, ctl, opts)
     identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{os.getpid()}/{priority}"
@@ -113,19 +126,38 @@ def run(args: argparse.Namespace) -> int:
     kopf_namespaces = [] if namespaces is None else sorted({*namespaces, kube_setup.SYSTEM_NAMESPACE})
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
-            kopf.operator(
-                registry=registry,
-                settings=settings,
-                clusterwide=namespaces is None,
-                namespaces=kopf_namespaces,
-                standalone=opts.peering is None,
-                peering_name=opts.peering,
-                priority=priority if opts.peering else None,
-                liveness_endpoint=health_endpoint(args.liveness, args.health_port),
-                identity=identity,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str
+            with_metrics(
+                metrics,
+                args.metrics_port,
+                kopf.operator(
+                    registry=registry,
+                    settings=settings,
+                    clusterwide=namespaces is None,
+                    namespaces=kopf_namespaces,
+                    standalone=opts.peering is None,
+                    peering_name=opts.peering,
+                    priority=priority if opts.peering else None,
+                    liveness_endpoint=health_endpoint(args.liveness, args.health_port),
+                    identity=identity,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str
+                ),
             )
         )
     return 0
+
+
+async def with_metrics(metrics: ControllerMetrics, port: int, operator: Coroutine[Any, Any, None]) -> None:
+    """Run the operator with ``/metrics`` served on the same loop (a taken port is reported)."""
+    runner = None
+    if port:
+        try:
+            runner = await serve_metrics(metrics.registry, port)
+        except OSError as exc:
+            LOG.warning("metrics port in use: metrics not served", port=port, error=str(exc))
+    try:
+        await operator
+    finally:
+        if runner is not None:
+            await runner.cleanup()
 
 
 def health_endpoint(liveness: str | None, port: int) -> str | None:

@@ -38,6 +38,7 @@ from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller import world
 from orchardist.controller.demand import DemandWatch
 from orchardist.controller.kube import ensure_peering
+from orchardist.controller.metrics import AgentsExposure
 from orchardist.controller.nodehealth import NodeHealth
 from orchardist.controller.projection import Projector
 from orchardist.controller.reconciler import Controller, deployment_ref
@@ -184,6 +185,9 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         ctl.services, ctl.slices = kwargs["svc_index"], kwargs["slice_index"]
         background.append(asyncio.create_task(projector.run(opts.resync_seconds)))
         background.append(asyncio.create_task(health.run(opts.resync_seconds)))
+        # The agents' metrics endpoints, for Prometheus (a selector-less Service + EndpointSlice).
+        agents = AgentsExposure(ctl.adapter.kube, lambda: ctl.macnodes)
+        background.append(asyncio.create_task(agents.run(opts.resync_seconds)))
         # The gateway's demand Leases live in the deployments' namespaces: a watch of their own.
         ctl.demand = watch = DemandWatch(ctl.adapter.kube.raw, lambda ns, n: _quietly(ctl.trigger(ns, n)))
         background.append(asyncio.create_task(watch.run()))

@@ -27,6 +27,7 @@ from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller import autoscale, plan, world
 from orchardist.controller import status as st
 from orchardist.controller.kube import Adapter, ServiceConflictError
+from orchardist.controller.metrics import ControllerMetrics
 from orchardist.controller.pinning import Pins
 from orchardist.controller.scheduler import Mac
 from orchardist.controller.world import RE_RESOLVE, Refused
@@ -81,6 +82,7 @@ class Controller:
     slices: Store[JSON] | None = None  # (namespace, service name) -> our EndpointSlices
     demand: DemandSource | None = None  # the gateway's demand per deployment (None: never known)
     recorder: EventRecorder | None = None  # Events outside kopf's handlers (see _post)
+    metrics: ControllerMetrics | None = None  # reconciles and placements counted (metrics.py)
     assumed: dict[Key, dict[str, ModelReplica]] = field(default_factory=dict)  # (ns, deployment) -> name ->
     forgotten: set[Key] = field(default_factory=set)  # (ns, replica name) deleted by us
     phases: dict[str, str | None] = field(default_factory=dict)  # replica uid -> last phase seen
@@ -118,12 +120,17 @@ class Controller:
             async with lock:
                 if self._pending.get(key) is mine:
                     del self._pending[key]
+                began = time.monotonic()
                 try:
                     await self._reconcile(namespace, name, body, mine.force)
                 except BaseException as exc:
+                    if self.metrics is not None and isinstance(exc, Exception):  # not a cancellation
+                        self.metrics.reconciled(False, time.monotonic() - began)
                     if not future.done():
                         future.set_exception(exc)
                     raise
+                if self.metrics is not None:
+                    self.metrics.reconciled(True, time.monotonic() - began)
                 if not future.done():
                     future.set_result(None)
         finally:
@@ -181,6 +188,8 @@ class Controller:
             )
             decided = plan.decide(obs, scaled)
             created = await self.adapter.create_replicas(namespace, decided)
+            if self.metrics is not None:
+                self.metrics.placed(len(created))
             bucket = self.assumed.setdefault((namespace, name), {})
             for c in decided.create:
                 if c["metadata"]["name"] in created:
