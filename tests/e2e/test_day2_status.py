@@ -131,6 +131,36 @@ def test_killed_agent_shows_not_ready_within_grace_plus_one_resync(
     assert back["reason"] == "AgentReady"
 
 
+def test_a_paused_agent_sets_ready_back_when_it_resumes(
+    cluster: Cluster, agent: Agent, operator: Running
+) -> None:
+    """SIGSTOP past the grace: the controller marks the Mac Unknown; on SIGCONT the same agent
+    process writes its whole status again (its heartbeat is late), Ready=True without a restart."""
+    registered(cluster, agent)
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(
+            lambda: (
+                condition(kget(cluster, "macnode", agent.node)["status"], "Ready").get("status") == "Unknown"
+            ),
+            timeout=GRACE + RESYNC + 30,
+            message="Ready=Unknown while paused",
+        )
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
+    back = wait_for(
+        lambda: (
+            (c := condition(kget(cluster, "macnode", agent.node)["status"], "Ready")).get("status") == "True"
+            and c
+        ),
+        timeout=30,
+        message=lambda: f"Ready=True after SIGCONT; agent log:\n{agent.tail()}",
+    )
+    assert back["reason"] == "AgentReady"
+    assert agent.proc.poll() is None  # the same process, not a restart
+
+
 def test_get_mn_shows_memory_allocated_and_free(cluster: Cluster, agent: Agent) -> None:
     """ALLOCATED and FREE are human sizes beside the numbers they are made from."""
     node = registered(cluster, agent)
