@@ -17,6 +17,7 @@ command -v conntrack >/dev/null || need+=(conntrack)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v setfacl >/dev/null || need+=(acl)  # tests: the engine user may search /root (runtimes)
 command -v lua5.1 >/dev/null || need+=(lua5.1)  # tests: the Argo CD health script (Lua 5.1, as Argo CD's)
+command -v prometheus >/dev/null || need+=(prometheus)  # tests and the demo: scrapes the fleet
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 echo ">> installing ${need[*]}" >&2

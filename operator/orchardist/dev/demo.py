@@ -29,6 +29,9 @@ from typing import Any
 from orchardist.dev import netns, procs
 from orchardist.dev.cluster import Cluster, repo_root
 from orchardist.dev.cluster import down as cluster_down
+from orchardist.dev.gateway import start_gateway
+from orchardist.dev.prometheus import Targets as PrometheusTargets
+from orchardist.dev.prometheus import start as start_prometheus
 
 DEMO_REGISTRY_PORT = 5001
 #: The model reference examples/quickstart.yaml names; on a bridge the host part is the bridge's.
@@ -139,9 +142,8 @@ def _wait_ready(cluster: Cluster, steps: _Steps, timeout: float) -> dict[str, An
     return _json(cluster, "get", "modeldeployment", DEMO_DEPLOYMENT)
 
 
-def _chat(endpoint: str) -> tuple[str, float]:
+def _chat(base: str, key: str | None = None) -> tuple[str, float]:
     """One completion; the model is named as clients name it: the deployment (its served name)."""
-    base = f"http://{endpoint}"
     payload: dict[str, Any] = {
         "model": DEMO_DEPLOYMENT,
         "messages": [{"role": "user", "content": "Say hello to the orchard."}],
@@ -151,7 +153,7 @@ def _chat(endpoint: str) -> tuple[str, float]:
     req = urllib.request.Request(
         f"{base}/v1/chat/completions",
         data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {}),
     )
     t0 = time.monotonic()
     with urllib.request.urlopen(req, timeout=60) as resp:
@@ -237,11 +239,13 @@ def run_up(args: argparse.Namespace) -> int:
 
         steps("operator (kopf) and one agent" + (f" simulating {args.simulate}" if args.simulate else ""))
         env = cluster.env() | registry.client_env()
+        operator_metrics = None
         if getattr(args, "in_cluster", False):  # the chart's operator Pod on a real node
             from orchardist.dev import incluster
 
             incluster.run_operator(cluster, registry_ca=tls.ca if tls else None, note=steps.note)
         else:
+            operator_metrics = f"127.0.0.1:{procs.free_port()}"
             operator = procs.start(
                 "operator",
                 [
@@ -252,6 +256,8 @@ def run_up(args: argparse.Namespace) -> int:
                     str(cluster.kubeconfig),
                     "--standalone",
                     "--all-namespaces",
+                    "--metrics-port",
+                    operator_metrics.rpartition(":")[2],
                     "--log-format",
                     "json",
                 ],
@@ -288,6 +294,15 @@ def run_up(args: argparse.Namespace) -> int:
         )
         procs.save([agent], demo / "pids")
         _wait_node(cluster, steps, agent)
+        gateway, key = start_gateway(cluster, demo)
+        steps.note(f"gateway: {gateway}")
+        steps.note(f"key: {key}")
+        prometheus_url, prometheus = start_prometheus(
+            demo / "prometheus",
+            PrometheusTargets(operator_metrics, gateway.removeprefix("http://"), cluster.kubeconfig),
+        )
+        procs.save([prometheus], demo / "pids")
+        steps.note(f"prometheus: {prometheus_url}")
 
         if not args.demo:
             steps("ready: apply a ModelDeployment (see examples/quickstart.yaml)")
@@ -311,10 +326,10 @@ def run_up(args: argparse.Namespace) -> int:
         cluster.kubectl("apply", "-f", "-", input=manifest)
         md = _wait_ready(cluster, steps, timeout=float(getattr(args, "timeout", 300)))
 
-        steps("a chat completion through the deployment's endpoint")
+        steps("a chat completion through the gateway")
         endpoint = _endpoint(md)
-        text, seconds = _chat(endpoint)
-        print(f"\n  POST http://{endpoint}/v1/chat/completions  ({seconds * 1000:.0f} ms)")
+        text, seconds = _chat(gateway, key)
+        print(f"\n  POST {gateway}/v1/chat/completions  ({seconds * 1000:.0f} ms)")
         print(f"  assistant: {text!r}")
         print("  (a tiny random-weight Llama: the words are noise, the serving path is real)\n")
         _report_exposure(cluster, fabric, endpoint)
@@ -430,7 +445,7 @@ def _stop_all(state: Path, *, quiet: bool = False) -> list[str]:
     pids = state / "demo" / "pids"
     if pids.is_dir():
         # Agent first (it stops its engines), then the operator, then the registry.
-        order = {"agent": 0, "operator": 1, "registry": 2}
+        order = {"agent": 0, "gateway": 1, "prometheus": 1, "operator": 2, "registry": 3}
         for rec in sorted(procs.load(pids), key=lambda r: order.get(r.name, 9)):
             if procs.stop(rec, grace=30 if rec.name == "agent" else 10):
                 stopped.append(rec.name)
