@@ -211,6 +211,39 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+def test_cli_uses_the_docker_credential_helper(auth_registry: AuthRegistry, tmp_path: Path) -> None:
+    """``credsStore`` in the user's Docker config: the CLI asks the helper and the registry accepts."""
+    bindir, docker = tmp_path / "bin", tmp_path / "docker"
+    bindir.mkdir()
+    docker.mkdir()
+    asked = tmp_path / "asked"
+    reply = json.dumps({"Username": auth_registry.username, "Secret": auth_registry.password})
+    helper = bindir / "docker-credential-test"
+    helper.write_text(f"#!/bin/sh\n[ \"$1\" = get ] || exit 2\ncat > '{asked}'\necho '{reply}'\n")
+    helper.chmod(0o755)
+    (docker / "config.json").write_text(json.dumps({"credsStore": "test"}))
+    env = {
+        "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
+        "DOCKER_CONFIG": str(docker),
+        "ORCHARDIST_STORE": str(tmp_path / "store"),
+    }
+    m = make_safetensors_model(tmp_path / "m")
+    ref = f"oci://{auth_registry.host}/{_repo('helper')}:v1"
+
+    pushed = _cli("push", str(m), ref, env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    assert asked.read_text() == auth_registry.host
+    pulled = _cli("pull", ref, "--dest", str(tmp_path / "out"), env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    assert _files(tmp_path / "out") == _files(m)
+
+    helper.unlink()
+    missing = _cli("pull", ref, "--dest", str(tmp_path / "out2"), env=env)
+    assert missing.returncode == 1
+    assert "docker-credential-test is not on PATH" in missing.stderr
+    assert auth_registry.password not in missing.stderr + missing.stdout
+
+
 def test_cli_push_pull_inspect(registry: str, tmp_path: Path) -> None:
     m = make_safetensors_model(tmp_path / "m")
     ref = f"oci://{registry}/{_repo('cli')}:v1"

@@ -1,8 +1,11 @@
-"""Registry credentials (dockerconfigjson) and ``WWW-Authenticate`` challenges: pure functions.
+"""Registry credentials (dockerconfigjson) and ``WWW-Authenticate`` challenges.
 
 A ``kubernetes.io/dockerconfigjson`` Secret and ``~/.docker/config.json`` share one shape:
-``{"auths": {"<host or URL>": {"auth": base64("user:pass")} | {"username", "password"}}}``.
-Credential helpers (``credsStore``) are not run: the agent has no desktop keychain.
+``{"auths": {"<host or URL>": {"auth": base64("user:pass")} | {"username", "password"} |
+{"identitytoken"}}}``. The user's own config may also name credential helpers the way Docker
+reads them: ``credHelpers`` (per registry) before ``credsStore`` (all registries), and with a
+helper named, the helper alone answers (as ``docker`` does). Helpers run only for the user's own
+config (:func:`from_user_config`), never for a Secret; everything else here is pure.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchardist.oci import credhelpers
 from orchardist.oci.reference import DOCKER_HUB_ALIASES, Reference
 
 _HUB_KEYS = ("https://index.docker.io/v1/", *DOCKER_HUB_ALIASES)
@@ -24,15 +28,20 @@ _HUB_KEYS = ("https://index.docker.io/v1/", *DOCKER_HUB_ALIASES)
 
 @dataclass(frozen=True)
 class Credentials:
+    """``identity_token``: ``password`` is an OAuth2 refresh token (Docker's ``identitytoken``),
+    exchanged at the token realm instead of sent as Basic."""
+
     username: str
     password: str
+    identity_token: bool = False
 
     def basic_header(self) -> str:
         token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
         return f"Basic {token}"
 
     def __repr__(self) -> str:  # never print a password into a log
-        return f"Credentials(username={self.username!r}, password=***)"
+        kind = ", identity_token=True" if self.identity_token else ""
+        return f"Credentials(username={self.username!r}, password=***{kind})"
 
 
 def _host_of(key: str) -> str:
@@ -41,17 +50,41 @@ def _host_of(key: str) -> str:
     return key.split("/", 1)[0]
 
 
-def from_dockerconfig(config: Mapping[str, Any], ref: Reference) -> Credentials | None:
-    """The credentials a dockerconfigjson holds for the reference's registry, if any."""
-    auths = config.get("auths") or {}
-    if not isinstance(auths, Mapping):
-        return None
+def _wanted(ref: Reference) -> set[str]:
     wanted = {ref.registry.lower()}
     if ref.registry.lower() in DOCKER_HUB_ALIASES:
         wanted |= {_host_of(k) for k in _HUB_KEYS}
+    return wanted
+
+
+def helper_for(config: Mapping[str, Any], ref: Reference) -> str | None:
+    """The credential helper Docker would ask for this registry: ``credHelpers``, else ``credsStore``."""
+    helpers = config.get("credHelpers")
+    if isinstance(helpers, Mapping):
+        wanted = _wanted(ref)
+        for key, name in helpers.items():
+            if _host_of(str(key)) in wanted and isinstance(name, str) and name:
+                return name
+    store = config.get("credsStore")
+    return store if isinstance(store, str) and store else None
+
+
+def helper_server(ref: Reference) -> str:
+    """The server URL a helper is asked for (Docker's key: Docker Hub's v1 URL, else the host)."""
+    return _HUB_KEYS[0] if ref.registry.lower() in DOCKER_HUB_ALIASES else ref.registry
+
+
+def from_dockerconfig(config: Mapping[str, Any], ref: Reference) -> Credentials | None:
+    """The credentials a dockerconfigjson's ``auths`` hold for the reference's registry, if any."""
+    auths = config.get("auths") or {}
+    if not isinstance(auths, Mapping):
+        return None
+    wanted = _wanted(ref)
     for key, entry in auths.items():
         if _host_of(str(key)) not in wanted or not isinstance(entry, Mapping):
             continue
+        if isinstance(entry.get("identitytoken"), str) and entry["identitytoken"]:
+            return Credentials(str(entry.get("username") or ""), entry["identitytoken"], identity_token=True)
         if entry.get("username") and entry.get("password") is not None:
             return Credentials(str(entry["username"]), str(entry["password"]))
         if entry.get("auth"):
@@ -73,7 +106,8 @@ def from_secret_data(data: Mapping[str, str], ref: Reference) -> Credentials | N
 
 
 def from_user_config(ref: Reference, path: Path | None = None) -> Credentials | None:
-    """Credentials from the user's docker config (``$DOCKER_CONFIG/config.json`` or ``~/.docker``)."""
+    """Credentials from the user's docker config (``$DOCKER_CONFIG/config.json`` or ``~/.docker``),
+    through its credential helper when it names one (blocking: the helper is a program)."""
     if path is None:
         base = os.environ.get("DOCKER_CONFIG")
         path = Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
@@ -81,7 +115,32 @@ def from_user_config(ref: Reference, path: Path | None = None) -> Credentials | 
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return from_dockerconfig(config, ref) if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        return None
+    helper = helper_for(config, ref)
+    if helper is None:
+        return from_dockerconfig(config, ref)
+    reply = credhelpers.get(helper, helper_server(ref))
+    if reply is None:
+        return None
+    return Credentials(reply.username, reply.secret, identity_token=reply.identity_token)
+
+
+def token_form(credentials: Credentials, params: list[tuple[str, str]]) -> dict[str, str]:
+    """The OAuth2 form that trades an identity token for a registry token (Docker's distribution
+    token spec: ``grant_type=refresh_token``, scopes space-separated)."""
+    form = {
+        "grant_type": "refresh_token",
+        "refresh_token": credentials.password,
+        "client_id": "orchardist",
+    }
+    service = next((v for k, v in params if k == "service"), None)
+    if service:
+        form["service"] = service
+    scopes = [v for k, v in params if k == "scope"]
+    if scopes:
+        form["scope"] = " ".join(scopes)
+    return form
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import aiohttp
 
 from orchardist import log, retry
 from orchardist.oci import mediatypes as mt
-from orchardist.oci.auth import Challenge, Credentials, credential_refusal, parse_challenge
+from orchardist.oci.auth import Challenge, Credentials, credential_refusal, parse_challenge, token_form
 from orchardist.oci.errors import (
     AuthRequiredError,
     DigestMismatchError,
@@ -171,15 +171,23 @@ class RegistryClient:
                 params.insert(0, ("service", challenge.params["service"]))
             realm = challenge.params["realm"]
             headers: dict[str, str] = {}
+            form: dict[str, str] | None = None
             if self.credentials:
                 refusal = credential_refusal(self.base, realm)
                 if refusal:
                     raise AuthRequiredError(f"{what}: {refusal}")
-                headers["Authorization"] = self.credentials.basic_header()
+                if self.credentials.identity_token:  # OAuth2 refresh token, POSTed as a form
+                    form = token_form(self.credentials, params)
+                else:
+                    headers["Authorization"] = self.credentials.basic_header()
             try:  # a redirect to another origin drops the Authorization header (aiohttp does)
                 async with (
                     asyncio.timeout(TOKEN_TIMEOUT),
-                    self.session.get(realm, params=params, headers=headers) as resp,
+                    (
+                        self.session.post(realm, data=form, headers=headers)
+                        if form
+                        else self.session.get(realm, params=params, headers=headers)
+                    ) as resp,
                 ):
                     if resp.status in (401, 403):
                         raise AuthRequiredError(
