@@ -31,9 +31,10 @@ from orchardist import log, retry
 from orchardist.oci.client import CONFIG_LIMIT, Manifest, RegistryClient
 from orchardist.oci.errors import DigestMismatchError, RegistryUnreachableError, StoreFullError
 from orchardist.oci.fsutil import atomic_write, fsync_path
-from orchardist.oci.index import ModelRecord, StoreIndex, blob_list, hex_of
+from orchardist.oci.index import ModelRecord, StoreIndex, blob_list, hex_of, stored_blobs
 from orchardist.oci.layouts import Layer, Layout, read_layout
 from orchardist.oci.materialize import materialize
+from orchardist.oci.peers import PeerSource
 from orchardist.oci.progress import Tracker
 from orchardist.oci.reference import Reference
 from orchardist.oci.transfer import (
@@ -174,6 +175,7 @@ class Puller:
         attempts: int,
         fast: bool,
         limits: TransferLimits = DEFAULT_LIMITS,
+        keep_archives: bool = False,
     ) -> None:
         self.index = index
         self.budget_bytes = budget_bytes
@@ -184,6 +186,7 @@ class Puller:
         self.attempts = attempts
         self.fast = fast
         self.limits = limits
+        self.keep_archives = keep_archives
         self.active: Counter[str] = Counter()
         self.blob_gets = 0  # blob requests made (observability and tests)
         self._locks: dict[str, asyncio.Lock] = {}
@@ -192,9 +195,17 @@ class Puller:
         return self._locks.setdefault(key, asyncio.Lock())
 
     async def pull_new(
-        self, client: RegistryClient, r: Reference, manifest: Manifest, tracker: Tracker
+        self,
+        client: RegistryClient,
+        r: Reference,
+        manifest: Manifest,
+        tracker: Tracker,
+        peers: PeerSource | None = None,
     ) -> ModelRecord:
-        """Download what is missing and materialize the model; returns its (saved) record."""
+        """Download what is missing and materialize the model; returns its (saved) record.
+
+        With ``peers``, each missing blob is asked of the fleet first (:meth:`PeerSource.obtain`).
+        """
         digest = manifest.digest
         layout = read_layout(manifest.data)
         blobs = blob_list(layout)
@@ -219,7 +230,7 @@ class Puller:
             try:
                 async with asyncio.TaskGroup() as tg:
                     for layer in missing:
-                        tg.create_task(self._ensure_blob(client, r.repository, layer, tracker, sem))
+                        tg.create_task(self._ensure_blob(client, r.repository, layer, tracker, sem, peers))
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
             async with self.lock("materialize:" + digest):  # local work only: no network inside
@@ -281,7 +292,13 @@ class Puller:
             await self._commit(layer.digest, tmp)
 
     async def _ensure_blob(
-        self, client: RegistryClient, repo: str, layer: Layer, tracker: Tracker, sem: asyncio.Semaphore
+        self,
+        client: RegistryClient,
+        repo: str,
+        layer: Layer,
+        tracker: Tracker,
+        sem: asyncio.Semaphore,
+        peers: PeerSource | None = None,
     ) -> None:
         tag = source_tag(client.registry, repo)
         async with sem, self.lock(f"blob:{tag}:{layer.digest}"):
@@ -289,22 +306,45 @@ class Puller:
                 tracker.add(layer.size)
             else:
                 partial = self.index.tmp_dir / f"{hex_of(layer.digest)}.{tag}.partial"
-                await download(
-                    client,
-                    repo,
-                    layer,
-                    partial,
-                    tracker.add,
-                    attempts=self.attempts,
-                    fast=self.fast,
-                    on_request=self._count_get,
-                    limits=self.limits,
-                )
+
+                async def from_registry(on_bytes: Callable[[int], None]) -> None:
+                    await download(
+                        client,
+                        repo,
+                        layer,
+                        partial,
+                        on_bytes,
+                        attempts=self.attempts,
+                        fast=self.fast,
+                        on_request=self._count_get,
+                        limits=self.limits,
+                    )
+
+                if peers is None:
+                    await from_registry(tracker.add)
+                else:  # peer bytes go to their own partial file: never mixed with a registry's
+                    from_peers = self.index.tmp_dir / f"{hex_of(layer.digest)}.{tag}-peers.partial"
+                    source = await peers.obtain(
+                        layer.digest, layer.size, from_peers, tracker.add, from_registry
+                    )
+                    partial = from_peers if source == "peers" else partial
                 await self._commit(layer.digest, partial)
         tracker.layer_done()
 
     def _count_get(self) -> None:
         self.blob_gets += 1
+
+    async def _drop_archives(self, digests: list[str]) -> None:
+        """Tar layers live on as the files extracted from them (stored once): their blobs go, unless
+        another model keeps the blob or another pull in flight still needs it. The record was saved
+        first, so a crash in between leaves only an unreferenced blob for GC."""
+        held = {b for rec in self.index.models.values() for b in rec.blobs}
+        gone = [d for d in digests if d not in held and self.active[d] <= 1 and d in self.index.blobs]
+        for d in gone:
+            self.index.blobs.pop(d, None)
+        if gone:
+            await asyncio.to_thread(self.index.delete, [], gone, [])
+            _log.info("archive layers kept only as their files", blobs=len(gone))
 
     async def _commit(self, digest: str, tmp: Path) -> None:
         if digest in self.index.blobs:  # another source finished first: same bytes, keep theirs

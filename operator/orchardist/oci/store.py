@@ -35,6 +35,7 @@ from orchardist.oci.errors import StoreLockedError, UnknownLayoutError
 from orchardist.oci.gc import Candidate, Eviction, plan_eviction
 from orchardist.oci.index import ModelRecord, StoreIndex
 from orchardist.oci.materialize import export
+from orchardist.oci.peers import PeerSource
 from orchardist.oci.progress import ProgressCallback, Tracker
 from orchardist.oci.pull import Puller, source_tag
 from orchardist.oci.reference import Reference, parse
@@ -83,6 +84,7 @@ class ContentStore:
         retries: int = 8,
         fast_path: bool = True,
         limits: TransferLimits = DEFAULT_LIMITS,
+        keep_archives: bool = False,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -110,6 +112,7 @@ class ContentStore:
             attempts=retries + 1,
             fast=fast_path,
             limits=limits,
+            keep_archives=keep_archives,
         )
         try:
             self.index.open()
@@ -247,8 +250,11 @@ class ContentStore:
         auth: Credentials | None = None,
         progress: ProgressCallback | None = None,
         keep_pinned: bool = False,
+        peers: PeerSource | None = None,
     ) -> ModelDir:
         """Resolve, download missing blobs (verified, resumable), materialize; idempotent.
+
+        With ``peers`` each missing blob is asked of other Macs of the fleet before the registry.
 
         A reference pinned by digest that is already in the store is served without the network.
         With ``keep_pinned`` the model stays pinned on return (the caller unpins when it stops).
@@ -267,7 +273,7 @@ class ContentStore:
                 async with self._puller.lock(f"model:{source_tag(r.registry, r.repository)}:{digest}"):
                     if await self._has_model(digest):
                         return await self._finish_cached(digest, tracker, keep_pinned)
-                    record = await self._puller.pull_new(client, r, manifest, tracker)
+                    record = await self._puller.pull_new(client, r, manifest, tracker, peers)
                 if keep_pinned:
                     self.pin(digest)
             finally:

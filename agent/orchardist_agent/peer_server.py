@@ -1,0 +1,151 @@
+"""This Mac's verified blobs, served read-only to the other Macs of the fleet.
+
+``GET``/``HEAD /v1/blobs/<digest>`` (Range supported): only blobs the store committed, which
+were verified against their digest while they arrived; partial downloads are never served. A
+blob this Mac is itself pulling from a registry answers 404 with ``X-Orchardist-Fetching``, so
+peers wait for it instead of pulling it too (:func:`orchardist.oci.peers.choose`).
+
+Who may ask: a caller presenting the fleet's peer token (``Authorization: Bearer``, compared in
+constant time). Why a fleet secret rather than each Mac's API identity: the agent's Kubernetes
+token must never leave the Mac (a peer could replay it against the API server), a TokenReview
+per caller puts the API server on the path of every rollout, and peers keep serving while the
+control plane is down. The token only grants reading blobs, which are content-addressed.
+
+Limits: at most ``max_streams`` blob bodies at once (503 with Retry-After beyond: the caller
+takes the range from another peer or the registry) and ``requests_per_second`` per caller
+address (429), so a misbehaving peer cannot take the Mac's disk and network from its engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from orchardist import log
+from orchardist.oci.index import valid_digest
+from orchardist.oci.peers import BLOB_PATH, FETCHING, Claims
+
+from .proxy.server import listen_socket
+
+LOG = log.get(__name__)
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """How much of the Mac the fleet may take."""
+
+    max_streams: int = 8
+    requests_per_second: float = 50.0
+    burst: float = 100.0
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+@dataclass
+class PeerServerStats:
+    """Counters (observability, tests): bodies sent and refusals by status."""
+
+    bodies: int = 0
+    refused: dict[int, int] = field(default_factory=dict)
+
+
+def authorized(header: str | None, token: str) -> bool:
+    """``Bearer <token>`` in constant time; an empty fleet token authorizes nobody (pure)."""
+    if not token or not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header.removeprefix("Bearer ").strip().encode(), token.encode())
+
+
+def admit(bucket: _Bucket | None, limits: ServeLimits, now: float) -> tuple[bool, _Bucket]:
+    """One request against a caller's token bucket: admitted or not, and the bucket after (pure)."""
+    if bucket is None:
+        bucket = _Bucket(limits.burst, now)
+    tokens = min(limits.burst, bucket.tokens + (now - bucket.at) * limits.requests_per_second)
+    if tokens < 1.0:
+        return False, _Bucket(tokens, now)
+    return True, _Bucket(tokens - 1.0, now)
+
+
+class PeerServer:
+    """The blob server; ``blob_size(digest)`` says whether the store holds a verified blob."""
+
+    def __init__(
+        self,
+        token: str,
+        blob_path: Callable[[str], Path],
+        blob_size: Callable[[str], int | None],
+        claims: Claims,
+        *,
+        limits: ServeLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.token = token
+        self.blob_path = blob_path
+        self.blob_size = blob_size
+        self.claims = claims
+        self.limits = limits or ServeLimits()
+        self.clock = clock
+        self.stats = PeerServerStats()
+        self._streams = asyncio.Semaphore(self.limits.max_streams)
+        self._buckets: dict[str, _Bucket] = {}
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("GET", BLOB_PATH + "{digest}", self.blob)
+        app.router.add_route("HEAD", BLOB_PATH + "{digest}", self.blob)
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0: any free port); returns the port."""
+        sock = listen_socket(host, port)
+        self.port = sock.getsockname()[1]
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+        LOG.info("peer server listening", address=host, port=self.port)
+        return self.port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _refuse(self, status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:
+        self.stats.refused[status] = self.stats.refused.get(status, 0) + 1
+        return web.Response(status=status, text=reason + "\n", headers=headers)
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        if not authorized(request.headers.get("Authorization"), self.token):
+            return self._refuse(401, "peer token required")
+        caller = request.remote or ""
+        ok, self._buckets[caller] = admit(self._buckets.get(caller), self.limits, self.clock())
+        if not ok:
+            return self._refuse(429, "too many requests", {"Retry-After": "1"})
+        digest = request.match_info["digest"]
+        if not valid_digest(digest):
+            return self._refuse(400, "not a sha256 digest")
+        size = self.blob_size(digest)
+        if size is None:
+            claim = self.claims.header(digest)
+            return self._refuse(404, "blob not held", {FETCHING: claim} if claim else None)
+        if request.method == "HEAD":
+            return web.Response(status=200, headers={"Content-Length": str(size), "Accept-Ranges": "bytes"})
+        if self._streams.locked():
+            return self._refuse(503, "busy", {"Retry-After": "1"})
+        async with self._streams:  # held while the body is sent (prepare sends it all)
+            self.stats.bodies += 1
+            response = web.FileResponse(self.blob_path(digest), chunk_size=1 << 20)
+            await response.prepare(request)
+            return response
