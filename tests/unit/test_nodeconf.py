@@ -93,13 +93,13 @@ def test_apiserver_endpointslice() -> None:
 NAT = """*nat
 :PREROUTING ACCEPT [0:0]
 :POSTROUTING ACCEPT [0:0]
-:CNI-0f1e2d3c - [0:0]
+:CNI-0f1e2d - [0:0]
 :CNI-aaaa - [0:0]
 :KUBE-SERVICES - [0:0]
 :KUBE-POSTROUTING - [0:0]
 -A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
 -A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
--A POSTROUTING -s 10.214.0.2/32 -m comment --comment "name: \\"orchardist-pods\\" id: \\"c1\\"" -j CNI-0f1e2d3c
+-A POSTROUTING -s 10.214.0.2/32 -m comment --comment "name: \\"orchardist-pods\\" id: \\"c1\\"" -j CNI-0f1e2d
 -A POSTROUTING -s 10.88.0.2/32 -m comment --comment "name: \\"someone-else\\" id: \\"c2\\"" -j CNI-aaaa
 -A POSTROUTING -s 10.213.7.0/24 -j MASQUERADE
 -A KUBE-POSTROUTING -j MASQUERADE
@@ -112,10 +112,10 @@ def test_cni_rules_to_delete_only_ours() -> None:
     assert rules == [
         [
             "-D", "POSTROUTING", "-s", "10.214.0.2/32", "-m", "comment", "--comment",
-            'name: "orchardist-pods" id: "c1"', "-j", "CNI-0f1e2d3c",
+            'name: "orchardist-pods" id: "c1"', "-j", "CNI-0f1e2d",
         ],
-        ["-F", "CNI-0f1e2d3c"],
-        ["-X", "CNI-0f1e2d3c"],
+        ["-F", "CNI-0f1e2d"],
+        ["-X", "CNI-0f1e2d"],
     ]  # fmt: skip
 
 
