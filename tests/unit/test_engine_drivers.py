@@ -312,3 +312,14 @@ def test_vllm_cpu_block_size(plan_block: int, cpu_block: int) -> None:
         "CPU KV cache size: 6,400 tokens, Maximum concurrency for 512 tokens per request: 12.5x"
     )
     assert m is not None and m.num_blocks == 6400 // cpu_block
+
+
+def test_code_loading_flags_pass_only_with_the_macs_consent() -> None:
+    """The agent's --allow-code-loading (EngineSpec.allow_code_loading) lets them through, still
+    before the operator's flags; without it the driver refuses."""
+    args = ("--trust-remote-code", "--chat-template", "/m/t.jinja")
+    with pytest.raises(EngineArgsError, match="--trust-remote-code"):
+        launch(spec("vllm-metal", "0.4.0", engine_args=args), 1)
+    got = launch(spec("vllm-metal", "0.4.0", engine_args=args, allow_code_loading=True), 1)
+    assert got.argv[3:6] == args
+    assert got.argv[6] == "--host"
