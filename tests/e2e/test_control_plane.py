@@ -176,7 +176,8 @@ def test_dev_cluster_up_then_down_leaves_nothing(tmp_path: Path, cluster: Cluste
     assert f"export KUBECONFIG={state.resolve() / 'kubeconfig'}" in up.stdout
     records = procs.load(state.resolve() / "pids")
     try:
-        assert {r.name for r in records} == {"etcd", "kube-apiserver", "kube-controller-manager"}
+        expected = {"etcd", "authz-webhook", "kube-apiserver", "kube-controller-manager"}
+        assert {r.name for r in records} == expected
         assert all(procs.is_running(r) for r in records)
         shown = subprocess.run(
             [*cli, "env", "--state-dir", str(state)], capture_output=True, text=True, env=env
