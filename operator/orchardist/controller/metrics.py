@@ -178,7 +178,7 @@ async def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -
 
 
 def agent_targets(nodes: Index | None) -> list[tuple[str, str, int]]:
-    """(node, address, port) of every MacNode serving metrics on an IP address, sorted by node."""
+    """(node, address, port) of every MacNode serving metrics on an address a slice may hold."""
     out = []
     for _, entries in nodes.items() if nodes is not None else ():
         for node in entries:
@@ -188,9 +188,11 @@ def agent_targets(nodes: Index | None) -> list[tuple[str, str, int]]:
             if not address or not port:
                 continue
             try:
-                ipaddress.ip_address(address)
+                ip = ipaddress.ip_address(address)
             except ValueError:
                 continue  # an EndpointSlice holds addresses, not names
+            if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+                continue  # the API server refuses these in a slice
             out.append((str(node.metadata.get("name") or ""), address, port))
     return sorted(out)
 
