@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from orchardist.oci import pull as pull_module
@@ -354,3 +355,111 @@ async def test_disk_work_of_a_pull_runs_off_the_event_loop(
     assert registry_proxy.cuts == 1 and not first.path.exists()  # a resume and an eviction happened
     assert sorted(ran_in) == sorted({name for _, name in spied})  # every step ran
     assert {name for name, threads in ran_in.items() if loop_thread in threads} == set()
+
+
+def _disk_bytes(root: Path) -> int:
+    """Bytes on disk under ``root``, each inode once (hardlinks share their data), as ``du`` counts."""
+    seen: set[int] = set()
+    total = 0
+    for p in root.rglob("*"):
+        st = p.lstat()
+        if p.is_file() and not p.is_symlink() and st.st_ino not in seen:
+            seen.add(st.st_ino)
+            total += st.st_blocks * 512
+    return total
+
+
+async def _push_tar_model(registry: str, tmp_path: Path, repo_tag: str, seed: int) -> dict[str, bytes]:
+    """A ModelPack model as modctl packs it with tar layers (weights tar+gzip, config tar)."""
+    from orchardist.oci import mediatypes as mt
+    from tests.fixtures.registry import TINY_CONFIG, push_artifact, tar_bytes
+
+    rng = np.random.default_rng(seed)
+    files = {
+        "model.safetensors": rng.bytes(6 * MiB),
+        "shard/model-2.safetensors": rng.bytes(2 * MiB),
+        "config.json": json.dumps(TINY_CONFIG).encode(),
+    }
+    weights = {k: v for k, v in files.items() if k.endswith(".safetensors")}
+    cfg = {"descriptor": {"name": "tiny"}, "config": {"format": "safetensors"}, "modelfs": {"type": "layers"}}
+    await push_artifact(
+        registry,
+        repo_tag,
+        (mt.MODELPACK_CONFIG, json.dumps(cfg).encode()),
+        [
+            ("application/vnd.cncf.model.weight.v1.tar+gzip", tar_bytes(weights, "gzip"), {}),
+            (
+                "application/vnd.cncf.model.weight.config.v1.tar",
+                tar_bytes({"config.json": files["config.json"]}),
+                {},
+            ),
+        ],
+        artifact_type=mt.MODELPACK_MANIFEST,
+    )
+    return files
+
+
+async def test_tar_layers_are_stored_once(
+    registry: str, registry_proxy: CuttingProxy, tmp_path: Path
+) -> None:
+    """A model in tar layers keeps its extracted files, not the blobs too: disk <= 1.05 x its files."""
+    repo = _repo("taronce")
+    files = await _push_tar_model(registry, tmp_path, f"{repo}:v1", seed=3)
+    root = tmp_path / "store"
+    store = ContentStore(root, GiB)
+    ref = f"oci://{registry_proxy.host}/{repo}:v1"
+
+    got = await store.pull(ref)
+    assert _files(got.path) == files
+    extracted = sum(len(v) for v in files.values())
+    assert _disk_bytes(root) <= 1.05 * extracted
+    record = store.index.models[got.digest]
+    assert len(record.blobs) == 1  # the config; the two tar layers live on as their files
+    assert store.usage().used_bytes <= 1.05 * extracted
+
+    # pulled again: served from the store, nothing fetched
+    gets = len(registry_proxy.blob_gets)
+    assert (await store.pull(ref)).path == got.path
+    assert len(registry_proxy.blob_gets) == gets
+
+    # a torn index is rebuilt from the manifest without the archive blobs
+    store.close()
+    (root / "index.json").write_bytes(b"{")
+    reopened = ContentStore(root, GiB)
+    again = reopened.get(got.digest)
+    assert again is not None and _files(again.path) == files
+
+    # GC evicts it whole; a new pull fetches and extracts the archives again
+    reopened.budget_bytes = 1
+    reopened.gc()
+    assert reopened.get(got.digest) is None and not got.path.exists()
+    reopened.budget_bytes = GiB
+    assert _files((await reopened.pull(ref)).path) == files
+    reopened.close()
+
+
+async def test_tar_layer_cut_mid_blob_resumes_then_is_stored_once(
+    registry: str, registry_proxy: CuttingProxy, tmp_path: Path
+) -> None:
+    """A cut tar layer resumes from its partial compressed bytes (kept until verified)."""
+    repo = _repo("tarresume")
+    files = await _push_tar_model(registry, tmp_path, f"{repo}:v1", seed=4)
+    registry_proxy.cut_after(3 * MiB)
+    store = ContentStore(tmp_path / "store", GiB, max_parallel=1)
+    got = await store.pull(f"oci://{registry_proxy.host}/{repo}:v1")
+    assert registry_proxy.cuts == 1
+    assert registry_proxy.ranges and registry_proxy.ranges[-1] > 0
+    assert _files(got.path) == files
+    assert not list((tmp_path / "store" / "tmp").iterdir())
+    assert _disk_bytes(tmp_path / "store") <= 1.05 * sum(len(v) for v in files.values())
+
+
+async def test_keep_archives_keeps_the_layer_blobs(registry: str, tmp_path: Path) -> None:
+    """With ``keep_archives`` the exact blobs stay (to serve them byte for byte), at twice the disk."""
+    repo = _repo("tarkeep")
+    files = await _push_tar_model(registry, tmp_path, f"{repo}:v1", seed=5)
+    store = ContentStore(tmp_path / "store", GiB, keep_archives=True)
+    got = await store.pull(f"oci://{registry}/{repo}:v1")
+    assert _files(got.path) == files
+    assert len(store.index.models[got.digest].blobs) == 3
+    assert all(store.blob_path(b).is_file() for b in store.index.models[got.digest].blobs)

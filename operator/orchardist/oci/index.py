@@ -52,6 +52,13 @@ def blob_list(layout: Layout) -> list[str]:
     return list(dict.fromkeys([layout.config.digest, *(e.layer.digest for e in layout.entries)]))
 
 
+def stored_blobs(layout: Layout) -> list[str]:
+    """The blobs a materialized model keeps by default: the config and every raw file. A layer
+    used only as an archive lives on as the files extracted from it, so it is on disk once."""
+    raw = {layout.config.digest, *(e.layer.digest for e in layout.entries if e.archive is None)}
+    return [b for b in blob_list(layout) if b in raw]
+
+
 def _remove(p: Path) -> None:
     """Remove a stray entry, a directory or not (a link itself, never what it points to)."""
     if p.is_dir() and not p.is_symlink():
@@ -205,9 +212,10 @@ class StoreIndex:
             layout = read_layout(data)
         except (OSError, ValueError, OCIError):
             return None
-        blobs = blob_list(layout)
+        # archive blobs are usually gone (their files are the model); a kept one stays referenced
+        blobs = [b for b in blob_list(layout) if b in self.blobs]
         path = self.model_path(digest)
-        if not path.is_dir() or not all(b in self.blobs for b in blobs):
+        if not path.is_dir() or not all(b in self.blobs for b in stored_blobs(layout)):
             return None
         files = []
         for dirpath, _, names in os.walk(path):

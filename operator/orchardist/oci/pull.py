@@ -240,18 +240,20 @@ class Puller:
                 tracker.set_phase("materializing")
                 files, extracted = await self._materialize(layout, digest, extracted_estimate)
                 await asyncio.to_thread(atomic_write, self.index.manifest_path(digest), manifest.raw)
+                kept = blobs if self.keep_archives else stored_blobs(layout)
                 record = ModelRecord(
                     reference=str(r),
                     layout=layout.name,
                     format=layout.format_with(p for p, _ in files),
-                    blobs=blobs,
+                    blobs=kept,
                     files=sorted(files),
-                    blob_bytes=sum(self.index.blobs[b] for b in blobs),
+                    blob_bytes=sum(self.index.blobs[b] for b in kept),
                     extracted_bytes=extracted,
                     last_used=time.time(),
                 )
                 self.index.models[digest] = record
                 await self.save()
+                await self._drop_archives([b for b in blobs if b not in kept])
         finally:
             self.active.subtract(blobs)
             self.active += Counter()  # drop zero counts
