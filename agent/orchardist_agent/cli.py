@@ -93,6 +93,20 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics at http://<bind address>:PORT/metrics (9464; 0: off; "
         "a taken port falls back to a free one, reported in MacNode status.metricsPort)",
     )
+    run_p.add_argument(
+        "--peer-port",
+        type=int,
+        default=8479,
+        metavar="PORT",
+        help="port every Mac of the fleet serves its verified blobs on (default 8479; 0: off)",
+    )
+    run_p.add_argument(
+        "--peer-token-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the fleet's peer token (the same on every Mac); without it models come from registries only",
+    )
     run_p.add_argument("--heartbeat-interval", type=float, default=10.0, help="Lease renewal period, s (10)")
     run_p.add_argument(
         "--runtime",
@@ -135,6 +149,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         engine_user=args.engine_user,
         allow_code_loading=args.allow_code_loading,
         proxy_max_body_bytes=args.proxy_max_body,
+        peer_port=args.peer_port,
+        peer_token_file=args.peer_token_file,
         metrics_port=args.metrics_port,
         heartbeat_interval=args.heartbeat_interval,
         runtimes=dict(args.runtime),

@@ -17,6 +17,7 @@ from typing import Any
 
 from orchardist import log
 from orchardist.oci.auth import Credentials
+from orchardist.oci.peers import PeerSource
 from orchardist.oci.progress import PullProgress
 from orchardist.oci.store import ContentStore
 from orchardist.retry import Backoff
@@ -71,8 +72,10 @@ class Pulls:
         notify: Callable[[Key], None],
         pin: Callable[[Key, str], None],
         pulled: Callable[[], None],
+        peers: Callable[[Key], PeerSource | None] | None = None,
     ) -> None:
         self.store = store
+        self.peers = peers  # the peers a replica's pull may ask (None: registry only)
         self.notify = notify  # called on the event loop: converge this replica again
         self.pin = pin
         self.pulled = pulled
@@ -116,7 +119,8 @@ class Pulls:
             try:
                 credentials = await auth()
                 self.pin(key, view.digest)
-                model = await self.store.pull(view.model, auth=credentials, progress=progress)
+                peers = self.peers(key) if self.peers is not None else None
+                model = await self.store.pull(view.model, auth=credentials, progress=progress, peers=peers)
                 if view.digest and model.digest != view.digest:
                     raise ValueError(
                         f"{view.model} resolved to {model.digest}, not spec.digest {view.digest}"

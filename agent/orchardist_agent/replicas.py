@@ -22,9 +22,12 @@ from orchardist.kube import Kube, paths
 from orchardist.kube.events import EventRecorder
 from orchardist.kube.informer import RELIST, Delivery, Informer, to_queue
 from orchardist.oci.auth import Credentials
+from orchardist.oci.peers import Claims, PeerSource
 from orchardist.oci.store import ContentStore
 
 from .engine_adapter import EngineAdapter
+from .peer_server import PeerServer
+from .peers import FleetPeers, hint_of
 from .pulls import Pulls, default_budget
 from .reconcile import Act, Observed, ReplicaView, condition_events, decide, free_bytes, now_iso, status_patch
 from .replica_cache import ReplicaCache, gone_view, status_json, view_of
@@ -55,6 +58,7 @@ class ReplicaLoop:
         address: str,
         store: ContentStore,
         engines: EngineAdapter,
+        fleet: FleetPeers | None = None,
     ) -> None:
         self.kube = kube
         self.node = node
@@ -66,7 +70,15 @@ class ReplicaLoop:
         self.reservations: dict[Key, int] = {}
         self.pinned: dict[Key, str] = {}  # the digest each replica holds a store pin on
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue()
-        self.pulls = Pulls(store, self._notify("progress"), self._pin, self._publish_cache)
+        self.fleet = fleet
+        self.peer_server: PeerServer | None = None
+        self.pulls = Pulls(
+            store,
+            self._notify("progress"),
+            self._pin,
+            self._publish_cache,
+            peers=self._peers if fleet is not None else None,
+        )
         self.events = EventRecorder(
             kube, "orchardist-agent", host=node.name, reporting_controller="orchardist.io/agent"
         )
@@ -77,7 +89,32 @@ class ReplicaLoop:
     def create(cls, kube: Kube, node: NodeAgent, cfg: AgentConfig, address: str) -> ReplicaLoop:
         budget = cfg.store_budget if cfg.store_budget is not None else default_budget(cfg.store)
         store = ContentStore(cfg.store, budget)
-        return cls(kube, node, cfg, address, store, EngineAdapter(cfg, listen=address))
+        fleet = None
+        if cfg.peer_port and cfg.peer_token_file is not None:
+            token = cfg.peer_token_file.read_text().strip()
+            fleet = FleetPeers(node.name, cfg.peer_port, token, Claims())
+        return cls(kube, node, cfg, address, store, EngineAdapter(cfg, listen=address), fleet)
+
+    def _peers(self, key: Key) -> PeerSource | None:
+        obj = self.cache.objects.get(key)
+        if self.fleet is None or obj is None:
+            return None
+        return self.fleet.source(hint_of(obj.metadata))
+
+    async def serve_peers(self) -> None:
+        """Serve this Mac's verified blobs to the fleet; a port in use leaves pulls working alone."""
+        if self.fleet is None:
+            LOG.info("peer transfer off (no --peer-token-file or --peer-port 0)")
+            return
+        server = PeerServer(
+            self.fleet.token, self.store.blob_path, lambda d: self.store.index.blobs.get(d), self.fleet.claims
+        )
+        try:
+            await server.start(self.cfg.bind_address or self.address, self.fleet.port)
+        except OSError as exc:
+            LOG.warning("cannot serve blobs to peers", port=self.fleet.port, error=str(exc))
+            return
+        self.peer_server = server
 
     def _notify(self, kind: str) -> Callable[[Key], None]:
         def put(key: Key) -> None:
@@ -107,6 +144,7 @@ class ReplicaLoop:
             loop.call_soon_threadsafe(self.queue.put_nowait, ("engine", key))
 
         await self.engines.start(engine_changed)
+        await self.serve_peers()
         self._publish_cache()
         self.watch()
         stopper = asyncio.ensure_future(stop.wait())
@@ -309,6 +347,8 @@ class ReplicaLoop:
         self.pulls.cancel_all()
         for task in list(self._background):  # Events being written
             task.cancel()
+        if self.peer_server is not None:
+            await self.peer_server.close()
         await self.engines.close(stop_engines=stop_engines)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from orchardist.api.constants import API_VERSION, LABEL_DEPLOYMENT, LABEL_NODE, LABEL_REVISION
 from orchardist.api.modeldeployment import ModelDeployment, ModelDeploymentSpec
-from orchardist.controller import autoscale, scheduler, status
+from orchardist.controller import autoscale, peers, scheduler, status
 from orchardist.controller.exposure import exposure
 from orchardist.controller.outcome import Event, Plan
 from orchardist.controller.scheduler import Fit, Mac
@@ -251,6 +251,7 @@ def _place(
         _replica_body(obs, rev, name, b.node, b.fit, macs[b.node])
         for name, b in zip(names, result.bindings, strict=True)
     ]
+    peers.annotate(creates, obs.pin.digest, macs, (r.node for r in mine if r.revision == rev))
     events = [
         Event("Normal", "Scheduled", f"{name} bound to {b.node}: {_plan_words(b.fit)}")
         for name, b in zip(names, result.bindings, strict=True)

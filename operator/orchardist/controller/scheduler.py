@@ -75,6 +75,7 @@ class Mac:
     engines: Mapping[str, str] = field(default_factory=dict)  # engine name -> version
     cached: frozenset[str] = frozenset()
     reserved_bytes: int = 0
+    address: str = ""  # status.address: where its agent serves replicas and blobs to peers
 
 
 @dataclass(frozen=True, slots=True)

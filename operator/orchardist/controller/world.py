@@ -180,6 +180,7 @@ def mac_from(node: MacNode, ready: bool, reserved_bytes: int) -> Mac:
         taints=tuple(Taint(t.key, t.value, t.effect) for t in node.spec.taints),
         engines={e.name: e.version or "" for e in st.engines},
         cached=frozenset(c.digest for c in st.cached_models),
+        address=st.address or "",
         reserved_bytes=reserved_bytes,
     )
 
