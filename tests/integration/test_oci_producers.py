@@ -6,11 +6,14 @@ media types, annotations, config JSON and tar member names. Nothing of the produ
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import io
 import json
 import secrets
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -292,6 +295,18 @@ async def test_modctl_gguf_weight_tar_layer(registry: str, tmp_path: Path) -> No
     ref = f"oci://{registry}/{repo}:v1"
     _, prof = await model_profile(ref)
     assert (prof.format, prof.max_position_embeddings, prof.weight_bytes) == ("gguf", 901, len(member))
+
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "orchardist", "inspect", ref, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    out = json.loads(shown.stdout)
+    assert "profileError" not in out
+    assert (out["format"], out["weightBytes"], out["profile"]["maxContext"]) == ("gguf", len(member), 901)
     got = await ContentStore(tmp_path / "store", GiB).pull(ref)
     assert got.format == "gguf"
     assert set(_files(got.path)) == {"model-q8.gguf", "README.md"}

@@ -201,3 +201,118 @@ def test_describe_config() -> None:
     assert describe_config(
         mp, {"config": {"paramSize": "8b", "format": "safetensors"}, "descriptor": {"name": "m"}}
     ) == {"format": "safetensors", "parameters": "8b", "name": "m"}
+
+
+# ---- producers' layouts, pure parts --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("title", [".", "./", "model"])
+def test_oras_directory_layer_titles(title: str) -> None:
+    """``oras push REF .`` titles its one tar+gzip layer ``.``: the model root, not a file name."""
+    layer = _d(mt.OCI_LAYER_TAR_GZIP, 1, **{TITLE: title, mt.ORAS_UNPACK: "true"})
+    layout = read_layout(_m(mt.OCI_EMPTY, [layer], "application/vnd.unknown.artifact.v1"))
+    assert [(e.path, e.archive) for e in layout.entries] == [("", "tar+gzip")]
+
+
+@pytest.mark.parametrize("title", ["../up", "/abs", "a/../../x"])
+def test_oras_directory_title_still_cannot_escape(title: str) -> None:
+    layer = _d(mt.OCI_LAYER_TAR_GZIP, 1, **{TITLE: title, mt.ORAS_UNPACK: "true"})
+    with pytest.raises(UnsafePathError):
+        read_layout(_m(mt.OCI_EMPTY, [layer]))
+
+
+def _tar_layout(media_type: str, config_mt: str, artifact: str, **ann: str) -> Any:
+    return read_layout(_m(config_mt, [_d(media_type, 1, **ann)], artifact))
+
+
+@pytest.mark.parametrize(
+    ("layout_args", "files", "config", "expected"),
+    [
+        # modctl names the packed file in the layer's filepath annotation
+        (
+            (
+                "application/vnd.cncf.model.weight.v1.tar",
+                mt.MODELPACK_CONFIG,
+                mt.MODELPACK_MANIFEST,
+                {FP: "m.gguf"},
+            ),
+            [],
+            None,
+            "gguf",
+        ),
+        # the extracted files say it
+        (
+            ("application/vnd.kitops.modelkit.model.v1.tar", mt.KIT_CONFIG, mt.KIT_MANIFEST, {}),
+            ["w/model.safetensors"],
+            None,
+            "safetensors",
+        ),
+        # the Kitfile's model path says it
+        (
+            ("application/vnd.kitops.modelkit.model.v1.tar+gzip", mt.KIT_CONFIG, mt.KIT_MANIFEST, {}),
+            [],
+            {"model": {"path": "./tiny.gguf"}},
+            "gguf",
+        ),
+        # ModelPack's config.format says it
+        (
+            ("application/vnd.cncf.model.weight.v1.tar+zstd", mt.MODELPACK_CONFIG, mt.MODELPACK_MANIFEST, {}),
+            [],
+            {"config": {"format": "GGUF"}},
+            "gguf",
+        ),
+        # nothing says it
+        (
+            ("application/vnd.cncf.model.weight.v1.tar", mt.MODELPACK_CONFIG, mt.MODELPACK_MANIFEST, {}),
+            ["README.md"],
+            {"config": {"format": "onnx"}},
+            None,
+        ),
+    ],
+)
+def test_tar_layer_format(
+    layout_args: tuple[str, str, str, dict[str, str]],
+    files: list[str],
+    config: dict[str, Any] | None,
+    expected: str | None,
+) -> None:
+    media_type, config_mt, artifact, ann = layout_args
+    layout = _tar_layout(media_type, config_mt, artifact, **ann)
+    assert layout.format is None  # the manifest alone cannot tell
+    assert layout.format_with(files, config) == expected
+
+
+@pytest.mark.parametrize(
+    ("rels", "wanted", "expected"),
+    [
+        (["tiny.gguf"], "auto", mt.DMR_CONFIG_V01),
+        (
+            ["model-00001-of-00002.gguf", "model-00002-of-00002.gguf", "LICENSE", "template.jinja"],
+            "auto",
+            mt.DMR_CONFIG_V01,
+        ),
+        (["tiny.gguf", "README.md"], "auto", mt.DMR_CONFIG_V02),  # v0.1 cannot name README.md
+        (["sub/tiny.gguf"], "auto", mt.DMR_CONFIG_V02),  # nor a nested path
+        (["model.safetensors", "config.json"], "auto", mt.DMR_CONFIG_V02),
+        (["tiny.gguf"], "v0.2", mt.DMR_CONFIG_V02),
+        (["tiny.gguf", "LICENSE"], "v0.1", mt.DMR_CONFIG_V01),
+    ],
+)
+def test_docker_config_version(rels: list[str], wanted: Any, expected: str) -> None:
+    from orchardist.oci.push import docker_config_version
+
+    assert docker_config_version(rels, wanted) == expected
+
+
+@pytest.mark.parametrize("rels", [["tiny.gguf", "config.json"], ["model.safetensors"]])
+def test_docker_config_v01_refuses_what_it_cannot_hold(rels: list[str]) -> None:
+    from orchardist.oci.errors import OCIError
+    from orchardist.oci.push import docker_config_version
+
+    with pytest.raises(OCIError, match=r"v0\.1 holds only"):
+        docker_config_version(rels, "v0.1")
+
+
+def test_dir_tar_annotation_is_the_tar_file_name_not_a_directory() -> None:
+    layout = read_layout(_m(mt.DMR_CONFIG_V02, [_d(mt.DMR_DIR_TAR, 1, **{FP: "dir-tar-2961337105.tar"})]))
+    assert [(e.path, e.archive) for e in layout.entries] == [("", "tar")]

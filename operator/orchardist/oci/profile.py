@@ -232,11 +232,16 @@ class _Prefix:
                 raise ProfileUnavailableError(f"not a gzip stream: {exc}") from exc
         import zstandard
 
+        # read() stops at ``limit`` however far the data would expand (a bomb costs nothing)
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head), read_across_frames=True)
+        out = bytearray()
         try:
-            out: bytes = zstandard.ZstdDecompressor().decompressobj().decompress(head)
+            while len(out) < limit and (chunk := reader.read(min(1 << 20, limit - len(out)))):
+                out += chunk
         except zstandard.ZstdError as exc:
-            raise ProfileUnavailableError(f"not a zstd stream: {exc}") from exc
-        return out[:limit]
+            if not out:
+                raise ProfileUnavailableError(f"not a zstd stream: {exc}") from exc
+        return bytes(out)
 
 
 def gguf_member(tar_head: bytes, complete: bool) -> tuple[dict[str, Any], int] | None:
