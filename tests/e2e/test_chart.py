@@ -1,6 +1,7 @@
 """The Helm chart: lint and template clean, a values schema that refuses unknown keys, CRDs that are
 the repo's own, least-privilege RBAC with a reason on every rule, and `helm install` on a fresh
-real apiserver (no kubelet: the operator pod stays Pending, which is fine here)."""
+real apiserver (no kubelet: the operator pod stays Pending, which is fine here; the chart on a real
+node is tests/e2e/test_in_cluster.py)."""
 
 from __future__ import annotations
 
@@ -103,11 +104,73 @@ def test_operator_deployment_image_is_configurable(bare: Cluster) -> None:
     assert container["command"] == ["orchardist", "operator", "run"]
 
 
+def test_operator_pod_options(bare: Cluster) -> None:
+    """Names, priority, probes on kopf's health endpoint; PDB and NetworkPolicy only when asked."""
+    docs = render(
+        bare, "fullnameOverride=orch", "operator.priorityClassName=fleet-critical", "operator.healthPort=9090"
+    )
+    [dep] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "orch-operator"]
+    pod = dep["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert pod["priorityClassName"] == "fleet-critical"
+    assert pod["serviceAccountName"] == "orch-operator"
+    assert "--liveness=http://0.0.0.0:9090/healthz" in container["args"]
+    assert {"name": "health", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert not [d for d in docs if d["kind"] in ("PodDisruptionBudget", "NetworkPolicy")]
+    named = render(bare, "nameOverride=fleet")
+    [dep] = [d for d in named if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")]
+    assert dep["metadata"]["name"] == "orchardist-fleet-operator"
+    assert dep["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "fleet"
+    extra = render(bare, "podDisruptionBudget.enabled=true", "networkPolicy.enabled=true")
+    [pdb] = [d for d in extra if d["kind"] == "PodDisruptionBudget"]
+    [netpol] = [d for d in extra if d["kind"] == "NetworkPolicy"]
+    selector = dep["spec"]["selector"]["matchLabels"] | {"app.kubernetes.io/name": "orchardist"}
+    assert pdb["spec"]["selector"]["matchLabels"] == selector and pdb["spec"]["maxUnavailable"] == 1
+    assert netpol["spec"]["podSelector"]["matchLabels"] == selector
+    [ingress] = netpol["spec"]["ingress"]
+    assert "from" not in ingress and {"protocol": "TCP", "port": 8080} in ingress["ports"]
+    assert {"protocol": "UDP", "port": 53} in [p for rule in netpol["spec"]["egress"] for p in rule["ports"]]
+
+
+@pytest.mark.parametrize(("version", "ok"), [("1.31.9", False), ("1.32.0", True), ("1.36.3", True)])
+def test_kubernetes_floor_matches_selectable_fields(bare: Cluster, version: str, ok: bool) -> None:
+    """The CRDs use selectableFields (GA in 1.32): the chart refuses older clusters."""
+    assert any("selectableFields" in p.read_text() for p in (REPO / "crds").glob("*.yaml"))
+    out = bare.helm("template", "orchardist", str(CHART), "--kube-version", version, check=False)
+    assert (out.returncode == 0) == ok, out.stderr
+
+
+def test_crds_first_applied_with_kubectl_are_adopted(tmp_path: Path) -> None:
+    """The documented upgrade path from `kubectl apply -f crds/`: Helm refuses objects it does not
+    own unless told to take them (`--take-ownership`, and `--force-conflicts` for the fields
+    kubectl's apply owns); then they belong to the release like freshly installed ones."""
+    cl = Cluster.start(
+        tmp_path / "state", bin_dir=find_kubebins(), controller_manager=False, die_with_parent=True
+    )
+    try:
+        cl.kubectl("apply", "-f", str(REPO / "crds"))
+        install = ["install", "orchardist", str(CHART), "-n", SYSTEM_NS, "--create-namespace"]
+        refused = cl.helm(*install, check=False)
+        assert refused.returncode != 0 and "ownership" in refused.stderr, refused.stderr
+        cl.helm("uninstall", "orchardist", "-n", SYSTEM_NS, check=False)  # the failed release, if recorded
+        cl.helm(*install, "--take-ownership", "--force-conflicts")
+        crd = json.loads(cl.kubectl("get", "crd", "modeldeployments.orchardist.io", "-o", "json").stdout)
+        assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == "orchardist"
+        assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    finally:
+        cl.stop()
+
+
 @pytest.mark.parametrize(
     "key",
     ["bogus", "image.bogus", "operator.bogus", "operator.resources.bogus", "operator.resources.limits.bogus",
      "serviceAccount.bogus", "rbac.bogus", "crds.bogus", "systemNamespace.bogus", "agents.bogus",
-     "agents.admissionPolicy.bogus"],
+     "agents.admissionPolicy.bogus", "podDisruptionBudget.bogus", "networkPolicy.bogus",
+     "operator.livenessProbe.bogus", "operator.readinessProbe.bogus"],
 )  # fmt: skip
 def test_values_schema_refuses_unknown_keys(bare: Cluster, key: str) -> None:
     out = bare.helm("template", "orchardist", str(CHART), "--set", f"{key}=1", check=False)
