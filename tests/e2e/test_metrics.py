@@ -4,9 +4,10 @@ dashboard panel's query returns data.
 The real control plane, the operator, two `orchardist agent run` processes (simulated Macs, each in
 its own network namespace) serving a tiny model through real `mlx_lm.server` engines, and one
 `orchardist gateway`. Prometheus is configured by the demo's own code (`orchardist.dev.prometheus`):
-the controller and the gateway at fixed addresses, the agents found through the API server in the
-EndpointSlices of the controller's `orchardist-agents-metrics` Service. The families come from
-docs/metrics.md and the queries from the chart's dashboard JSON: one source each.
+the controller and the gateway at fixed addresses, the agents through the controller's HTTP service
+discovery (Debian builds Prometheus without Kubernetes discovery), the same list the controller
+writes into the EndpointSlices of its `orchardist-agents-metrics` Service, checked here too. The
+families come from docs/metrics.md and the queries from the chart's dashboard JSON: one source each.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ def world(
         procs.wait_http(f"{gateway_url}/readyz", timeout=60)
         url, prometheus = start_prometheus(
             work / "prometheus",
-            Targets(controller, gateway_url.removeprefix("http://"), cluster.kubeconfig),
+            Targets(controller, gateway_url.removeprefix("http://")),
             interval=SCRAPE_S,
             die_with_parent=True,
         )

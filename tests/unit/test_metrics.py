@@ -23,6 +23,7 @@ from orchardist.controller.metrics import (
     agent_targets,
     agents_slices,
     fleet_counts,
+    http_sd,
     serve,
     stalled_reason,
 )
@@ -234,19 +235,28 @@ def test_dashboard_queries_only_documented_families() -> None:
 
 
 def test_prometheus_config_jobs() -> None:
-    conf = config(Targets("127.0.0.1:8081", "127.0.0.1:9000", Path("/k/kubeconfig")), interval=2)
+    conf = config(Targets("127.0.0.1:8081", "127.0.0.1:9000"), interval=2)
     jobs = {j["job_name"]: j for j in conf["scrape_configs"]}  # type: ignore[attr-defined]
     assert conf["global"] == {"scrape_interval": "2s", "evaluation_interval": "2s"}
     assert jobs["orchardist-controller"]["static_configs"] == [{"targets": ["127.0.0.1:8081"]}]
     assert jobs["orchardist-gateway"]["static_configs"] == [{"targets": ["127.0.0.1:9000"]}]
-    sd = jobs["orchardist-agents"]["kubernetes_sd_configs"][0]
-    assert (sd["role"], sd["kubeconfig_file"], sd["namespaces"]) == (
-        "endpointslice",
-        "/k/kubeconfig",
-        {"names": ["orchardist-system"]},
-    )
-    only_gateway = config(Targets(None, "127.0.0.1:9000", None))
+    sd = jobs["orchardist-agents"]["http_sd_configs"]
+    assert sd == [{"url": "http://127.0.0.1:8081/sd/agents", "refresh_interval": "2s"}]
+    only_gateway = config(Targets(None, "127.0.0.1:9000"))
     assert [j["job_name"] for j in only_gateway["scrape_configs"]] == ["orchardist-gateway"]  # type: ignore[attr-defined]
+
+
+def test_http_sd_groups() -> None:
+    targets = [("a", "10.0.0.1", 9464), ("v6", "fd00::5", 9500), ("loop", "127.0.0.1", 9465)]
+    assert http_sd(targets) == [
+        {"targets": ["10.0.0.1:9464"], "labels": {"node": "a"}},
+        {"targets": ["[fd00::5]:9500"], "labels": {"node": "v6"}},
+        {"targets": ["127.0.0.1:9465"], "labels": {"node": "loop"}},
+    ]
+    nodes = {"loop": [mac("loop", "127.0.0.1", 9465)]}
+    assert agent_targets(nodes) == [] and agent_targets(nodes, sliceable=False) == [
+        ("loop", "127.0.0.1", 9465)
+    ]
 
 
 async def test_controller_metrics_served_over_http() -> None:

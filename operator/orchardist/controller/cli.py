@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import kopf
@@ -18,7 +18,7 @@ from orchardist import kube as kube_setup
 from orchardist import log
 from orchardist.controller import authz, handlers
 from orchardist.controller.kube import Adapter, Kube
-from orchardist.controller.metrics import ControllerMetrics
+from orchardist.controller.metrics import ControllerMetrics, agent_targets
 from orchardist.controller.metrics import serve as serve_metrics
 from orchardist.controller.reconciler import Config, Controller
 
@@ -74,13 +74,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=8080,
         metavar="PORT",
-        help="answer the pod's liveness and readiness probes at http://0.0.0.0:PORT/healthz (8080; 0: off)",
+        help="liveness at http://0.0.0.0:PORT/healthz, readiness at /readyz (8080; 0: off)",
     )
     health.add_argument(
         "--liveness",
         metavar="URL",
         default=None,
-        help="the health endpoint at another address, e.g. http://127.0.0.1:9090/healthz",
+        help="kopf's health endpoint instead, at this URL, e.g. http://0.0.0.0:8080/healthz",
     )
     run_p.add_argument(
         "--metrics-port",
@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         priority=priority,
         peering_lifetime=args.peering_lifetime,
         resync_seconds=resync,
+        health_port=0 if args.liveness else args.health_port,
     )
     api = kube_setup.api_client(args.kubeconfig)
     metrics = ControllerMetrics()
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             with_metrics(
                 metrics,
                 args.metrics_port,
+                lambda: agent_targets(ctl.macnodes, sliceable=False),
                 kopf.operator(
                     registry=registry,
                     settings=settings,
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
                     standalone=opts.peering is None,
                     peering_name=opts.peering,
                     priority=priority if opts.peering else None,
-                    liveness_endpoint=health_endpoint(args.liveness, args.health_port),
+                    liveness_endpoint=args.liveness,
                     identity=identity,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str
                 ),
             )
@@ -145,12 +147,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def with_metrics(metrics: ControllerMetrics, port: int, operator: Coroutine[Any, Any, None]) -> None:
-    """Run the operator with ``/metrics`` served on the same loop (a taken port is reported)."""
+async def with_metrics(
+    metrics: ControllerMetrics,
+    port: int,
+    agents: Callable[[], list[tuple[str, str, int]]],
+    operator: Coroutine[Any, Any, None],
+) -> None:
+    """Run the operator with ``/metrics`` (and the agents' ``/sd/agents``) served on the same loop;
+    a taken port is reported."""
     runner = None
     if port:
         try:
-            runner = await serve_metrics(metrics.registry, port)
+            runner = await serve_metrics(metrics.registry, port, agents=agents)
         except OSError as exc:
             LOG.warning("metrics port in use: metrics not served", port=port, error=str(exc))
     try:
@@ -158,25 +166,3 @@ async def with_metrics(metrics: ControllerMetrics, port: int, operator: Coroutin
     finally:
         if runner is not None:
             await runner.cleanup()
-
-
-def health_endpoint(liveness: str | None, port: int) -> str | None:
-    """Where kopf serves its health endpoint: 200 with each probe's result while the operator runs
-    (a stalled event loop stops answering, so the liveness probe restarts the pod).
-
-    A port already taken (a second operator on one machine, in development) is reported and left
-    out rather than stopping the operator; in a pod the port is free and a probe that finds nothing
-    restarts it, so nothing goes unnoticed there.
-    """
-    if liveness:
-        return liveness
-    if not port:
-        return None
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds it
-        try:
-            probe.bind(("0.0.0.0", port))
-        except OSError as exc:
-            LOG.warning("health port in use: probes not served", port=port, error=str(exc))
-            return None
-    return f"http://0.0.0.0:{port}/healthz"

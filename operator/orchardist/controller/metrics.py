@@ -8,7 +8,8 @@ a value from a short fixed set (condition reasons, phases, results): no names of
 The agents are not Pods, so Prometheus cannot find them by itself. The controller lists every
 MacNode that reports ``status.address`` and ``status.metricsPort`` in one selector-less Service
 (``orchardist-agents-metrics`` in ``orchardist-system``) and its EndpointSlice, which a
-ServiceMonitor (or a plain ``endpoints`` scrape config) reads.
+ServiceMonitor (or a ``kubernetes_sd_configs`` endpointslice job) reads. A Prometheus built without
+Kubernetes discovery (Debian's) reads the same list from ``/sd/agents`` (HTTP service discovery).
 """
 
 from __future__ import annotations
@@ -158,8 +159,14 @@ class ControllerMetrics:
             self.placements.inc(n)
 
 
-async def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> web.AppRunner:
-    """``/metrics`` on the running loop (scrapes read the indexes between their updates)."""
+async def serve(
+    registry: CollectorRegistry,
+    port: int,
+    host: str = "0.0.0.0",
+    agents: Callable[[], list[tuple[str, str, int]]] | None = None,
+) -> web.AppRunner:
+    """``/metrics`` on the running loop (scrapes read the indexes between their updates), and with
+    ``agents`` the agents' targets at ``/sd/agents`` for a Prometheus without Kubernetes discovery."""
 
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(registry)
@@ -167,6 +174,12 @@ async def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
+    if agents is not None:
+
+        async def discovery(_: web.Request) -> web.Response:
+            return web.json_response(http_sd(agents()))
+
+        app.router.add_get("/sd/agents", discovery)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
@@ -177,8 +190,9 @@ async def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -
 # -- the agents' scrape targets ---------------------------------------------------------------
 
 
-def agent_targets(nodes: Index | None) -> list[tuple[str, str, int]]:
-    """(node, address, port) of every MacNode serving metrics on an address a slice may hold."""
+def agent_targets(nodes: Index | None, *, sliceable: bool = True) -> list[tuple[str, str, int]]:
+    """(node, address, port) of every MacNode serving metrics, sorted by node; ``sliceable``: only
+    addresses an EndpointSlice may hold (no loopback or link-local)."""
     out = []
     for _, entries in nodes.items() if nodes is not None else ():
         for node in entries:
@@ -191,10 +205,21 @@ def agent_targets(nodes: Index | None) -> list[tuple[str, str, int]]:
                 ip = ipaddress.ip_address(address)
             except ValueError:
                 continue  # an EndpointSlice holds addresses, not names
-            if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+            if sliceable and (ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified):
                 continue  # the API server refuses these in a slice
             out.append((str(node.metadata.get("name") or ""), address, port))
     return sorted(out)
+
+
+def http_sd(targets: list[tuple[str, str, int]]) -> list[JSON]:
+    """Prometheus's HTTP service discovery format: one group per Mac, labelled with its node."""
+    return [
+        {
+            "targets": [f"[{address}]:{port}" if ":" in address else f"{address}:{port}"],
+            "labels": {"node": node},
+        }
+        for node, address, port in targets
+    ]
 
 
 def agents_service() -> JSON:
@@ -296,6 +321,7 @@ __all__ = [
     "agents_service",
     "agents_slices",
     "fleet_counts",
+    "http_sd",
     "serve",
     "stalled_reason",
 ]

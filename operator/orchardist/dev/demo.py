@@ -299,7 +299,7 @@ def run_up(args: argparse.Namespace) -> int:
         steps.note(f"key: {key}")
         prometheus_url, prometheus = start_prometheus(
             demo / "prometheus",
-            PrometheusTargets(operator_metrics, gateway.removeprefix("http://"), cluster.kubeconfig),
+            PrometheusTargets(operator_metrics, gateway.removeprefix("http://")),
         )
         procs.save([prometheus], demo / "pids")
         steps.note(f"prometheus: {prometheus_url}")

@@ -1,9 +1,9 @@
 """Debian's Prometheus against the local fleet: the controller, the gateway and every agent.
 
-The agents are found the way a real cluster finds them: through the API server, in the
-EndpointSlices of the controller's selector-less Service ``orchardist-agents-metrics``
-(``kubernetes_sd_configs``, role ``endpointslice``, with the demo's kubeconfig). The controller
-and the gateway are processes on this machine, scraped at fixed addresses.
+Debian builds Prometheus without Kubernetes service discovery, so the agents are found through
+the controller's HTTP service discovery (``/sd/agents`` on its metrics port): the list it also
+writes into the EndpointSlices of ``orchardist-agents-metrics`` for Prometheus on a cluster. The
+controller and the gateway are processes on this machine, scraped at fixed addresses.
 """
 
 from __future__ import annotations
@@ -16,17 +16,13 @@ import yaml
 
 from orchardist.dev import procs
 
-AGENTS_SERVICE = "orchardist-agents-metrics"
-AGENTS_NAMESPACE = "orchardist-system"
-
 
 @dataclass(frozen=True)
 class Targets:
-    """What Prometheus scrapes: fixed ``host:port`` addresses and the cluster for the agents."""
+    """What Prometheus scrapes: ``host:port`` of the controller (agents through it) and gateway."""
 
-    controller: str | None
+    controller: str | None  # None (the operator in a Pod): no controller or agents job
     gateway: str | None
-    kubeconfig: Path | None  # None: no agents job
 
 
 def config(targets: Targets, interval: float = 5.0) -> dict[str, object]:
@@ -39,28 +35,12 @@ def config(targets: Targets, interval: float = 5.0) -> dict[str, object]:
     ):
         if address:
             jobs.append({"job_name": job, "static_configs": [{"targets": [address]}]})
-    if targets.kubeconfig is not None:
+    if targets.controller:
         jobs.append(
             {
                 "job_name": "orchardist-agents",
-                "kubernetes_sd_configs": [
-                    {
-                        "role": "endpointslice",
-                        "kubeconfig_file": str(targets.kubeconfig),
-                        "namespaces": {"names": [AGENTS_NAMESPACE]},
-                    }
-                ],
-                "relabel_configs": [
-                    {
-                        "source_labels": ["__meta_kubernetes_service_name"],
-                        "regex": AGENTS_SERVICE,
-                        "action": "keep",
-                    },
-                    {
-                        "source_labels": ["__meta_kubernetes_endpointslice_port_name"],
-                        "regex": "metrics",
-                        "action": "keep",
-                    },
+                "http_sd_configs": [
+                    {"url": f"http://{targets.controller}/sd/agents", "refresh_interval": every}
                 ],
             }
         )
