@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -206,14 +207,33 @@ async def test_get_md_wide_says_why_an_unschedulable_deployment_waits(
     assert got["MESSAGE"], got
 
 
-def test_operator_answers_its_health_probe(cluster: Cluster, agent: Agent, operator: Running) -> None:
-    """GET /healthz on --health-port: 200, and once a MacNode was handled, every kind is listed."""
+def test_operator_answers_its_probes(cluster: Cluster, agent: Agent, operator: Running) -> None:
+    """/healthz answers 200; /readyz answers 200 once every watched kind was listed and handled."""
     registered(cluster, agent)
+    base = f"http://127.0.0.1:{operator.health_port}"
 
-    def answer() -> dict[str, Any] | None:
-        with urllib.request.urlopen(f"http://127.0.0.1:{operator.health_port}/healthz", timeout=5) as resp:
-            assert resp.status == 200
-            body: dict[str, Any] = json.loads(resp.read())
-        return body if body.get("listed") is True else None
+    def get(path: str) -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
 
-    assert wait_for(answer, timeout=30, message="/healthz says listed") == {"listed": True}
+    assert get("/healthz")[0] == 200
+    assert wait_for(lambda: get("/readyz")[0] == 200, timeout=30, message="/readyz 200")
+    assert get("/healthz") == (200, {"alive": True, "listed": True})
+
+
+def test_a_taken_health_port_does_not_stop_the_operator(cluster: Cluster) -> None:
+    """Two operators on one machine: the second reports the port and keeps running."""
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        op = Operator.spawn(cluster, "--standalone", "--namespace", "day2-none", "--health-port", str(port))
+        try:
+            op.wait_started(60)
+            wait_for(lambda: op.said("health port in use"), timeout=30, message="the taken port reported")
+            assert op.proc.poll() is None
+        finally:
+            op.stop()

@@ -40,6 +40,7 @@ from orchardist.controller.demand import DemandWatch
 from orchardist.controller.kube import ensure_peering
 from orchardist.controller.metrics import AgentsExposure
 from orchardist.controller.nodehealth import NodeHealth
+from orchardist.controller.probes import Probes
 from orchardist.controller.projection import Projector
 from orchardist.controller.reconciler import Controller, deployment_ref
 from orchardist.controller.world import LABEL_MANAGED_BY, MANAGED_BY, SERVICE_NAME_LABEL, SLICE_MANAGED_BY
@@ -57,6 +58,7 @@ class Options:
     priority: int = 0
     peering_lifetime: int = 30
     resync_seconds: float = 10.0
+    health_port: int = 0  # /healthz and /readyz (probes.py); 0: not served
 
 
 def settings(opts: Options, identity: str) -> kopf.OperatorSettings:
@@ -185,6 +187,8 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         ctl.services, ctl.slices = kwargs["svc_index"], kwargs["slice_index"]
         background.append(asyncio.create_task(projector.run(opts.resync_seconds)))
         background.append(asyncio.create_task(health.run(opts.resync_seconds)))
+        if opts.health_port:
+            background.append(asyncio.create_task(Probes(opts.health_port, health.listed.is_set).run()))
         # The agents' metrics endpoints, for Prometheus (a selector-less Service + EndpointSlice).
         agents = AgentsExposure(ctl.adapter.kube, lambda: ctl.macnodes)
         background.append(asyncio.create_task(agents.run(opts.resync_seconds)))
@@ -215,6 +219,7 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
     @kopf.on.resume(*md, id="reconcile-resume", when=serves, backoff=2, registry=registry)
     @kopf.on.create(*md, id="reconcile-create", when=serves, backoff=2, registry=registry)
     async def reconcile(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+        health.listed.set()  # kopf calls handlers only once every index is filled
         await ctl.trigger(str(namespace), name, _snapshot(body))
 
     @kopf.on.update(*md, id="reconcile-update", when=serves, backoff=2, registry=registry)
