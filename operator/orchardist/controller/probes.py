@@ -1,8 +1,9 @@
 """The operator's probe endpoint: ``/healthz`` (liveness) and ``/readyz`` (listed), on ``--health-port``.
 
 ``/healthz`` answers 200 while the event loop runs: a stalled loop stops answering and the pod is
-restarted. ``/readyz`` answers 200 once every watched kind has been listed and handled (kopf calls
-handlers only after its indexes are filled), 503 before. kopf's own health endpoint is not used
+restarted. ``/readyz`` answers 200 once a first MacNode or ModelDeployment was handled (kopf calls
+handlers only after all its indexes are filled), 503 before; a cluster with neither stays 503, so
+a readiness probe that an install waits on should use ``/healthz``. kopf's own health endpoint is not used
 for this: it stops the whole operator when its port is taken, and a second operator on one
 machine (development, tests) would then die; here a taken port is reported and the operator runs.
 """
