@@ -20,7 +20,7 @@ from orchardist.oci import gguf
 from orchardist.oci import mediatypes as mt
 from orchardist.oci.auth import Credentials
 from orchardist.oci.client import CONFIG_LIMIT, Manifest, RegistryClient
-from orchardist.oci.errors import OCIError, TooLargeError
+from orchardist.oci.errors import OCIError, RegistryError, TooLargeError
 from orchardist.oci.layouts import Entry, Layout, describe_config, read_layout
 from orchardist.oci.reference import Reference, parse
 from orchardist.planning import profile as planning
@@ -208,7 +208,10 @@ async def _gzip_sizes(client: RegistryClient, repo: str, layout: Layout) -> dict
     for e in layout.entries:
         if e.archive != "tar+gzip" or e.role != "weight" or e.layer.size < 18 or _annotated_size(e):
             continue
-        tail = await client.get_blob_range(repo, e.layer.digest, e.layer.size - 4, 4)
+        try:
+            tail = await client.get_blob_range(repo, e.layer.digest, e.layer.size - 4, 4)
+        except RegistryError:  # a registry without Range support: the layer size stands in
+            continue
         if len(tail) == 4:
             isize = int.from_bytes(tail, "little")
             floor = e.layer.size - e.layer.size // 64  # weights shrink by a few percent at most
