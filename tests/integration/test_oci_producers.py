@@ -144,6 +144,7 @@ async def test_oras_push_dot_is_the_model_root(registry: str, tmp_path: Path) ->
     }
     _, prof = await model_profile(ref)
     assert prof.num_layers == TINY_CONFIG["num_hidden_layers"]
+    assert prof.weight_bytes == len(raw)  # the whole directory's tar, uncompressed (gzip trailer)
 
 
 async def test_oras_title_still_refuses_an_escaping_directory_name(registry: str, tmp_path: Path) -> None:

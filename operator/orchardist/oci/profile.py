@@ -79,10 +79,18 @@ def exact_weight_bytes(layout: Layout, unpacked: Mapping[str, int] | None = None
     )
     archived = sum(
         (unpacked or {}).get(e.layer.digest) or _annotated_size(e) or e.layer.size
-        for e in layout.entries
-        if e.archive is not None and e.role == "weight"
+        for e in _weight_archives(layout)
     )
     return exact + archived or layout.weight_bytes
+
+
+def _weight_archives(layout: Layout) -> list[Entry]:
+    """Archives holding weights: those marked so, else (a whole directory in one tar, as ``oras
+    push REF .`` makes) every archive when nothing in the manifest is marked a weight."""
+    marked = [e for e in layout.entries if e.archive is not None and e.role == "weight"]
+    if marked or any(e.role == "weight" for e in layout.entries):
+        return marked
+    return [e for e in layout.entries if e.archive is not None and e.role == "other"]
 
 
 def _annotated_size(e: Entry) -> int | None:
@@ -205,8 +213,8 @@ async def _gzip_sizes(client: RegistryClient, repo: str, layout: Layout) -> dict
     below the compressed size, which is exact for weights (they barely compress) under 4 GiB ratio.
     """
     out: dict[str, int] = {}
-    for e in layout.entries:
-        if e.archive != "tar+gzip" or e.role != "weight" or e.layer.size < 18 or _annotated_size(e):
+    for e in _weight_archives(layout):
+        if e.archive != "tar+gzip" or e.layer.size < 18 or _annotated_size(e):
             continue
         try:
             tail = await client.get_blob_range(repo, e.layer.digest, e.layer.size - 4, 4)
