@@ -147,6 +147,26 @@ async def test_oras_push_dot_is_the_model_root(registry: str, tmp_path: Path) ->
     assert prof.weight_bytes == len(raw)  # the whole directory's tar, uncompressed (gzip trailer)
 
 
+async def test_oras_push_dot_of_a_gguf_directory(registry: str, tmp_path: Path) -> None:
+    """Nothing in the manifest says GGUF: a short look at the archive's first member finds it."""
+    member = make_gguf(tmp_path / "g" / "tiny.gguf", context=1234).read_bytes()
+    raw = _tar([("./", None), ("README.md", b"# tiny\n"), ("tiny.gguf", member)])
+    repo = _repo("oras-gguf")
+    await push_artifact(
+        registry,
+        f"{repo}:v1",
+        (mt.OCI_EMPTY, b"{}"),
+        [(mt.OCI_LAYER_TAR_GZIP, gzip.compress(raw), {mt.TITLE: ".", mt.ORAS_UNPACK: "true"})],
+        artifact_type="application/vnd.unknown.artifact.v1",
+    )
+    ref = f"oci://{registry}/{repo}:v1"
+    _, prof = await model_profile(ref)
+    assert (prof.format, prof.max_position_embeddings) == ("gguf", 1234)
+    got = await ContentStore(tmp_path / "store", GiB).pull(ref)
+    assert got.format == "gguf"
+    assert (got.path / "tiny.gguf").read_bytes() == member
+
+
 async def test_oras_title_still_refuses_an_escaping_directory_name(registry: str, tmp_path: Path) -> None:
     """Only ``.`` names the root: a title that climbs out of the model directory is refused."""
     from orchardist.oci.errors import UnsafePathError

@@ -151,10 +151,16 @@ async def profile_of(client: RegistryClient, info: Inspection) -> ModelProfile:
     if first_gguf is not None:
         meta = await read_gguf_metadata(client, repo, first_gguf)
         return planning.from_gguf_metadata(meta, exact_weight_bytes(layout, unpacked))
-    if fmt == "gguf":
-        tarred = next((e for e in layout.entries if e.archive is not None and e.role == "weight"), None)
-        if tarred is not None:
-            meta, member_size = await read_gguf_in_tar(client, repo, tarred)
+    tarred = next(iter(_weight_archives(layout)), None)
+    if tarred is not None and fmt in ("gguf", None):
+        try:  # an unknown format gets a short look only: a GGUF header starts the file
+            meta, member_size = await read_gguf_in_tar(
+                client, repo, tarred, max_read=GGUF_MAX_READ if fmt else GGUF_FIRST_READ
+            )
+        except (ProfileUnavailableError, TooLargeError):
+            if fmt:
+                raise
+        else:
             whole = unpacked.get(tarred.layer.digest) or _annotated_size(tarred) or tarred.layer.size
             if whole - member_size <= TAR_OVERHEAD:  # the layer is that one file: count the file
                 unpacked[tarred.layer.digest] = member_size
@@ -285,12 +291,14 @@ def gguf_member(tar_head: bytes, complete: bool) -> tuple[dict[str, Any], int] |
     return None
 
 
-async def read_gguf_in_tar(client: RegistryClient, repo: str, entry: Entry) -> tuple[dict[str, Any], int]:
+async def read_gguf_in_tar(
+    client: RegistryClient, repo: str, entry: Entry, *, max_read: int = GGUF_MAX_READ
+) -> tuple[dict[str, Any], int]:
     """A GGUF header from inside a (tar, tar+gzip, tar+zstd) layer: Range reads of the layer's
     first bytes, decompressed just far enough, widened until the member's header fits."""
     assert entry.archive is not None
     prefix = _Prefix(entry.archive)
-    want = min(GGUF_FIRST_READ, entry.layer.size)
+    want = min(GGUF_FIRST_READ, max_read, entry.layer.size)
     what = f"layer {entry.layer.digest[:19]}"
     while True:
         head = await client.get_blob_range(repo, entry.layer.digest, 0, want)
@@ -301,9 +309,9 @@ async def read_gguf_in_tar(client: RegistryClient, repo: str, entry: Entry) -> t
             raise ProfileUnavailableError(f"{what}: {exc}") from exc
         if found is not None:
             return found
-        if want >= min(GGUF_MAX_READ, entry.layer.size):
+        if want >= min(max_read, entry.layer.size):
             raise TooLargeError(f"{what}: GGUF header not within its first {want} bytes")
-        want = min(want * 4, GGUF_MAX_READ, entry.layer.size)
+        want = min(want * 4, max_read, entry.layer.size)
 
 
 def _config_from_tar(blob: bytes, archive: str) -> dict[str, Any] | None:
