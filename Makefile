@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 LOCK_ARGS ?=
 
-.PHONY: help venv lock system-deps kubebins image runtimes test-deps test unit lint crds bench demo clean
+.PHONY: help venv lock system-deps kubebins image runtimes test-deps test unit lint crds bench demo demo-in-cluster clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -74,6 +74,11 @@ bench: test-deps $(VENV)/.orchardist-bench ## benchmarks, ratios measured in one
 demo: venv system-deps kubebins ## set up everything and serve a tiny model end to end
 	bash hack/install-runtimes.sh mlx-lm
 	$(BIN)/orchardist dev up --demo
+
+demo-in-cluster: venv system-deps kubebins image ## the demo with the operator as a Pod from the chart on a real local node (root)
+	bash hack/build-kubebins.sh --node >/dev/null
+	bash hack/install-runtimes.sh mlx-lm
+	$(BIN)/orchardist dev up --in-cluster --demo
 
 clean: ## stop dev processes and remove local state (keeps the binary caches)
 	-$(BIN)/orchardist dev down
