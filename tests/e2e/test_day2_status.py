@@ -205,6 +205,8 @@ async def test_get_md_wide_says_why_an_unschedulable_deployment_waits(
     assert got["STATUS"] == "Failed"
     assert got["MESSAGE"] == " ".join(stalled["message"].split())[:256], (got, stalled)
     assert got["MESSAGE"], got
+    [narrow] = table(cluster, "md", "-n", namespace)  # REASON is a default column; MESSAGE needs -o wide
+    assert (narrow["REASON"], "MESSAGE" in narrow) == ("Unschedulable", False)
 
 
 def test_operator_answers_its_probes(cluster: Cluster, agent: Agent, operator: Running) -> None:
