@@ -18,12 +18,12 @@ address (429), so a misbehaving peer cannot take the Mac's disk and network from
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -96,7 +96,7 @@ class PeerServer:
         self.limits = limits or ServeLimits()
         self.clock = clock
         self.stats = PeerServerStats()
-        self._streams = asyncio.Semaphore(self.limits.max_streams)
+        self.streams = 0  # blob bodies being sent
         self._buckets: dict[str, _Bucket] = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -142,10 +142,27 @@ class PeerServer:
             return self._refuse(404, "blob not held", {FETCHING: claim} if claim else None)
         if request.method == "HEAD":
             return web.Response(status=200, headers={"Content-Length": str(size), "Accept-Ranges": "bytes"})
-        if self._streams.locked():
+        if self.streams >= self.limits.max_streams:
             return self._refuse(503, "busy", {"Retry-After": "1"})
-        async with self._streams:  # held while the body is sent (prepare sends it all)
-            self.stats.bodies += 1
-            response = web.FileResponse(self.blob_path(digest), chunk_size=1 << 20)
-            await response.prepare(request)
-            return response
+        self.streams += 1
+        self.stats.bodies += 1
+        return _Counted(self.blob_path(digest), self._stream_done)
+
+    def _stream_done(self) -> None:
+        self.streams -= 1
+
+
+class _Counted(web.FileResponse):
+    """A blob body (sendfile, Range handled by aiohttp) that says when it is sent or failed."""
+
+    def __init__(self, path: Path, done: Callable[[], None]) -> None:
+        super().__init__(path, chunk_size=1 << 20)
+        self._done: Callable[[], None] | None = done
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        try:
+            return await super().prepare(request)
+        finally:
+            if self._done is not None:
+                self._done()
+                self._done = None

@@ -433,13 +433,13 @@ class PeerSource:
                     raise RangeError(f"answered {resp.status} {resp.headers.get('Content-Range')!r}")
                 offset = start
                 while offset < end:
-                    try:
+                    try:  # whole batches: one write (one thread hop) per READ bytes
                         async with asyncio.timeout(pace.wait_limit(loop.time())):
-                            data = await resp.content.read(min(READ, end - offset))
+                            data = await resp.content.readexactly(min(READ, end - offset))
                     except TimeoutError:
                         raise RangeError(str(pace.stalled(loop.time()))) from None
-                    if not data:
-                        raise RangeError(f"range cut at byte {offset} of {start}-{end - 1}")
+                    except asyncio.IncompleteReadError as exc:
+                        raise RangeError(f"range cut at byte {offset + len(exc.partial)}") from None
                     await asyncio.to_thread(os.pwrite, fd, data, offset)
                     offset += len(data)
                     kept += len(data)
