@@ -281,8 +281,9 @@ def test_every_documented_family_has_samples(world: World) -> None:
         return not missing
 
     wait_for(all_there, timeout=90, interval=SCRAPE_S, message=lambda: f"families without samples: {missing}")
-    nodes = {s["metric"]["node"] for s in world.query("orchardist_agent_gpu_working_set_bytes")}
-    assert nodes == {a.node for a in world.fleet.agents.values()}
+    samples = world.query("orchardist_agent_gpu_working_set_bytes")
+    assert {s["metric"]["node"] for s in samples} == {a.node for a in world.fleet.agents.values()}
+    assert not any("exported_node" in s["metric"] for s in samples)  # discovery adds no clashing label
     tokens = world.query('sum(orchardist_agent_replica_tokens_total{kind="completion"})')
     assert float(tokens[0]["value"][1]) > 0
 

@@ -249,9 +249,9 @@ def test_prometheus_config_jobs() -> None:
 def test_http_sd_groups() -> None:
     targets = [("a", "10.0.0.1", 9464), ("v6", "fd00::5", 9500), ("loop", "127.0.0.1", 9465)]
     assert http_sd(targets) == [
-        {"targets": ["10.0.0.1:9464"], "labels": {"node": "a"}},
-        {"targets": ["[fd00::5]:9500"], "labels": {"node": "v6"}},
-        {"targets": ["127.0.0.1:9465"], "labels": {"node": "loop"}},
+        {"targets": ["10.0.0.1:9464"], "labels": {}},
+        {"targets": ["[fd00::5]:9500"], "labels": {}},
+        {"targets": ["127.0.0.1:9465"], "labels": {}},
     ]
     nodes = {"loop": [mac("loop", "127.0.0.1", 9465)]}
     assert agent_targets(nodes) == [] and agent_targets(nodes, sliceable=False) == [

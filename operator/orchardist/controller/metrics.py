@@ -212,13 +212,11 @@ def agent_targets(nodes: Index | None, *, sliceable: bool = True) -> list[tuple[
 
 
 def http_sd(targets: list[tuple[str, str, int]]) -> list[JSON]:
-    """Prometheus's HTTP service discovery format: one group per Mac, labelled with its node."""
+    """Prometheus's HTTP service discovery format, one group per Mac. No target labels: the agent's
+    samples carry ``node`` themselves (a target label of that name would rename theirs)."""
     return [
-        {
-            "targets": [f"[{address}]:{port}" if ":" in address else f"{address}:{port}"],
-            "labels": {"node": node},
-        }
-        for node, address, port in targets
+        {"targets": [f"[{address}]:{port}" if ":" in address else f"{address}:{port}"], "labels": {}}
+        for _, address, port in targets
     ]
 
 
