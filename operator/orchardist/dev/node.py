@@ -3,15 +3,13 @@ and the scheduler and workload controllers that turn the chart's Deployment into
 
 Nothing is pulled from outside: the node runs its own registry on loopback holding the pause image
 (a static binary built with the control plane) and the operator image (``hack/build-image.sh``).
-The configurations are decided in :mod:`orchardist.dev.nodeconf`; this module writes them, runs
-the processes (pid records under ``<state>/node``) and takes all of it down again, including what
-outlives the processes: containerd's shims, mounts, pod network namespaces, the bridge and the
-iptables rules kube-proxy and the bridge plugin added. Needs root (network and mounts).
+The configurations are decided in :mod:`orchardist.dev.nodeconf`; this module writes them and runs
+the processes (pid records under ``<state>/node``); :mod:`orchardist.dev.nodedown` takes all of it
+down again. Needs root (network and mounts).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -22,20 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from orchardist import log
 from orchardist.dev import image, nodeconf, procs
 from orchardist.dev.cluster import Cluster, repo_root
+from orchardist.dev.nodedown import down_at
 from orchardist.dev.registry import Registry
-from orchardist.dev.registry import stop_at as stop_registry_at
 
 _log = log.get(__name__)
 
 NODE_BINARIES = ("kubelet", "kube-proxy", "kube-scheduler", "pause")
 HOST_TOOLS = ("containerd", "runc", "ctr", "iptables", "iptables-save", "ip", "umount")
-#: Start order; stopped in reverse (containerd last: the kubelet's pods go down first).
-ORDER = ("containerd", "kubelet", "kube-proxy", "kube-scheduler", "workload-controllers")
 #: Deployments -> ReplicaSets -> Pods, and the node lifecycle controller, which lifts the not-ready
 #: taint a kubelet registers its Node with once the Node reports Ready.
 WORKLOAD_CONTROLLERS = ("deployment-controller", "replicaset-controller", "node-lifecycle-controller")
@@ -333,99 +327,6 @@ def _wait(fact: Any, timeout: float, rec: procs.ProcRecord, what: str) -> None:
         if time.monotonic() > deadline:
             raise NodeError(f"no {what} after {timeout:.0f} s; log {rec.log}:\n{procs.tail(rec.log)}")
         time.sleep(0.3)
-
-
-def down_at(state: Path) -> list[str]:
-    """Take down the node recorded under ``state`` (``<dev state>/node``) and remove it.
-
-    Order: the kubelet and the other node processes; every container task and container (their
-    shims exit with them; a shim still serving our socket is killed by pid); containerd; the mounts
-    under the node's dirs and the pods' network namespaces; kube-proxy's and the bridge plugin's
-    iptables rules; the bridge; the registry.
-    """
-    meta = state / "node.json"
-    if not meta.is_file():
-        shutil.rmtree(state, ignore_errors=True)
-        return []
-    info = json.loads(meta.read_text())
-    layout = nodeconf.NodeLayout(str(info["tag"]), state)
-    recs = {r.name: r for r in procs.load(state / "pids")} if (state / "pids").is_dir() else {}
-    stopped = [
-        n for n in reversed(ORDER) if n != "containerd" and n in recs and procs.stop(recs[n], grace=15)
-    ]
-    netns = (
-        _remove_containers(layout) if "containerd" in recs and procs.is_running(recs["containerd"]) else []
-    )
-    if "containerd" in recs and procs.stop(recs["containerd"], grace=15):
-        stopped.append("containerd")
-    _kill_shims(layout)
-    _unmount_under([layout.state, layout.run, *netns])
-    for ns in netns:
-        Path(ns).unlink(missing_ok=True)
-    _remove_rules(layout, recs.get("kube-proxy"))
-    _run(["ip", "link", "delete", layout.bridge], check=False)
-    if stop_registry_at(state / "registry"):
-        stopped.append("registry")
-    shutil.rmtree(layout.run, ignore_errors=True)
-    shutil.rmtree(state, ignore_errors=True)
-    return stopped
-
-
-def _remove_containers(layout: nodeconf.NodeLayout) -> list[str]:
-    """Kill and delete every task and container; return the sandboxes' network namespace paths."""
-    base = ["ctr", "--address", str(layout.containerd_socket), "-n", nodeconf.CRI_NAMESPACE]
-    listed = subprocess.run([*base, "containers", "ls", "-q"], capture_output=True, text=True, timeout=30)
-    netns: list[str] = []
-    for cid in listed.stdout.split():
-        info = subprocess.run([*base, "containers", "info", cid], capture_output=True, text=True, timeout=30)
-        try:
-            spec = json.loads(info.stdout).get("Spec") or {}
-        except ValueError:
-            spec = {}
-        for ns in (spec.get("linux") or {}).get("namespaces") or []:
-            path = os.path.realpath(str(ns.get("path", "")))  # /var/run is a link to /run
-            if ns.get("type") == "network" and Path(path).name.startswith("cni-"):
-                netns.append(path)
-        subprocess.run([*base, "tasks", "kill", "-s", "SIGKILL", cid], capture_output=True, timeout=30)
-        subprocess.run([*base, "tasks", "rm", "-f", cid], capture_output=True, timeout=30)
-        subprocess.run([*base, "containers", "rm", cid], capture_output=True, timeout=30)
-    return sorted(set(netns))
-
-
-def _kill_shims(layout: nodeconf.NodeLayout) -> None:
-    """containerd's shims outlive it by design; ours are the ones given our socket's address."""
-    sock = str(layout.containerd_socket)
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = p.info.get("cmdline") or []
-        if cmd and Path(cmd[0]).name.startswith("containerd-shim") and sock in cmd:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-
-
-def _unmount_under(prefixes: list[Path | str]) -> None:
-    roots = [str(p).rstrip("/") for p in prefixes]
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mp = line.split()[4].replace("\\040", " ")
-        if any(mp == r or mp.startswith(r + "/") for r in roots):
-            points.append(mp)
-    for mp in sorted(set(points), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], capture_output=True, timeout=30)
-
-
-def _remove_rules(layout: nodeconf.NodeLayout, proxy: procs.ProcRecord | None) -> None:
-    """kube-proxy's own cleanup, then whatever kubelet and kube-proxy left in either family, then the
-    bridge plugin's masquerade rules for our pods."""
-    if proxy is not None and proxy.argv:
-        subprocess.run([proxy.argv[0], "--cleanup"], capture_output=True, timeout=60)
-    for tool in ("iptables", "ip6tables"):
-        for table in ("filter", "nat", "mangle"):
-            saved = subprocess.run([f"{tool}-save", "-t", table], capture_output=True, text=True, timeout=30)
-            rules = nodeconf.kube_rules_to_delete(saved.stdout)
-            if table == "nat" and tool == "iptables":
-                rules = nodeconf.cni_rules_to_delete(saved.stdout) + rules
-            for args in rules:
-                subprocess.run([tool, "-t", table, *args], capture_output=True, timeout=30)
 
 
 __all__ = ["Node", "NodeError", "down_at", "missing", "node_bins", "operator_layout", "tag_for"]
