@@ -72,6 +72,7 @@ def test_kubelet_config_fits_this_machine() -> None:
     assert cfg["cgroupsPerQOS"] is False and cfg["enforceNodeAllocatable"] == []
     assert cfg["containerRuntimeEndpoint"] == f"unix://{_layout().containerd_socket}"
     assert cfg["authentication"]["anonymous"]["enabled"] is False
+    assert cfg["podLogsDir"] == str(STATE / "pod-logs")
     assert (cfg["address"], cfg["port"], cfg["healthzPort"], cfg["readOnlyPort"]) == ("10.214.0.1", 1, 2, 0)
 
 

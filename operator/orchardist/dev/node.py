@@ -150,7 +150,6 @@ class Node:
         _self_signed(st / "kubelet" / "pki", str(self.layout.gateway))
         health = procs.free_port()
         cfg = nodeconf.kubelet_config(self.layout, port=procs.free_port(), healthz_port=health)
-        cfg["podLogsDir"] = str(st / "pod-logs")
         (st / "kubelet.json").write_text(nodeconf.dumps(cfg))
         argv = [
             str(bin_dir / "kubelet"),

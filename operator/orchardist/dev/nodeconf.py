@@ -163,6 +163,7 @@ def kubelet_config(layout: NodeLayout, *, port: int, healthz_port: int) -> dict[
         "clusterDomain": "cluster.local",
         "resolvConf": "/etc/resolv.conf",
         "staticPodPath": "",
+        "podLogsDir": str(layout.state / "pod-logs"),  # removed with the node
         "rotateCertificates": False,
         "serverTLSBootstrap": False,
         "tlsCertFile": str(layout.state / "kubelet" / "pki" / "kubelet.crt"),
