@@ -244,6 +244,8 @@ class PeerSource:
         its bytes advance (a claimant that stops for a window, vanishes or fails is passed over);
         else claim it and call ``from_registry`` (whose byte counter our claim reports to peers).
         A failed peer fetch falls back to the registry at once. ``partial`` is for peer bytes only.
+        After "registry" the claim stands until the caller :meth:`Claims.release` s it, once the
+        blob is committed: a peer must never see neither a claim nor the blob in between.
         """
         loop = asyncio.get_running_loop()
         give_up_waiting = loop.time() + self.wait_deadline
@@ -274,9 +276,10 @@ class PeerSource:
 
         try:
             await from_registry(counted)
-        finally:
+        except BaseException:
             self.claims.release(digest)
-        return "registry"
+            raise
+        return "registry"  # still claimed: the caller releases once the blob is in the store
 
     async def _wait(self, session: aiohttp.ClientSession, digest: str, size: int, deadline: float) -> bool:
         """Until a peer holds the blob or its claimant went away (True), or no claimant made

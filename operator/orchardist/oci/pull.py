@@ -330,7 +330,11 @@ class Puller:
                         layer.digest, layer.size, from_peers, tracker.add, from_registry
                     )
                     partial = from_peers if source == "peers" else partial
-                await self._commit(layer.digest, partial)
+                try:
+                    await self._commit(layer.digest, partial)
+                finally:
+                    if peers is not None:
+                        peers.claims.release(layer.digest)  # held until the blob is servable
         tracker.layer_done()
 
     def _count_get(self) -> None:
