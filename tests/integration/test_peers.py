@@ -309,3 +309,34 @@ async def test_the_peer_server_limits_each_caller(tmp_path: Path, seed: PeerServ
     finally:
         await server.close()
         store.close()
+
+
+async def test_a_claimant_that_stops_is_passed_over(
+    model: tuple[Path, str], registry_proxy: CuttingProxy, tmp_path: Path
+) -> None:
+    """A peer claims every blob since long ago and never gets further: we wait one window of no
+    progress, then pull from the registry ourselves."""
+
+    async def claims_forever(request: web.Request) -> web.Response:
+        return web.Response(status=404, headers={FETCHING: "1.0 4096"})
+
+    app = web.Application()
+    app.router.add_route("HEAD", BLOB_PATH + "{digest}", claims_forever)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    src, repo = model
+    store = ContentStore(tmp_path / "mac-b", GiB)
+    try:
+        peers = PeerSource([Peer("stuck", f"http://127.0.0.1:{port}")], TOKEN, name="mac-b", limits=FAST)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        got = await asyncio.wait_for(store.pull(f"oci://{registry_proxy.host}/{repo}:v1", peers=peers), 60)
+        assert _files(got.path) == _files(src)
+        assert _weights_digest(store) in registry_proxy.blob_gets
+        assert loop.time() - t0 >= FAST.window  # it did wait for the claimant first
+    finally:
+        await runner.cleanup()
+        store.close()
