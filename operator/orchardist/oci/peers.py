@@ -19,12 +19,13 @@ Ranges a dropped peer held go back to the queue for the others; with no peer lef
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import aiohttp
 
 from orchardist import log
-from orchardist.oci.errors import OCIError
+from orchardist.oci.errors import OCIError, RegistryUnreachableError
 from orchardist.oci.transfer import Pace, TransferLimits
 
 _log = log.get(__name__)
@@ -346,6 +347,9 @@ class PeerSource:
         holders = [p.peer for p in await self.probe(session, digest, size) if p.complete]
         if not holders:
             raise PeerFetchError(f"blob {digest[:19]}: no peer holds it")
+        if len(holders) == 1:  # one source: one stream on the registry's fast path (hash inline)
+            await self._whole(session, holders[0], digest, size, partial, on_bytes)
+            return
         state = _Fetch(size=size, todo=deque(split(size, self.range_size)))
         fd = await asyncio.to_thread(os.open, partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -369,6 +373,35 @@ class PeerSource:
         got = "sha256:" + state.h.hexdigest()
         if got != digest:
             raise PeerFetchError(f"blob {digest[:19]}: peers' bytes hash to {got}; discarded")
+        _log.info("blob from peers", digest=digest, bytes=size, peers=dict(self.bytes_from))
+
+    async def _whole(
+        self,
+        session: aiohttp.ClientSession,
+        peer: Peer,
+        digest: str,
+        size: int,
+        partial: Path,
+        on_bytes: Callable[[int], None],
+    ) -> None:
+        """The blob from one peer as one body (resumed once after a cut), verified while it arrives."""
+        from orchardist.oci.layouts import Layer
+        from orchardist.oci.pull import download  # pull.py uses this module: imported when needed
+
+        try:
+            await download(
+                _OnePeer(self, session, peer, size),  # type: ignore[arg-type]
+                "",
+                Layer(digest, size, ""),
+                partial,
+                on_bytes,
+                attempts=2,
+                limits=self.limits.transfer(),
+            )
+        except (OCIError, aiohttp.ClientError, OSError) as exc:
+            self.dropped.add(peer.name)
+            raise PeerFetchError(f"blob {digest[:19]} from peer {peer.name}: {exc}") from exc
+        self.bytes_from[peer.name] = self.bytes_from.get(peer.name, 0) + size
         _log.info("blob from peers", digest=digest, bytes=size, peers=dict(self.bytes_from))
 
     async def _serve_peer(
@@ -469,6 +502,37 @@ class PeerSource:
                 continue
             await asyncio.to_thread(_hash_span, fd, state.h, state.hashed, end)
             state.hashed = end
+
+
+class _OnePeer:
+    """What :func:`orchardist.oci.pull.download` needs of a registry client, served by one peer."""
+
+    def __init__(self, source: PeerSource, session: aiohttp.ClientSession, peer: Peer, size: int) -> None:
+        self.source = source
+        self.session = session
+        self.peer = peer
+        self.size = size
+        self.registry = f"peer {peer.name}"
+
+    @contextlib.asynccontextmanager
+    async def open_blob(
+        self, repo: str, digest: str, offset: int = 0
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The body from ``offset``: 206 with exactly that range, or 200 with the whole blob."""
+        extra = {"Range": f"bytes={offset}-{self.size - 1}"} if offset else None
+        try:
+            async with self.session.get(
+                self.peer.url + BLOB_PATH + digest, headers=self.source._headers(extra)
+            ) as resp:
+                whole = resp.status == 200 and resp.content_length == self.size
+                ranged = resp.status == 206 and content_range_ok(
+                    resp.headers.get("Content-Range"), offset, self.size, self.size
+                )
+                if not (whole or ranged):
+                    raise PeerFetchError(f"answered {resp.status} {resp.headers.get('Content-Range')!r}")
+                yield resp
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RegistryUnreachableError(f"{self.registry}: {exc}") from exc
 
 
 def _covered(state: _Fetch) -> int:
