@@ -172,7 +172,9 @@ class FakeStore:
         used = sum(self.models.values())
         return SimpleNamespace(used_bytes=used, free_bytes=100 * GiB - used, budget_bytes=100 * GiB)
 
-    async def pull(self, ref: str, auth: Any = None, progress: Any = None) -> SimpleNamespace:
+    async def pull(
+        self, ref: str, auth: Any = None, progress: Any = None, peers: Any = None
+    ) -> SimpleNamespace:
         self.pulls.append(ref)
         progress(PullProgress(ref, DIGEST, "downloading", 50, 100, 10.0, 5.0))
         await self.gate.wait()
