@@ -3,7 +3,7 @@
 ``GET``/``HEAD /v1/blobs/<digest>`` (Range supported): only blobs the store committed, which
 were verified against their digest while they arrived; partial downloads are never served. A
 blob this Mac is itself pulling from a registry answers 404 with ``X-Orchardist-Fetching``, so
-peers wait for it instead of pulling it too (:func:`orchardist.oci.peers.choose`).
+peers wait for it instead of pulling it too (:func:`orchardist.oci.peering.choose`).
 
 Who may ask: a caller presenting the fleet's peer token (``Authorization: Bearer``, compared in
 constant time). Why a fleet secret rather than each Mac's API identity: the agent's Kubernetes
@@ -29,7 +29,7 @@ from aiohttp import web
 
 from orchardist import log
 from orchardist.oci.index import valid_digest
-from orchardist.oci.peers import BLOB_PATH, FETCHING, Claims
+from orchardist.oci.peering import BLOB_PATH, FETCHING, Claims
 
 from .proxy.server import listen_socket
 

@@ -5,7 +5,7 @@ So the controller names the candidates on each replica it creates, in the annota
 :data:`ANNOTATION` (``node=address,...``): the Ready Macs that hold the model, and those bound
 to another replica of the same revision (same digest), which are pulling it now or hold it. The
 agents of replicas created together see each other there and agree which one pulls from the
-registry (:func:`orchardist.oci.peers.choose`). An annotation, not spec: the hint changes
+registry (:func:`orchardist.oci.peering.choose`). An annotation, not spec: the hint changes
 neither the replica's generation nor its revision, and it is only ever a hint (the agent
 verifies every byte and falls back to the registry).
 """

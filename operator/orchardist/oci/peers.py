@@ -2,9 +2,10 @@
 transfer.py, the only HTTP of this package).
 
 A Mac that holds a verified blob serves it to the fleet (the agent's ``peer_server``); a Mac about
-to pull asks those peers first. The blob is cut into ranges (:func:`split`) fetched in parallel
-from every peer at once, written in place, and hashed in order as the prefix completes, so the
-digest is known moments after the last byte. Nothing a peer sends is trusted:
+to pull asks those peers first (who pulls from the registry: :mod:`orchardist.oci.peering`). From
+one holder the blob comes as one body through the registry's fast path; from several it is cut
+into ranges (:func:`split`) fetched in parallel, written in place, and hashed in order as the
+prefix completes. Nothing a peer sends is trusted:
 
 * a range must answer 206 with exactly the ``Content-Range`` asked and exactly its length
   (a peer that sends more, less, or another range loses the range and is dropped);
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import hashlib
 import os
 import time
@@ -34,27 +34,29 @@ import aiohttp
 
 from orchardist import log
 from orchardist.oci.errors import OCIError, RegistryUnreachableError
+from orchardist.oci.peering import (
+    BLOB_PATH,
+    FETCHING,
+    RANGE,
+    Choice,
+    Claims,
+    Peer,
+    Probe,
+    choose,
+    content_range_ok,
+    parse_fetching,
+    split,
+)
 from orchardist.oci.transfer import Pace, TransferLimits
 
 _log = log.get(__name__)
 
-FETCHING = "X-Orchardist-Fetching"  # on a 404: "<since> <bytes>" while the peer pulls it from a registry
 POLL = 0.5  # seconds between looks at a peer that is fetching what we wait for
-RANGE = 32 << 20  # bytes per range request: small enough to spread, big enough to stream
 READ = 4 << 20  # bytes read from a range body before each write
-BLOB_PATH = "/v1/blobs/"  # the peer server's route: GET/HEAD <base>/v1/blobs/<digest>
 
 
 class PeerFetchError(OCIError):
     """No peer delivered the blob intact: the caller falls back to the registry."""
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Another Mac's blob server: its node name (for logs) and base URL (``http://addr:port``)."""
-
-    name: str
-    url: str
 
 
 @dataclass(frozen=True)
@@ -70,88 +72,6 @@ class PeerLimits:
 
     def transfer(self) -> TransferLimits:
         return TransferLimits(min_rate=self.min_rate, window=self.window, deadline=3600.0)
-
-
-def split(size: int, chunk: int = RANGE) -> list[tuple[int, int]]:
-    """``[start, end)`` ranges covering ``size`` bytes, each at most ``chunk`` long (pure)."""
-    if size <= 0:
-        return []
-    return [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
-
-
-def content_range_ok(header: str | None, start: int, end: int, size: int) -> bool:
-    """Whether a 206's ``Content-Range`` is exactly ``bytes start-(end-1)/size`` (pure)."""
-    return header == f"bytes {start}-{end - 1}/{size}"
-
-
-class Choice(enum.Enum):
-    """Where a blob comes from, decided by :func:`choose`."""
-
-    PEERS = "peers"  # some peer holds it complete
-    WAIT = "wait"  # an earlier claimant is pulling it from the registry: wait, then take it from it
-    REGISTRY = "registry"  # ours to pull from the registry (the fleet then takes it from us)
-
-
-@dataclass(frozen=True)
-class Probe:
-    """What one peer said of a blob: complete, or being fetched since ``since`` (``bytes`` so far)."""
-
-    peer: Peer
-    complete: bool = False
-    since: float | None = None
-    bytes: int = 0
-
-
-def choose(own_since: float, own_name: str, probes: Sequence[Probe]) -> Choice:
-    """The one rule that makes a rollout to N Macs cost one registry pull (pure).
-
-    Every Mac marks its claim (the time it started wanting the blob) before it asks the others,
-    so of any two that want a blob at once, each sees the other's claim or the other sees its
-    own; the older claim (then the smaller node name) pulls from the registry and the rest wait.
-    """
-    if any(p.complete for p in probes):
-        return Choice.PEERS
-    claims = [(p.since, p.peer.name) for p in probes if p.since is not None]
-    if any(claim < (own_since, own_name) for claim in claims):
-        return Choice.WAIT
-    return Choice.REGISTRY
-
-
-def parse_fetching(value: str | None) -> tuple[float, int] | None:
-    """``"<since> <bytes>"`` of the fetching header, or None when absent or malformed (pure)."""
-    if not value:
-        return None
-    since, _, got = value.partition(" ")
-    try:
-        return float(since), int(got or 0)
-    except ValueError:
-        return None
-
-
-class Claims:
-    """The blobs this Mac is fetching (or about to) from a registry: the peer server tells others.
-
-    Written on the event loop by the pull; read by the peer server to answer HEAD/GET with
-    :data:`FETCHING` instead of a plain 404.
-    """
-
-    def __init__(self) -> None:
-        self.claims: dict[str, tuple[float, int]] = {}
-
-    def claim(self, digest: str, since: float) -> None:
-        self.claims[digest] = (since, 0)
-
-    def progress(self, digest: str, n: int) -> None:
-        if digest in self.claims:
-            since, got = self.claims[digest]
-            self.claims[digest] = (since, got + n)
-
-    def release(self, digest: str) -> None:
-        self.claims.pop(digest, None)
-
-    def header(self, digest: str) -> str | None:
-        claim = self.claims.get(digest)
-        return None if claim is None else f"{claim[0]:.6f} {claim[1]}"
 
 
 class RangeError(Exception):
@@ -547,3 +467,20 @@ def _hash_span(fd: int, h: Any, start: int, end: int) -> None:
             raise OSError(f"short read at {offset}")
         h.update(data)
         offset += len(data)
+
+
+__all__ = [
+    "BLOB_PATH",
+    "FETCHING",
+    "Choice",
+    "Claims",
+    "Peer",
+    "PeerFetchError",
+    "PeerLimits",
+    "PeerSource",
+    "Probe",
+    "choose",
+    "content_range_ok",
+    "parse_fetching",
+    "split",
+]
