@@ -32,13 +32,14 @@ def _host(address: str) -> str | None:
     return f"[{ip}]" if ip.version == 6 else str(ip)
 
 
-def peers_from_hint(hint: str, me: str, port: int) -> list[Peer]:
-    """The peers named by the annotation, minus this Mac and malformed entries (pure)."""
+def peers_from_hint(hint: str, me: str, port: int, my_address: str = "") -> list[Peer]:
+    """The peers named by the annotation, minus this Mac, malformed entries and any at this Mac's
+    own address (Macs sharing loopback in development would ask themselves) (pure)."""
     found: dict[str, Peer] = {}
     for item in hint.split(","):
         name, sep, address = item.strip().partition("=")
         host = _host(address.strip()) if sep else None
-        if name and name != me and host is not None:
+        if name and name != me and host is not None and address.strip() != my_address:
             found.setdefault(name, Peer(name, f"http://{host}:{port}"))
     return list(found.values())
 
@@ -50,15 +51,16 @@ def hint_of(metadata: Mapping[str, Any] | None) -> str:
 class FleetPeers:
     """This Mac's side of peer transfer: the fleet token, the port, and what it claims."""
 
-    def __init__(self, me: str, port: int, token: str, claims: Claims) -> None:
+    def __init__(self, me: str, port: int, token: str, claims: Claims, address: str = "") -> None:
         self.me = me
+        self.address = address
         self.port = port
         self.token = token
         self.claims = claims
 
     def source(self, hint: str) -> PeerSource | None:
         """The pull's peers from a replica's hint; None when it names none (registry only)."""
-        peers = peers_from_hint(hint, self.me, self.port)
+        peers = peers_from_hint(hint, self.me, self.port, self.address)
         if not peers:
             return None
         return PeerSource(peers, self.token, name=self.me, claims=self.claims)

@@ -92,7 +92,7 @@ class ReplicaLoop:
         fleet = None
         if cfg.peer_port and cfg.peer_token_file is not None:
             token = cfg.peer_token_file.read_text().strip()
-            fleet = FleetPeers(node.name, cfg.peer_port, token, Claims())
+            fleet = FleetPeers(node.name, cfg.peer_port, token, Claims(), address)
         return cls(kube, node, cfg, address, store, EngineAdapter(cfg, listen=address), fleet)
 
     def _peers(self, key: Key) -> PeerSource | None:

@@ -121,16 +121,18 @@ def test_each_caller_has_a_token_bucket() -> None:
             "mac-a=10.0.0.2,mac-c=10.0.0.4",
             [("mac-a", "http://10.0.0.2:8479"), ("mac-c", "http://10.0.0.4:8479")],
         ),
-        ("mac-b=10.0.0.3,mac-a=10.0.0.2", [("mac-a", "http://10.0.0.2:8479")]),  # never ourselves
+        ("mac-b=10.0.0.9,mac-a=10.0.0.2", [("mac-a", "http://10.0.0.2:8479")]),  # never ourselves
         ("mac-a=fd00::2", [("mac-a", "http://[fd00::2]:8479")]),
         ("mac-a=mac-a.lan", [("mac-a", "http://mac-a.lan:8479")]),
         ("mac-a=evil/path@x,mac-c=", []),  # not a host: dropped
         ("mac-a", []),
+        ("mac-a=10.0.0.3,mac-c=10.0.0.4", [("mac-c", "http://10.0.0.4:8479")]),  # at our own address
         ("", []),
     ],
 )
 def test_the_hint_names_the_peers(hint: str, expected: list[tuple[str, str]]) -> None:
-    assert [(p.name, p.url) for p in peers_from_hint(hint, "mac-b", 8479)] == expected
+    """Seen from mac-b at 10.0.0.3."""
+    assert [(p.name, p.url) for p in peers_from_hint(hint, "mac-b", 8479, "10.0.0.3")] == expected
 
 
 DIGEST = "sha256:" + "a" * 64
@@ -149,21 +151,29 @@ def test_replicas_created_together_name_each_other_and_the_macs_that_hold_the_mo
     macs = {
         m.name: m
         for m in [
-            _mac("a"),
-            _mac("b"),
+            _mac("a", address="10.0.0.1"),
+            _mac("b", address="10.0.0.2"),
             _mac("holder", cached=True, address="10.0.0.7"),
             _mac("down", cached=True, ready=False),
             _mac("nowhere", cached=True, address=""),
             _mac("idle"),
-            _mac("old"),
+            _mac("old", address="10.0.0.8"),
         ]
     }
     bodies = [_body("a"), _body("b")]
     hints.annotate(bodies, DIGEST, macs, existing_nodes=["old"])
     assert [hint_of(b["metadata"]) for b in bodies] == [
-        "holder=10.0.0.7,b=10.0.0.9,old=10.0.0.9",
-        "holder=10.0.0.7,a=10.0.0.9,old=10.0.0.9",
+        "holder=10.0.0.7,b=10.0.0.2,old=10.0.0.8",
+        "holder=10.0.0.7,a=10.0.0.1,old=10.0.0.8",
     ]
+
+
+def test_macs_sharing_an_address_are_not_each_others_peers() -> None:
+    """On loopback (development without namespaces) every Mac has the same address: no hint."""
+    macs = {n: _mac(n, address="127.0.0.1") for n in ("a", "b")}
+    bodies = [_body("a"), _body("b")]
+    hints.annotate(bodies, DIGEST, macs, existing_nodes=[])
+    assert [b["metadata"].get("annotations") for b in bodies] == [None, None]
 
 
 def test_a_lone_replica_without_peers_gets_no_annotation() -> None:

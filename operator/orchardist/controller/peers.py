@@ -23,12 +23,18 @@ MAX_PEERS = 16  # enough sources for parallel ranges; keeps the annotation small
 
 
 def candidates(digest: str, node: str, macs: Mapping[str, Mac], sharing: Iterable[str]) -> list[Mac]:
-    """Ready Macs with an address, other than ``node``, that hold ``digest`` or are in ``sharing``."""
+    """Ready Macs with an address (not ``node``'s), other than ``node``, that hold ``digest`` or are
+    in ``sharing``."""
     share = set(sharing)
+    own = macs[node].address if node in macs else ""  # Macs sharing an address (loopback) skip each other
     found = [
         m
         for m in macs.values()
-        if m.name != node and m.ready and m.address and (digest in m.cached or m.name in share)
+        if m.name != node
+        and m.ready
+        and m.address
+        and m.address != own
+        and (digest in m.cached or m.name in share)
     ]
     # Macs that hold it first (they can serve at once), then by name: a stable annotation.
     found.sort(key=lambda m: (digest not in m.cached, m.name))
