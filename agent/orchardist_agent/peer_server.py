@@ -35,6 +35,8 @@ from .proxy.server import listen_socket
 
 LOG = log.get(__name__)
 
+MAX_CALLERS = 4096  # token buckets kept (one per caller address)
+
 
 @dataclass(frozen=True)
 class ServeLimits:
@@ -130,6 +132,8 @@ class PeerServer:
         if not authorized(request.headers.get("Authorization"), self.token):
             return self._refuse(401, "peer token required")
         caller = request.remote or ""
+        if caller not in self._buckets and len(self._buckets) >= MAX_CALLERS:
+            self._buckets.clear()  # a fleet has far fewer Macs: whoever fills this starts everyone afresh
         ok, self._buckets[caller] = admit(self._buckets.get(caller), self.limits, self.clock())
         if not ok:
             return self._refuse(429, "too many requests", {"Retry-After": "1"})
