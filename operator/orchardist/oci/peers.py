@@ -51,7 +51,7 @@ from orchardist.oci.transfer import Pace, TransferLimits
 
 _log = log.get(__name__)
 
-POLL = 0.5  # seconds between looks at a peer that is fetching what we wait for
+POLL = 0.25  # seconds between looks at a peer that is fetching what we wait for
 READ = 4 << 20  # bytes read from a range body before each write
 
 
