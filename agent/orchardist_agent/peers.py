@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchardist.api.constants import GROUP
-from orchardist.oci.peers import Claims, Peer, PeerSource
+from orchardist.oci.peering import Claims, Peer
+from orchardist.oci.peers import PeerSource
 
 ANNOTATION = f"{GROUP}/peers"
 

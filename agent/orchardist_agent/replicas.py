@@ -22,7 +22,8 @@ from orchardist.kube import Kube, paths
 from orchardist.kube.events import EventRecorder
 from orchardist.kube.informer import RELIST, Delivery, Informer, to_queue
 from orchardist.oci.auth import Credentials
-from orchardist.oci.peers import Claims, PeerSource
+from orchardist.oci.peering import Claims
+from orchardist.oci.peers import PeerSource
 from orchardist.oci.store import ContentStore
 
 from .engine_adapter import EngineAdapter

@@ -48,7 +48,8 @@ def registry_bytes(log: Path) -> int:
 
 
 async def _worker(spec: dict[str, Any]) -> None:
-    from orchardist.oci.peers import Claims, Peer, PeerSource
+    from orchardist.oci.peering import Claims, Peer
+    from orchardist.oci.peers import PeerSource
     from orchardist.oci.store import ContentStore
     from orchardist_agent.peer_server import PeerServer
 

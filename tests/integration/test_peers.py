@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from orchardist.oci.peers import BLOB_PATH, FETCHING, Claims, Peer, PeerLimits, PeerSource
+from orchardist.oci.peering import BLOB_PATH, FETCHING, Claims, Peer
+from orchardist.oci.peers import PeerLimits, PeerSource
 from orchardist.oci.push import push
 from orchardist.oci.store import ContentStore
 from orchardist_agent.peer_server import PeerServer, ServeLimits

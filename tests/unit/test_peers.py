@@ -8,7 +8,16 @@ import pytest
 
 from orchardist.controller import peers as hints
 from orchardist.controller.scheduler import Mac
-from orchardist.oci.peers import Choice, Claims, Peer, Probe, choose, content_range_ok, parse_fetching, split
+from orchardist.oci.peering import (
+    Choice,
+    Claims,
+    Peer,
+    Probe,
+    choose,
+    content_range_ok,
+    parse_fetching,
+    split,
+)
 from orchardist_agent.peer_server import ServeLimits, _Bucket, admit, authorized
 from orchardist_agent.peers import hint_of, peers_from_hint
 

@@ -168,6 +168,29 @@ class PeerSource:
         After "registry" the claim stands until the caller :meth:`Claims.release` s it, once the
         blob is committed: a peer must never see neither a claim nor the blob in between.
         """
+        try:
+            source = await self._from_peers(digest, size, partial, on_bytes)
+        except BaseException:  # cancelled while deciding: nobody should wait for this Mac
+            self.claims.release(digest)
+            raise
+        if source == "peers":
+            return source
+
+        def counted(n: int) -> None:
+            self.claims.progress(digest, n)
+            on_bytes(n)
+
+        try:
+            await from_registry(counted)
+        except BaseException:
+            self.claims.release(digest)
+            raise
+        return "registry"  # still claimed: the caller releases once the blob is in the store
+
+    async def _from_peers(
+        self, digest: str, size: int, partial: Path, on_bytes: Callable[[int], None]
+    ) -> str:
+        """ "peers" when a peer delivered the blob; else "registry", with our claim standing."""
         loop = asyncio.get_running_loop()
         give_up_waiting = loop.time() + self.wait_deadline
         async with self.session() as session:
@@ -190,17 +213,7 @@ class PeerSource:
                 except PeerFetchError as exc:
                     _log.warning("peers failed; pulling from the registry", digest=digest, error=str(exc))
                 self.claims.claim(digest, time.time())
-
-        def counted(n: int) -> None:
-            self.claims.progress(digest, n)
-            on_bytes(n)
-
-        try:
-            await from_registry(counted)
-        except BaseException:
-            self.claims.release(digest)
-            raise
-        return "registry"  # still claimed: the caller releases once the blob is in the store
+        return "registry"
 
     async def _wait(self, session: aiohttp.ClientSession, digest: str, size: int, deadline: float) -> bool:
         """Until a peer holds the blob or its claimant went away (True), or no claimant made
@@ -467,20 +480,3 @@ def _hash_span(fd: int, h: Any, start: int, end: int) -> None:
             raise OSError(f"short read at {offset}")
         h.update(data)
         offset += len(data)
-
-
-__all__ = [
-    "BLOB_PATH",
-    "FETCHING",
-    "Choice",
-    "Claims",
-    "Peer",
-    "PeerFetchError",
-    "PeerLimits",
-    "PeerSource",
-    "Probe",
-    "choose",
-    "content_range_ok",
-    "parse_fetching",
-    "split",
-]
