@@ -359,7 +359,7 @@ class SlowProxy:
             while data := src.recv(chunk):
                 dst.sendall(data)
                 if rate:
-                    time.sleep(len(data) / rate)
+                    time.sleep(len(data) / rate)  # deliberate: a bandwidth cap, so progress is observable
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
 

@@ -142,7 +142,7 @@ def drip(closing: asyncio.Event, chunk: int, every: float, *, stall_after: int |
                     break
                 await resp.write(data[sent : sent + chunk])
                 sent += chunk
-                await asyncio.sleep(every)
+                await asyncio.sleep(every)  # deliberate: the drip rate of a misbehaving registry
         return resp
 
     return send

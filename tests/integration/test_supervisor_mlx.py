@@ -27,6 +27,7 @@ import pytest
 from orchardist import processes as procs
 from orchardist_agent.engines import EngineSpec, Launch, Plan, Probe, Runtime
 from orchardist_agent.supervisor import EngineStatus, Supervisor, SupervisorConfig, records
+from tests.fixtures.wait import async_wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -152,7 +153,7 @@ AGENT = textwrap.dedent(
         await sup.ensure("team/adopt-me", spec)
         st = await sup.wait("team/adopt-me", {"Ready"}, within=120)
         print(json.dumps({"pid": st.pid, "endpoint": st.endpoint}), flush=True)
-        await asyncio.sleep(3600)
+        await asyncio.sleep(3600)  # deliberate: this stand-in agent lives until the test kills it
 
     asyncio.run(main())
     """
@@ -185,13 +186,13 @@ async def test_a_new_agent_adopts_the_running_engine_without_interrupting_it(
                     served += 1
                 except (AssertionError, aiohttp.ClientError, TimeoutError) as e:
                     failures.append(repr(e))
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # deliberate: pacing of the client traffic
 
         traffic_task = asyncio.create_task(traffic())
-        await asyncio.sleep(0.5)
+        await async_wait_for(lambda: served > 0, timeout=30, message="no chat served before the kill")
         agent.kill()  # kill -9 of the agent
         await asyncio.wait_for(agent.wait(), timeout=10)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # deliberate: a window after the agent's death in which the engine must live
         assert procs.alive(pid), "the engine must outlive its agent"
 
         t0 = time.monotonic()
@@ -261,7 +262,7 @@ async def test_a_stale_record_never_kills_another_process(tmp_path: Path) -> Non
         assert await sup.adopt() == []
         assert records.load_all(state) == []
         await sup.stop("a/pid-reused")  # nothing known under that key: must not signal anything
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # deliberate: a window in which a wrong signal would have landed
         assert other.returncode is None and procs.alive(other.pid)
         await sup.shutdown()
     finally:
@@ -360,11 +361,11 @@ async def test_healthy_but_not_generating_is_not_ready(
     sup = Supervisor(tmp_path / "state", tmp_path / "logs", config=cfg)
     try:
         await sup.ensure("team/mute", BadProbe(mlx_spec(mlx_runtime, tiny_model)))
-        for _ in range(100):
-            st = sup.status("team/mute")
-            if st is not None and st.last_error is not None:
-                break
-            await asyncio.sleep(0.1)
+        st = await async_wait_for(
+            lambda: (s := sup.status("team/mute")) is not None and s.last_error is not None and s,
+            timeout=10,
+            message="no readiness error reported",
+        )
         assert st is not None and st.phase == "Starting"
         assert st.last_error is not None and st.last_error.reason == "Starting"
         assert "readiness completion failed: /v1/completions answered" in st.last_error.message
@@ -385,7 +386,7 @@ async def test_a_missing_engine_binary_is_a_crashloop_not_a_dead_loop(
         st = await sup.wait("team/missing", {"CrashLoop"}, within=10)
         assert st.last_error is not None and "cannot start" in st.last_error.message
         assert "no-venv/bin/python" in st.last_error.message
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # deliberate: a window in which a dead retry loop would have ended
         task = sup._entries["team/missing"].task
         assert task is not None and not task.done()  # still retrying with backoff
     finally:
