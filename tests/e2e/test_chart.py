@@ -15,11 +15,10 @@ import pytest
 import yaml
 
 from orchardist.dev.cluster import Cluster, find_kubebins
+from tests.fixtures.chart import CHART, SYSTEM_NS, bare_cluster, render
 
 REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "orchardist"
 NODES = "agents.nodes={mac-a,mac-b}"
-SYSTEM_NS = "orchardist-system"
 
 pytestmark = pytest.mark.cluster
 
@@ -27,22 +26,7 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture(scope="module")
 def bare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A fresh control plane without our CRDs, so the chart installs them itself."""
-    cl = Cluster.start(
-        tmp_path_factory.mktemp("chart") / "state",
-        bin_dir=find_kubebins(),
-        controller_manager=False,
-        die_with_parent=True,
-    )
-    try:
-        yield cl
-    finally:
-        cl.stop()
-
-
-def render(cluster: Cluster, *sets: str) -> list[dict[str, Any]]:
-    args = [a for s in sets for a in ("--set", s)]
-    out = cluster.helm("template", "orchardist", str(CHART), "-n", SYSTEM_NS, *args)
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+    yield from bare_cluster(tmp_path_factory, "chart")
 
 
 def test_chart_crds_are_the_repos_crds() -> None:

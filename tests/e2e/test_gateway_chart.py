@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-from orchardist.dev.cluster import Cluster, find_kubebins
-
-CHART = Path(__file__).resolve().parents[2] / "charts" / "orchardist"
-SYSTEM_NS = "orchardist-system"
+from orchardist.dev.cluster import Cluster
+from tests.fixtures.chart import CHART, SYSTEM_NS, bare_cluster, render
 
 pytestmark = pytest.mark.cluster
 
@@ -22,22 +17,7 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture(scope="module")
 def bare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A fresh control plane without our CRDs, so the chart installs them itself."""
-    cl = Cluster.start(
-        tmp_path_factory.mktemp("gateway-chart") / "state",
-        bin_dir=find_kubebins(),
-        controller_manager=False,
-        die_with_parent=True,
-    )
-    try:
-        yield cl
-    finally:
-        cl.stop()
-
-
-def render(cluster: Cluster, *sets: str) -> list[dict[str, Any]]:
-    args = [a for s in sets for a in ("--set", s)]
-    out = cluster.helm("template", "orchardist", str(CHART), "-n", SYSTEM_NS, *args)
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+    yield from bare_cluster(tmp_path_factory, "gateway-chart")
 
 
 def test_every_gateway_rbac_rule_says_why() -> None:
