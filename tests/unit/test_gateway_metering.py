@@ -83,3 +83,14 @@ def test_demand_board_asks_for_one_urgent_write_per_wave() -> None:
         board.release(key)
     board.hold(key)  # a new wave after the last one drained
     assert board.urgent.is_set()
+
+
+def test_stream_meter_skips_parsing_token_chunks_but_not_usage_or_renames() -> None:
+    """After the first token, a chunk with `"usage": null` passes unparsed; real usage is still read."""
+    meter = StreamMeter(drop_usage_chunk=False, model_from=b'"model": "tiny"', model_to=b'"model": "chat"')
+    token = b'data: {"model": "tiny", "choices": [{"delta": {"content": "a"}}], "usage": null}\n'
+    assert meter.line(token) == token.replace(b'"tiny"', b'"chat"') and meter.first_token
+    garbled = b'data: {"model": "tiny", "choices": [oops], "usage":null}\n'  # not parsed on the hot path
+    assert meter.line(garbled) == garbled.replace(b'"tiny"', b'"chat"')
+    final = b'data: {"model": "tiny", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n'
+    assert meter.line(final) is not None and meter.usage == Usage(3, 2)

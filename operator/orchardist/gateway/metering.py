@@ -50,6 +50,9 @@ class StreamMeter:
         payload = line[5:].strip()
         if payload == b"[DONE]":
             return line
+        if self.first_token and not _may_carry_usage(payload):
+            # The hot path of a stream: a token chunk after the first needs no parsing.
+            return self._renamed(line)
         try:
             chunk = json.loads(payload)
         except ValueError:
@@ -63,9 +66,17 @@ class StreamMeter:
                     return None
             if choices:
                 self.first_token = True
+        return self._renamed(line)
+
+    def _renamed(self, line: bytes) -> bytes:
         if self._rename is not None and self._rename[0]:
-            line = line.replace(self._rename[0], self._rename[1], 1)
+            return line.replace(self._rename[0], self._rename[1], 1)
         return line
+
+
+def _may_carry_usage(payload: bytes) -> bool:
+    """Whether a chunk may hold usage (engines send ``"usage": null`` on every token chunk)."""
+    return b'"usage"' in payload and b'"usage": null' not in payload and b'"usage":null' not in payload
 
 
 class Metrics:

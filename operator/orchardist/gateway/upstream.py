@@ -114,7 +114,7 @@ async def call_stream(
     replica: str,
     clock: Any,
 ) -> tuple[web.StreamResponse, Outcome]:
-    """A streamed call, passed through line by line as it arrives (nothing is held back)."""
+    """A streamed call, passed through as it arrives (nothing is held back but a partial line)."""
     try:
         resp = await session.post(url, json=body, headers=hdrs)
     except (aiohttp.ClientConnectionError, TimeoutError) as exc:
@@ -143,15 +143,21 @@ async def call_stream(
         )
         outcome = Outcome(200)
         try:
-            async for line in resp.content:
-                passed = meter.line(line)
+            # Whatever arrived is passed on at once, in one write: complete lines go through the
+            # meter, a partial last line waits for the rest of itself.
+            pending = b""
+            async for data in resp.content.iter_any():
+                *lines, pending = (pending + data).split(b"\n")
+                passed = b"".join(p for p in (meter.line(x + b"\n") for x in lines) if p is not None)
                 if meter.first_token and outcome.first_token_at is None:
                     outcome.first_token_at = clock()
-                if passed is not None and not await _write(out, passed):
+                if passed and not await _write(out, passed):
                     # The client left (a reader that stops at its first token does): stop reading
                     # the engine; releasing an unfinished response closes it, ending the generation.
                     outcome.status, outcome.usage = CLIENT_LEFT, meter.usage
                     return out, outcome
+            if pending and (last := meter.line(pending)) is not None:
+                await _write(out, last)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             # Tokens already reached the client: a retry would repeat them. End the stream as it is.
             outcome.status = 502
