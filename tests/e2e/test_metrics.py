@@ -231,7 +231,15 @@ def world(
 def test_agents_are_discovered_through_their_endpointslice(world: World) -> None:
     """The controller lists each Mac's metrics endpoint; Prometheus finds and scrapes every one."""
     fabric = world.fleet.fabric
-    want = {f"{fabric.address(a.node)}:{9464}" for a in world.fleet.agents.values()}
+
+    def reported() -> dict[str, int] | None:
+        """Each Mac's metrics port as its agent reports it (9464 unless that was taken)."""
+        nodes = (kget(world.fleet.cluster, "macnodes") or {}).get("items") or []
+        ports = {n["metadata"]["name"]: (n.get("status") or {}).get("metricsPort") for n in nodes}
+        return ports if all(ports.get(a.node) for a in world.fleet.agents.values()) else None  # type: ignore[return-value]
+
+    ports = wait_for(reported, timeout=60, interval=1.0, message="every Mac reports its metrics port")
+    want = {f"{fabric.address(a.node)}:{ports[a.node]}" for a in world.fleet.agents.values()}
 
     def listed() -> set[str] | None:
         got = kget(
