@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 
 from orchardist.gateway.catalog import Served
 from orchardist.gateway.demand import DemandBoard, lease_body
-from orchardist.gateway.metering import StreamMeter, Usage, usage_of
+from orchardist.gateway.metering import StreamMeter
 from orchardist.gateway.upstream import pinned
+from orchardist.usage import Usage, usage_of
 
 
 def sse(obj: object) -> bytes:

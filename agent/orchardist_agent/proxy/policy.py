@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from orchardist.usage import may_carry_usage, usage_of
+
 #: Request fields that make an engine load weights other than the replica's (mlx-lm reads both).
 LOADING_FIELDS = ("adapters", "draft_model")
 
@@ -151,17 +153,9 @@ def forwarded_headers(headers: Mapping[str, str], connection: str | None) -> dic
     return {k: v for k, v in headers.items() if k.lower() not in drop}
 
 
-def usage_of(doc: Any) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from a response or stream chunk's ``usage``, if it has one."""
-    if not isinstance(doc, dict):
-        return None
-    usage = doc.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return prompt, completion
+def _counts(doc: object) -> tuple[int, int] | None:
+    usage = usage_of(doc)
+    return None if usage is None else (usage.prompt_tokens, usage.completion_tokens)
 
 
 class UsageScanner:
@@ -198,16 +192,16 @@ class UsageScanner:
             self._line(bytes(self._buf))
         elif self._buf and b'"usage"' in self._buf:
             with contextlib.suppress(ValueError, UnicodeDecodeError):
-                self.found = usage_of(json.loads(bytes(self._buf))) or self.found
+                self.found = _counts(json.loads(bytes(self._buf))) or self.found
         self._buf = bytearray()
         return self.found
 
     def _line(self, line: bytes) -> None:
         line = line.strip()
-        if not line.startswith(b"data:") or b'"usage"' not in line:
+        if not line.startswith(b"data:") or not may_carry_usage(line):
             return
         try:
-            found = usage_of(json.loads(line[5:]))
+            found = _counts(json.loads(line[5:]))
         except (ValueError, UnicodeDecodeError):
             return
         if found is not None:

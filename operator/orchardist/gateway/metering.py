@@ -9,27 +9,10 @@ choices). :class:`StreamMeter` reads the stream line by line as it passes throug
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-def usage_of(body: object) -> Usage | None:
-    """The ``usage`` of an OpenAI-shaped answer, or None when it has none."""
-    if not isinstance(body, dict) or not isinstance(body.get("usage"), dict):
-        return None
-    usage = body["usage"]
-    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+from orchardist.usage import Usage, may_carry_usage, usage_of
 
 
 class StreamMeter:
@@ -50,7 +33,7 @@ class StreamMeter:
         payload = line[5:].strip()
         if payload == b"[DONE]":
             return line
-        if self.first_token and not _may_carry_usage(payload):
+        if self.first_token and not may_carry_usage(payload):
             # The hot path of a stream: a token chunk after the first needs no parsing.
             return self._renamed(line)
         try:
@@ -72,11 +55,6 @@ class StreamMeter:
         if self._rename is not None and self._rename[0]:
             return line.replace(self._rename[0], self._rename[1], 1)
         return line
-
-
-def _may_carry_usage(payload: bytes) -> bool:
-    """Whether a chunk may hold usage (engines send ``"usage": null`` on every token chunk)."""
-    return b'"usage"' in payload and b'"usage": null' not in payload and b'"usage":null' not in payload
 
 
 class Metrics:

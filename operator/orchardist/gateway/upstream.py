@@ -17,7 +17,8 @@ import aiohttp
 from aiohttp import web
 
 from orchardist.gateway.catalog import Served
-from orchardist.gateway.metering import StreamMeter, Usage, usage_of
+from orchardist.gateway.metering import StreamMeter
+from orchardist.usage import Usage, usage_of
 
 #: The response header naming the replica that answered (for people and tests; not secret).
 REPLICA_HEADER = "X-Orchardist-Replica"
