@@ -10,21 +10,16 @@ else goes straight to RBAC. On a real cluster the same file goes to the API serv
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from orchardist.dev.tls import self_signed
 
 
 def prepare(pki: Path, port: int, agent_prefix: str) -> list[str]:
     """Write ``authz.crt``/``authz.key``, ``authz.kubeconfig`` and ``authorization.yaml`` in ``pki``."""
     cert, key = pki / "authz.crt", pki / "authz.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=orchardist-authz",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    key.chmod(0o600)
+    self_signed(cert, key, common_name="orchardist-authz", ip="127.0.0.1", days=365)
     hook = pki / "authz.kubeconfig"
     hook.write_text(
         json.dumps(

@@ -25,6 +25,7 @@ from orchardist.dev import image, nodeconf, procs
 from orchardist.dev.cluster import Cluster, repo_root
 from orchardist.dev.nodedown import down_at
 from orchardist.dev.registry import Registry
+from orchardist.dev.tls import self_signed
 
 _log = log.get(__name__)
 
@@ -286,29 +287,7 @@ def _self_signed(pki: Path, ip: str) -> None:
     """The kubelet's serving certificate (logs and exec go through it); self-signed for its IP."""
     if (pki / "kubelet.crt").is_file():
         return
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=orchardist-dev-node",
-            "-addext",
-            f"subjectAltName=IP:{ip}",
-            "-keyout",
-            str(pki / "kubelet.key"),
-            "-out",
-            str(pki / "kubelet.crt"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    self_signed(pki / "kubelet.crt", pki / "kubelet.key", common_name="orchardist-dev-node", ip=ip, days=30)
 
 
 def _run(cmd: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
