@@ -34,6 +34,15 @@ OURS = "/apis/orchardist.io/v1alpha1"
             "/apis/coordination.k8s.io/v1/namespaces/orchardist-system/leases/mac-1",
         ),
         (lambda: paths.secret("team", "pull"), "/api/v1/namespaces/team/secrets/pull"),
+        (lambda: paths.secret(None), "/api/v1/secrets"),
+        (
+            lambda: paths.role("orchardist-node-mac-1", "reader"),
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/orchardist-node-mac-1/roles/reader",
+        ),
+        (
+            lambda: paths.rolebinding("orchardist-node-mac-1"),
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/orchardist-node-mac-1/rolebindings",
+        ),
         (lambda: paths.service("team"), "/api/v1/namespaces/team/services"),
         (
             lambda: paths.endpointslice("team", "qwen-x"),

@@ -208,16 +208,6 @@ def changes(
     return out
 
 
-def role_path(namespace: str, name: str = "") -> str:
-    base = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles"
-    return f"{base}/{name}" if name else base
-
-
-def binding_path(namespace: str, name: str = "") -> str:
-    base = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings"
-    return f"{base}/{name}" if name else base
-
-
 class Projector:
     """Reads the sources and the projection namespaces, applies :func:`changes`; one pass at a time."""
 
@@ -273,8 +263,8 @@ class Projector:
             copies = await self.kube.get(
                 paths.secret(ns), labelSelector="app.kubernetes.io/managed-by=orchardist"
             )
-            role = await self.kube.get(role_path(ns, READER))
-            binding = await self.kube.get(binding_path(ns, READER))
+            role = await self.kube.get(paths.role(ns, READER))
+            binding = await self.kube.get(paths.rolebinding(ns, READER))
             out[ns] = Observed(
                 {str(s["metadata"]["name"]): s for s in (copies or {}).get("items") or ()},
                 None if role is None else list(role.get("rules") or []),
@@ -290,9 +280,9 @@ class Projector:
         for ns, body in todo.put_secrets:
             await self._put(paths.secret(ns), paths.secret(ns, body["metadata"]["name"]), body)
         for ns, body in todo.put_roles:
-            await self._put(role_path(ns), role_path(ns, READER), body)
+            await self._put(paths.role(ns), paths.role(ns, READER), body)
         for ns, body in todo.put_bindings:
-            await self._put(binding_path(ns), binding_path(ns, READER), body)
+            await self._put(paths.rolebinding(ns), paths.rolebinding(ns, READER), body)
         for ns, name in todo.delete_secrets:
             await self.kube.delete(paths.secret(ns, name))
         LOG.info(

@@ -44,7 +44,7 @@ class State:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        secrets = paths.secret(self.key_namespace) if self.key_namespace else "/api/v1/secrets"
+        secrets = paths.secret(self.key_namespace)  # None: every namespace
         feeds: list[tuple[str, str, dict[str, str]]] = [
             ("md", paths.modeldeployment(), {}),
             ("mr", paths.modelreplica(), {}),

@@ -48,8 +48,16 @@ def lease(namespace: str, name: str = "") -> str:
     return _namespaced("/apis/coordination.k8s.io/v1", "leases", namespace, name, False)
 
 
-def secret(namespace: str, name: str = "") -> str:
+def secret(namespace: str | None, name: str = "") -> str:
     return _namespaced("/api/v1", "secrets", namespace, name, False)
+
+
+def role(namespace: str, name: str = "") -> str:
+    return _namespaced("/apis/rbac.authorization.k8s.io/v1", "roles", namespace, name, False)
+
+
+def rolebinding(namespace: str, name: str = "") -> str:
+    return _namespaced("/apis/rbac.authorization.k8s.io/v1", "rolebindings", namespace, name, False)
 
 
 def service(namespace: str, name: str = "") -> str:
