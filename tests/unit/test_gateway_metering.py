@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import pytest
+
 from orchardist.gateway.catalog import Served
 from orchardist.gateway.demand import DemandBoard, lease_body
 from orchardist.gateway.metering import StreamMeter
@@ -95,3 +97,32 @@ def test_stream_meter_skips_parsing_token_chunks_but_not_usage_or_renames() -> N
     assert meter.line(garbled) == garbled.replace(b'"tiny"', b'"chat"')
     final = b'data: {"model": "tiny", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n'
     assert meter.line(final) is not None and meter.usage == Usage(3, 2)
+
+
+_TOKEN = b'data: {"model": "tiny", "choices": [{"delta": {"content": "a"}}], "usage": null}\n\n'
+_USAGE = b'data: {"model": "tiny", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n'
+
+
+@pytest.mark.parametrize(
+    ("first_token", "data", "expected"),
+    [
+        (False, _TOKEN, None),  # before the first token every line is read
+        (True, _TOKEN, _TOKEN.replace(b'"tiny"', b'"chat"')),
+        (True, _TOKEN * 3, (_TOKEN * 3).replace(b'"tiny"', b'"chat"')),  # every event renamed
+        (True, _TOKEN + _USAGE, None),  # a real usage among null ones is read line by line
+        (True, _USAGE, None),
+        (
+            True,
+            _TOKEN.replace(b'"usage": null', b'"usage":null'),
+            _TOKEN.replace(b'"usage": null', b'"usage":null').replace(b'"tiny"', b'"chat"'),
+        ),
+        (True, b"data: [DONE]\n\n", b"data: [DONE]\n\n"),
+    ],
+)
+def test_stream_meter_passthrough_only_when_no_line_needs_reading(
+    first_token: bool, data: bytes, expected: bytes | None
+) -> None:
+    meter = StreamMeter(drop_usage_chunk=True, model_from=b'"model": "tiny"', model_to=b'"model": "chat"')
+    meter.first_token = first_token
+    assert meter.passthrough(data) == expected
+    assert meter.usage is None  # passing through never meters: usage is read on the line path

@@ -51,6 +51,22 @@ class StreamMeter:
                 self.first_token = True
         return self._renamed(line)
 
+    def passthrough(self, data: bytes) -> bytes | None:
+        """``data`` (whole lines) as it goes on, when no line of it needs reading; else None.
+
+        After the first token, a run of token chunks without usage needs only the model renamed:
+        one pass over what arrived instead of a split, a call per line and a join (a stream's
+        every token comes this way, so this is the gateway's cost per token).
+        """
+        if not self.first_token:
+            return None
+        carried = data.count(b'"usage"')
+        if carried and carried != data.count(b'"usage": null') + data.count(b'"usage":null'):
+            return None
+        if self._rename is not None and self._rename[0]:
+            return data.replace(self._rename[0], self._rename[1])
+        return data
+
     def _renamed(self, line: bytes) -> bytes:
         if self._rename is not None and self._rename[0]:
             return line.replace(self._rename[0], self._rename[1], 1)

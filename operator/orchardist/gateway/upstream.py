@@ -148,8 +148,12 @@ async def call_stream(
             # meter, a partial last line waits for the rest of itself.
             pending = b""
             async for data in resp.content.iter_any():
-                *lines, pending = (pending + data).split(b"\n")
-                passed = b"".join(p for p in (meter.line(x + b"\n") for x in lines) if p is not None)
+                fast = None if pending or not data.endswith(b"\n") else meter.passthrough(data)
+                if fast is not None:
+                    passed = fast
+                else:
+                    *lines, pending = (pending + data).split(b"\n")
+                    passed = b"".join(p for p in (meter.line(x + b"\n") for x in lines) if p is not None)
                 if meter.first_token and outcome.first_token_at is None:
                     outcome.first_token_at = clock()
                 if passed and not await _write(out, passed):
