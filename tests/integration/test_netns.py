@@ -158,3 +158,71 @@ def test_a_recorded_process_runs_in_a_macs_namespace(fabric: netns.Fabric, tmp_p
         assert inside != Path("/proc/self/ns/net").stat().st_ino
     finally:
         assert procs.stop(rec, grace=5)
+
+
+def _shaper(fabric: netns.Fabric) -> dict[str, object] | None:
+    """The bridge's root queue (kind, rate, bytes sent), or None when it has none of ours."""
+    assert fabric.layout is not None
+    out = subprocess.run(
+        ["tc", "-j", "-s", "qdisc", "show", "dev", fabric.layout.bridge],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = [q for q in json.loads(out.stdout) if q.get("kind") == "tbf" and q.get("root")]
+    return found[0] if found else None
+
+
+def test_a_shaped_host_link_carries_the_hosts_traffic_but_not_the_macs(
+    fabric: netns.Fabric, tmp_path: Path
+) -> None:
+    """The registry-across-a-WAN arm of the benchmark: what the host serves crosses the cap, what one
+    Mac sends another (bridged between ports) does not."""
+    (tmp_path / "blob").write_bytes(os.urandom(4 << 20))
+    fabric.limit_host_egress("200mbit")
+    shaper = _shaper(fabric)
+    assert shaper is not None and shaper["options"]["rate"] == 25_000_000  # type: ignore[index]
+    port = procs.free_port()
+    servers = [
+        subprocess.Popen(
+            [*argv, sys.executable, "-m", "http.server", "--bind", address, str(port)],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for argv, address in (([], fabric.host_address), (fabric.wrap("mac-a", []), "0.0.0.0"))
+    ]
+    try:
+        fetch = "import sys, urllib.request as u; print(len(u.urlopen(sys.argv[1], timeout=20).read()))"
+
+        def fetched(url: str) -> bool:
+            out = subprocess.run(
+                fabric.wrap("mac-b", [sys.executable, "-c", fetch, url]), capture_output=True, text=True
+            )
+            return out.returncode == 0 and out.stdout.strip() == str(4 << 20)
+
+        def sent() -> int:
+            found = _shaper(fabric)
+            assert found is not None
+            return int(found["bytes"])  # type: ignore[call-overload]
+
+        before = sent()
+        wait_for(
+            lambda: fetched(f"http://{fabric.address('mac-a')}:{port}/blob"),
+            timeout=20,
+            message="mac-a's server",
+        )
+        assert sent() - before < 1 << 20  # 4 MiB from one Mac to another: not through the cap
+        before = sent()
+        wait_for(
+            lambda: fetched(f"http://{fabric.host_address}:{port}/blob"),
+            timeout=20,
+            message="the host's server",
+        )
+        assert sent() - before >= 4 << 20  # the host's answer crossed it
+    finally:
+        for s in servers:
+            s.terminate()
+            s.wait(10)
+    fabric.limit_host_egress(None)
+    assert _shaper(fabric) is None

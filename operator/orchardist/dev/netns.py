@@ -307,6 +307,34 @@ class Fabric:
 
         return enter
 
+    def limit_host_egress(self, rate: str | None) -> None:
+        """Cap what the host's services send to the Macs at ``rate`` (tc's form, e.g. ``1gbit``),
+        or lift the cap (None): a registry across a WAN link. The queue sits on the bridge's own
+        device, which carries only traffic the host sends; Mac-to-Mac traffic is bridged between
+        ports and never crosses it, so the Macs keep their LAN speed among themselves."""
+        if self.layout is None:
+            raise NetnsError("a link can be shaped only between network namespaces")
+        br = self.layout.bridge
+        _run(["tc", "qdisc", "del", "dev", br, "root"], check=False)
+        if rate is not None:
+            _run(
+                [
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    br,
+                    "root",
+                    "tbf",
+                    "rate",
+                    rate,
+                    "burst",
+                    "1mb",
+                    "latency",
+                    "100ms",
+                ]
+            )
+
     def remove(self) -> int:
         return teardown(self.layout.tag) if self.layout else 0
 
