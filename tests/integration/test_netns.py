@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,7 +161,7 @@ def test_a_recorded_process_runs_in_a_macs_namespace(fabric: netns.Fabric, tmp_p
         assert procs.stop(rec, grace=5)
 
 
-def _shaper(fabric: netns.Fabric) -> dict[str, object] | None:
+def _shaper(fabric: netns.Fabric) -> dict[str, Any] | None:
     """The bridge's root queue (kind, rate, bytes sent), or None when it has none of ours."""
     assert fabric.layout is not None
     out = subprocess.run(
@@ -181,7 +182,7 @@ def test_a_shaped_host_link_carries_the_hosts_traffic_but_not_the_macs(
     (tmp_path / "blob").write_bytes(os.urandom(4 << 20))
     fabric.limit_host_egress("200mbit")
     shaper = _shaper(fabric)
-    assert shaper is not None and shaper["options"]["rate"] == 25_000_000  # type: ignore[index]
+    assert shaper is not None and shaper["options"]["rate"] == 25_000_000
     port = procs.free_port()
     servers = [
         subprocess.Popen(
@@ -204,7 +205,7 @@ def test_a_shaped_host_link_carries_the_hosts_traffic_but_not_the_macs(
         def sent() -> int:
             found = _shaper(fabric)
             assert found is not None
-            return int(found["bytes"])  # type: ignore[call-overload]
+            return int(found["bytes"])
 
         before = sent()
         wait_for(
