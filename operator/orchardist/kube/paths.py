@@ -89,3 +89,18 @@ def kopfpeering(namespace: str | None = None, name: str = "") -> str:
 
 def serviceaccount(namespace: str, name: str = "") -> str:
     return _namespaced("/api/v1", "serviceaccounts", namespace, name, False)
+
+
+def serviceaccount_token(namespace: str, name: str) -> str:
+    """The TokenRequest subresource: a token for ServiceAccount ``name`` (audience and lifetime asked)."""
+    return f"{serviceaccount(namespace, name)}/token"
+
+
+def tokenreview() -> str:
+    """TokenReview (cluster-scoped, create only): whether the API server accepts a token, and whose."""
+    return "/apis/authentication.k8s.io/v1/tokenreviews"
+
+
+def selfsubjectreview() -> str:
+    """SelfSubjectReview (create only): who the caller's own credentials say it is."""
+    return "/apis/authentication.k8s.io/v1/selfsubjectreviews"
