@@ -98,14 +98,8 @@ def register(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=8479,
         metavar="PORT",
-        help="port every Mac of the fleet serves its verified blobs on (default 8479; 0: off)",
-    )
-    run_p.add_argument(
-        "--peer-token-file",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="the fleet's peer token (the same on every Mac); without it models come from registries only",
+        help="port every Mac of the fleet serves its verified blobs on (default 8479; 0: off); peers "
+        "authenticate with their agent ServiceAccount, so other credentials leave peer transfer off",
     )
     run_p.add_argument("--heartbeat-interval", type=float, default=10.0, help="Lease renewal period, s (10)")
     run_p.add_argument(
@@ -150,7 +144,6 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         allow_code_loading=args.allow_code_loading,
         proxy_max_body_bytes=args.proxy_max_body,
         peer_port=args.peer_port,
-        peer_token_file=args.peer_token_file,
         metrics_port=args.metrics_port,
         heartbeat_interval=args.heartbeat_interval,
         runtimes=dict(args.runtime),

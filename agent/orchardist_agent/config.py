@@ -65,8 +65,9 @@ class AgentConfig:
     engine_user: str | None = None  # the unprivileged account engines run as (None: the agent's)
     allow_code_loading: bool = False  # the Mac's admin lets engines load code the deployment names
     proxy_max_body_bytes: int = 4 << 20
-    peer_port: int = 8479  # where this Mac serves its blobs to the fleet (the same on every Mac); 0: off
-    peer_token_file: Path | None = None  # the fleet's peer token; None: no peer transfer
+    # Where this Mac serves its blobs to the fleet (the same on every Mac); 0: off. Peer transfer
+    # also needs the agent's own ServiceAccount identity (docs/architecture.md "Peer transfer").
+    peer_port: int = 8479
     metrics_port: int = 9464  # Prometheus metrics on the bind address (0: not served)
     heartbeat_interval: float = 10.0
     runtimes: dict[str, Path] = field(default_factory=dict)

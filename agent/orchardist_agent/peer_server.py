@@ -5,20 +5,23 @@ were verified against their digest while they arrived; partial downloads are nev
 blob this Mac is itself pulling from a registry answers 404 with ``X-Orchardist-Fetching``, so
 peers wait for it instead of pulling it too (:func:`orchardist.oci.peering.choose`).
 
-Who may ask: a caller presenting the fleet's peer token (``Authorization: Bearer``, compared in
-constant time). Why a fleet secret rather than each Mac's API identity: the agent's Kubernetes
-token must never leave the Mac (a peer could replay it against the API server), a TokenReview
-per caller puts the API server on the path of every rollout, and peers keep serving while the
-control plane is down. The token only grants reading blobs, which are content-addressed.
+Who may ask: another Mac of the fleet, by its node identity. The caller presents its peer token
+(``Authorization: Bearer``), a token of its own agent ServiceAccount for the audience
+``orchardist.io/peers`` that the API server refuses for anything else (:mod:`.peer_identity`), so
+the Mac receiving it cannot replay it against the cluster. The verifier (:mod:`.peer_auth`: a
+cached TokenReview) says which node it is; no token or a refused one is 401, a valid token of a
+ServiceAccount that is not an agent of this fleet 403, and 503 with Retry-After when the API
+server cannot be asked for a token not seen before. The verifier is injected: the p2p benchmark
+runs without a cluster and passes its own.
 
-Limits: at most ``max_streams`` blob bodies at once (503 with Retry-After beyond: the caller
-takes the range from another peer or the registry) and ``requests_per_second`` per caller
-address (429), so a misbehaving peer cannot take the Mac's disk and network from its engines.
+Limits: ``requests_per_second`` per caller address before the token is looked at and again per
+authenticated node (429), and at most ``max_streams`` blob bodies at once (503 with Retry-After:
+the caller takes the range from another peer or the registry), so a misbehaving peer cannot take
+the Mac's disk, network or API server quota from its engines.
 """
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,11 +34,12 @@ from orchardist import log
 from orchardist.oci.index import valid_digest
 from orchardist.oci.peering import BLOB_PATH, FETCHING, Claims
 
+from .peer_auth import Verifier, bearer
 from .proxy.server import listen_socket
 
 LOG = log.get(__name__)
 
-MAX_CALLERS = 4096  # token buckets kept (one per caller address)
+MAX_CALLERS = 4096  # token buckets kept (one per caller address and one per node)
 
 
 @dataclass(frozen=True)
@@ -61,13 +65,6 @@ class PeerServerStats:
     refused: dict[int, int] = field(default_factory=dict)
 
 
-def authorized(header: str | None, token: str) -> bool:
-    """``Bearer <token>`` in constant time; an empty fleet token authorizes nobody (pure)."""
-    if not token or not header or not header.startswith("Bearer "):
-        return False
-    return hmac.compare_digest(header.removeprefix("Bearer ").strip().encode(), token.encode())
-
-
 def admit(bucket: _Bucket | None, limits: ServeLimits, now: float) -> tuple[bool, _Bucket]:
     """One request against a caller's token bucket: admitted or not, and the bucket after (pure)."""
     if bucket is None:
@@ -83,7 +80,7 @@ class PeerServer:
 
     def __init__(
         self,
-        token: str,
+        verify: Verifier,
         blob_path: Callable[[str], Path],
         blob_size: Callable[[str], int | None],
         claims: Claims,
@@ -91,7 +88,7 @@ class PeerServer:
         limits: ServeLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.token = token
+        self.verify = verify
         self.blob_path = blob_path
         self.blob_size = blob_size
         self.claims = claims
@@ -129,13 +126,16 @@ class PeerServer:
         return web.Response(status=status, text=reason + "\n", headers=headers)
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
-        if not authorized(request.headers.get("Authorization"), self.token):
+        if not self._admit("address " + (request.remote or "")):
+            return self._refuse(429, "too many requests", {"Retry-After": "1"})
+        token = bearer(request.headers.get("Authorization"))
+        if token is None:
             return self._refuse(401, "peer token required")
-        caller = request.remote or ""
-        if caller not in self._buckets and len(self._buckets) >= MAX_CALLERS:
-            self._buckets.clear()  # a fleet has far fewer Macs: whoever fills this starts everyone afresh
-        ok, self._buckets[caller] = admit(self._buckets.get(caller), self.limits, self.clock())
-        if not ok:
+        verdict = await self.verify(token)
+        if not verdict.ok:
+            later = {"Retry-After": "5"} if verdict.status == 503 else None  # ask another peer meanwhile
+            return self._refuse(verdict.status, verdict.reason, later)
+        if not self._admit("node " + verdict.node):
             return self._refuse(429, "too many requests", {"Retry-After": "1"})
         digest = request.match_info["digest"]
         if not valid_digest(digest):
@@ -150,7 +150,15 @@ class PeerServer:
             return self._refuse(503, "busy", {"Retry-After": "1"})
         self.streams += 1
         self.stats.bodies += 1
+        LOG.debug("blob sent to a peer", node=verdict.node, digest=digest, range=request.headers.get("Range"))
         return _Counted(self.blob_path(digest), self._stream_done)
+
+    def _admit(self, caller: str) -> bool:
+        """One request against the caller's token bucket (an address or a node)."""
+        if caller not in self._buckets and len(self._buckets) >= MAX_CALLERS:
+            self._buckets.clear()  # a fleet has far fewer Macs: whoever fills this starts everyone afresh
+        ok, self._buckets[caller] = admit(self._buckets.get(caller), self.limits, self.clock())
+        return ok
 
     def _stream_done(self) -> None:
         self.streams -= 1

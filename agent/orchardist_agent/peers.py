@@ -10,7 +10,7 @@ a bad blob. All Macs serve on the same port (``--peer-port``): MacNode status ha
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from orchardist.api.constants import GROUP
@@ -50,9 +50,12 @@ def hint_of(metadata: Mapping[str, Any] | None) -> str:
 
 
 class FleetPeers:
-    """This Mac's side of peer transfer: the fleet token, the port, and what it claims."""
+    """This Mac's side of peer transfer: its peer token (read at each request, as it is renewed),
+    the port, and what it claims."""
 
-    def __init__(self, me: str, port: int, token: str, claims: Claims, address: str = "") -> None:
+    def __init__(
+        self, me: str, port: int, token: Callable[[], str | None], claims: Claims, address: str = ""
+    ) -> None:
         self.me = me
         self.address = address
         self.port = port
@@ -60,8 +63,9 @@ class FleetPeers:
         self.claims = claims
 
     def source(self, hint: str) -> PeerSource | None:
-        """The pull's peers from a replica's hint; None when it names none (registry only)."""
+        """The pull's peers from a replica's hint; None when it names none or this Mac holds no
+        valid peer token yet (registry only)."""
         peers = peers_from_hint(hint, self.me, self.port, self.address)
-        if not peers:
+        if not peers or self.token() is None:
             return None
         return PeerSource(peers, self.token, name=self.me, claims=self.claims)

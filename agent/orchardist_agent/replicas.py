@@ -27,6 +27,8 @@ from orchardist.oci.peers import PeerSource
 from orchardist.oci.store import ContentStore
 
 from .engine_adapter import EngineAdapter
+from .peer_auth import TokenReviewer
+from .peer_identity import PeerToken, discover
 from .peer_server import PeerServer
 from .peers import FleetPeers, hint_of
 from .pulls import Pulls, default_budget
@@ -44,6 +46,9 @@ LOG = log.get(__name__)
 #: Every replica is looked at again this often even without events (pull retries, engine states
 #: the supervisor reports without a notification).
 TICK_S = 5.0
+
+#: How long the loop waits for peer transfer's set-up before it starts watching replicas.
+PEERS_SETUP_S = 10.0
 
 Key = tuple[str, str]
 
@@ -78,23 +83,20 @@ class ReplicaLoop:
             self._notify("progress"),
             self._pin,
             self._publish_cache,
-            peers=self._peers if fleet is not None else None,
+            peers=self._peers,
         )
         self.events = EventRecorder(
             kube, "orchardist-agent", host=node.name, reporting_controller="orchardist.io/agent"
         )
         self.informer: Informer | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._peering: asyncio.Task[None] | None = None
 
     @classmethod
     def create(cls, kube: Kube, node: NodeAgent, cfg: AgentConfig, address: str) -> ReplicaLoop:
         budget = cfg.store_budget if cfg.store_budget is not None else default_budget(cfg.store)
         store = ContentStore(cfg.store, budget)
-        fleet = None
-        if cfg.peer_port and cfg.peer_token_file is not None:
-            token = cfg.peer_token_file.read_text().strip()
-            fleet = FleetPeers(node.name, cfg.peer_port, token, Claims(), address)
-        return cls(kube, node, cfg, address, store, EngineAdapter(cfg, listen=address), fleet)
+        return cls(kube, node, cfg, address, store, EngineAdapter(cfg, listen=address))
 
     def _peers(self, key: Key) -> PeerSource | None:
         obj = self.cache.objects.get(key)
@@ -102,20 +104,36 @@ class ReplicaLoop:
             return None
         return self.fleet.source(hint_of(obj.metadata))
 
-    async def serve_peers(self) -> None:
-        """Serve this Mac's verified blobs to the fleet; a port in use leaves pulls working alone."""
-        if self.fleet is None:
-            LOG.info("peer transfer off (no --peer-token-file or --peer-port 0)")
+    async def serve_peers(self, stop: asyncio.Event) -> None:
+        """Peer transfer under this Mac's node identity: serve verified blobs to the fleet's agents
+        and keep a peer token for pulls (renewed in the background). Off (said once) with
+        ``--peer-port 0`` or credentials that are not this node's agent ServiceAccount; a port in
+        use leaves pulls working alone."""
+        port = self.cfg.peer_port
+        if not port:
+            LOG.info("peer transfer off", reason="--peer-port 0")
             return
-        server = PeerServer(
-            self.fleet.token, self.store.blob_path, lambda d: self.store.index.blobs.get(d), self.fleet.claims
-        )
+        identity = await discover(self.kube, self.node.name, stop)
+        if identity is None:
+            return
+        token = PeerToken(self.kube, identity)
         try:
-            await server.start(self.cfg.bind_address or self.address, self.fleet.port)
+            await token.mint()
+        except Exception as exc:  # the renewal loop retries; pulls use registries meanwhile
+            LOG.warning("cannot mint the peer token yet", error=str(exc) or repr(exc))
+        fleet = FleetPeers(self.node.name, port, token.current, Claims(), self.address)
+        verify = TokenReviewer(self.kube, identity.namespace)
+        held = lambda d: self.store.index.blobs.get(d)  # noqa: E731  (the index is read at each request)
+        server = PeerServer(verify, self.store.blob_path, held, fleet.claims)
+        try:
+            await server.start(self.cfg.bind_address or self.address, port)
+            self.peer_server = server
         except OSError as exc:
-            LOG.warning("cannot serve blobs to peers", port=self.fleet.port, error=str(exc))
-            return
-        self.peer_server = server
+            LOG.warning("cannot serve blobs to peers", port=port, error=str(exc))
+        self.fleet = fleet
+        renew = asyncio.create_task(token.run(stop), name="peer-token")
+        self._background.add(renew)
+        renew.add_done_callback(self._background.discard)
 
     def _notify(self, kind: str) -> Callable[[Key], None]:
         def put(key: Key) -> None:
@@ -145,7 +163,10 @@ class ReplicaLoop:
             loop.call_soon_threadsafe(self.queue.put_nowait, ("engine", key))
 
         await self.engines.start(engine_changed)
-        await self.serve_peers()
+        # Peers are set up before the first replica arrives, unless the API server is slow to say
+        # who this agent is: then beside the loop (pulls meanwhile use registries).
+        self._peering = asyncio.create_task(self.serve_peers(stop), name="peers")
+        await asyncio.wait({self._peering}, timeout=PEERS_SETUP_S)
         self._publish_cache()
         self.watch()
         stopper = asyncio.ensure_future(stop.wait())
@@ -346,8 +367,10 @@ class ReplicaLoop:
         if self.informer is not None:
             self.informer.stop()
         self.pulls.cancel_all()
-        for task in list(self._background):  # Events being written
+        for task in list(self._background):  # Events being written, the peer token's renewal
             task.cancel()
+        if self._peering is not None:
+            self._peering.cancel()
         if self.peer_server is not None:
             await self.peer_server.close()
         await self.engines.close(stop_engines=stop_engines)

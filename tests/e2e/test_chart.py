@@ -215,7 +215,8 @@ def test_rbac_is_least_privilege(bare: Cluster) -> None:
     agent_writes = {
         r for rule in agent for r in rule["resources"] if {"create", "patch", "update"} & set(rule["verbs"])
     }
-    assert agent_writes == {"macnodes", "macnodes/status", "modelreplicas/status", "events"}
+    # tokenreviews: a peer server checks a calling Mac's peer token (agent/orchardist_agent/peer_auth.py).
+    assert agent_writes == {"macnodes", "macnodes/status", "modelreplicas/status", "events", "tokenreviews"}
 
 
 def test_helm_install_on_the_real_apiserver(bare: Cluster) -> None:
@@ -262,6 +263,7 @@ def test_helm_install_on_the_real_apiserver(bare: Cluster) -> None:
         (op, ["patch", "modelreplicas.orchardist.io", "--subresource=status", "-n", "default"], False),
         (op, ["create", "pods", "-n", "default"], False),
         (agent, ["patch", "macnodes.orchardist.io", "--subresource=status"], True),
+        (agent, ["create", "tokenreviews.authentication.k8s.io"], True),  # peers' tokens
         (agent, ["update", "leases.coordination.k8s.io", "-n", SYSTEM_NS], True),
         (agent, ["create", "leases.coordination.k8s.io", "-n", "default"], False),
         # RBAC grants list/watch; the authorization webhook refuses them unless narrowed to

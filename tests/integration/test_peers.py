@@ -6,6 +6,7 @@ that peers cannot serve completes from the registry."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,13 +19,14 @@ from orchardist.oci.peering import BLOB_PATH, FETCHING, Claims, Peer
 from orchardist.oci.peers import PeerLimits, PeerSource
 from orchardist.oci.push import push
 from orchardist.oci.store import ContentStore
+from orchardist_agent.peer_auth import Verdict
 from orchardist_agent.peer_server import PeerServer, ServeLimits
 from tests.fixtures.registry import CuttingProxy, make_safetensors_model
 
 pytestmark = pytest.mark.registry
 GiB = 1 << 30
 MiB = 1 << 20
-TOKEN = "fleet-" + secrets.token_hex(8)
+TOKEN = "peer-" + secrets.token_hex(8)
 WEIGHTS = 8 * MiB
 FAST = PeerLimits(min_rate=1 * MiB, window=1.0, per_peer=2)
 
@@ -33,9 +35,17 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+async def one_token(token: str) -> Verdict:
+    """A verifier that knows one token (transfer is under test here; the API server's TokenReview
+    verifier is tested against the real apiserver in tests/e2e/test_peer_auth.py)."""
+    if hmac.compare_digest(token.encode(), TOKEN.encode()):
+        return Verdict(200, node="mac-test")
+    return Verdict(401, reason="unknown token")
+
+
 async def _served(store: ContentStore, claims: Claims | None = None, **kw: object) -> PeerServer:
     server = PeerServer(
-        TOKEN,
+        one_token,
         store.blob_path,
         store.index.blobs.get,
         claims or Claims(),

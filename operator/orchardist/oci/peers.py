@@ -96,12 +96,13 @@ class _Fetch:
 
 
 class PeerSource:
-    """Fetches whole blobs from peers; ``token`` is the bearer credential the peers check."""
+    """Fetches whole blobs from peers; ``token`` is the bearer credential the peers check, or a
+    callable read at each request (a token renewed while a long pull runs)."""
 
     def __init__(
         self,
         peers: Sequence[Peer],
-        token: str | None,
+        token: str | Callable[[], str | None] | None,
         *,
         name: str = "",
         claims: Claims | None = None,
@@ -121,8 +122,9 @@ class PeerSource:
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         headers = dict(extra or {})
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        token = self.token() if callable(self.token) else self.token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         return headers
 
     def session(self) -> aiohttp.ClientSession:
