@@ -1,16 +1,18 @@
 """A three-replica rollout on the real everything takes the model from the registry once.
 
-Three agents, each in its own network namespace with the fleet's peer token, a real operator on
-the real control plane, a TLS registry on the bridge: the controller names each replica's peers
-(``orchardist.io/peers``), one agent pulls the weights from the registry and the others take them
-from it over the peer port, and every replica ends Ready (a real ``mlx_lm.server``).
+Three agents, each in its own network namespace with its own chart ServiceAccount token (peers
+authenticate with that node identity), a real operator on the real control plane, a TLS registry
+on the bridge: the controller names each replica's peers (``orchardist.io/peers``), one agent
+pulls the weights from the registry and the others take them from it over the peer port, each
+server having checked its callers' peer tokens with the API server, and every replica ends Ready
+(a real ``mlx_lm.server``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,11 +24,20 @@ from orchardist.dev.registry import Registry, make_tls
 from orchardist_agent.engines import Runtime
 from orchardist_agent.peers import ANNOTATION, peers_from_hint
 from tests.e2e.fleet_helpers import Fleet, push_cli
-from tests.fixtures.agents import make_agent
+from tests.fixtures.agents import agent_token, make_agent
 
 pytestmark = [pytest.mark.cluster, pytest.mark.registry, pytest.mark.engine, pytest.mark.timeout(1200)]
 
 MACS = ["m2-16gb", "m4-pro-48gb", "m4-max-128gb"]
+CHART = Path(__file__).resolve().parents[2] / "charts" / "orchardist"
+
+
+def authenticated(log: Path) -> set[str]:
+    """The nodes an agent's peer server let in (its ``peer authenticated`` log lines)."""
+    lines = [
+        json.loads(line) for line in log.read_text(errors="replace").splitlines() if line.startswith("{")
+    ]
+    return {line["node"] for line in lines if line.get("event") == "peer authenticated"}
 
 
 def macs_gets(reg: Registry, digest: str, addresses: set[str]) -> int:
@@ -74,18 +85,22 @@ def test_a_rollout_takes_each_weight_blob_from_the_registry_once(
     )
     env = cluster.env() | reg.client_env()
     fleet = Fleet(cluster, ns, tmp_path / "macs", mlx_runtime.prefix, 15.0, fabric, reg.client_env())
-    token = tmp_path / "peer.token"
-    token.write_text(secrets.token_hex(16))
-    token.chmod(0o600)
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "files" / "kopf"))
+    cluster.helm(
+        "install", ns, str(CHART), "-n", "orchardist-system", "--set", "crds.enabled=false",
+        "--set", "operator.replicas=0", "--set", "gateway.enabled=false",
+        "--set", f"agents.nodes={{{','.join(names)}}}",
+    )  # fmt: skip
     try:
         for mac in MACS:
             agent = make_agent(
                 cluster,
                 fleet.workdir / mac,
                 node=fleet.node_of(mac),
-                extra=("--runtime", f"mlx-lm={mlx_runtime.prefix}", "--peer-token-file", str(token)),
+                extra=("--runtime", f"mlx-lm={mlx_runtime.prefix}"),
                 fabric=fabric,
                 env=fleet.env,
+                token=agent_token(cluster, fleet.node_of(mac)),
             )
             agent.argv[agent.argv.index("--simulate") + 1] = mac
             fleet.agents[mac] = agent
@@ -121,9 +136,14 @@ def test_a_rollout_takes_each_weight_blob_from_the_registry_once(
         assert gets == dict.fromkeys(layers, 1), reg.log.read_text()[-4000:]
         from_peers = sum(a.log.read_text().count('"blob from peers"') for a in fleet.agents.values())
         assert from_peers == len(layers) * (len(MACS) - 1), fleet.describe()
+        # Whoever served let in only the fleet's other Macs, by their node names.
+        let_in = {n: authenticated(a.log) for n, a in zip(names, fleet.agents.values(), strict=True)}
+        assert any(let_in.values()), fleet.describe()
+        assert all(seen <= set(names) - {n} for n, seen in let_in.items()), let_in
     finally:
         print(fleet.describe())
         left = fleet.teardown()
         reg.stop()
+        cluster.helm("uninstall", ns, "-n", "orchardist-system", check=False)
         cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
         assert not left, left
