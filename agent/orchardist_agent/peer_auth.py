@@ -168,7 +168,9 @@ class ReviewCache:
 
 class TokenReviewer:
     """The peer server's verifier: TokenReviews through the Kubernetes adapter, answers cached, one
-    review in flight per token (concurrent requests with one token wait for it)."""
+    review in flight per token (concurrent requests with one token wait for it). At most
+    ``max_pending`` reviews at once (503 beyond): each holds a worker thread, which the agent's
+    own API calls (its heartbeat) share."""
 
     def __init__(
         self,
@@ -177,7 +179,7 @@ class TokenReviewer:
         *,
         cache: ReviewCache | None = None,
         timeout: float = 5.0,
-        max_pending: int = 16,
+        max_pending: int = 4,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.kube = kube

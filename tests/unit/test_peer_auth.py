@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -155,11 +156,14 @@ class ReviewApi:
         self.users = users
         self.reviews = 0
         self.reachable = True
+        self.answer = threading.Event()  # cleared: reviews wait (a slow API server)
+        self.answer.set()
 
     def request(self, method: str, path: str, *, body: Any = None, **_: Any) -> dict[str, Any]:
         assert (method, path) == ("POST", paths.tokenreview())
         assert body["spec"]["audiences"] == [AUDIENCE]
         self.reviews += 1
+        assert self.answer.wait(10)
         if not self.reachable:
             raise MaxRetryError(None, path, "connection refused")  # type: ignore[arg-type]
         user = self.users.get(body["spec"]["token"])
@@ -218,6 +222,21 @@ async def test_while_the_api_server_is_unreachable_known_tokens_work_and_new_one
     assert (await verify(new)).status == 503
     api.reachable = True
     assert (await verify(new)).node == "mac-c"  # 503 is not kept
+
+
+async def test_reviews_at_once_are_bounded() -> None:
+    """A slow API server and many new tokens: past ``max_pending`` reviews the caller gets 503 at
+    once instead of another thread waiting."""
+    tokens = [jwt(aud=[AUDIENCE], exp=NOW + 900, sub=str(i)) for i in range(3)]
+    api = ReviewApi(dict.fromkeys(tokens, f"system:serviceaccount:{NS}:orchardist-agent-mac-b"))
+    api.answer.clear()
+    verify = TokenReviewer(Kube(api), NS, clock=Clock(), max_pending=2)  # type: ignore[arg-type]
+    slow = [asyncio.ensure_future(verify(t)) for t in tokens[:2]]
+    await asyncio.sleep(0)  # one turn of the loop (no time passes): both reviews begin
+    assert (await verify(tokens[2])).status == 503
+    api.answer.set()
+    assert [v.node for v in await asyncio.gather(*slow)] == ["mac-b", "mac-b"]
+    assert (await verify(tokens[2])).ok
 
 
 def test_claims_are_read_only_from_jwt_shaped_tokens() -> None:
