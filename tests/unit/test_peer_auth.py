@@ -15,7 +15,14 @@ from urllib3.exceptions import MaxRetryError
 
 from orchardist.kube import Kube, paths
 from orchardist_agent.peer_auth import ReviewCache, TokenReviewer, Verdict, judge, precheck, unverified_claims
-from orchardist_agent.peer_identity import AUDIENCE, AgentIdentity, granted_life, own_identity, parse_username
+from orchardist_agent.peer_identity import (
+    AUDIENCE,
+    AgentIdentity,
+    PeerToken,
+    granted_life,
+    own_identity,
+    parse_username,
+)
 
 NS = "orchardist-system"
 NOW = 1_800_000_000.0
@@ -244,3 +251,34 @@ def test_claims_are_read_only_from_jwt_shaped_tokens() -> None:
     assert unverified_claims("x.e30.y") == {}
     assert unverified_claims("x.W10.y") is None  # a list, not claims
     assert unverified_claims("..") is None
+
+
+class TokenRequestApi:
+    """The TokenRequest subresource, scripted: a 20-minute token per call (the server shortened it)."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, Any]] = []
+
+    def request(self, method: str, path: str, *, body: Any = None, **_: Any) -> dict[str, Any]:
+        self.asked.append((path, body["spec"]))
+        return {
+            "metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"token": f"t{len(self.asked)}", "expirationTimestamp": "2026-01-01T00:20:00Z"},
+        }
+
+
+async def test_the_peer_token_is_minted_for_the_agents_own_account_and_expires_on_its_clock() -> None:
+    api, clock = TokenRequestApi(), Clock()
+    token = PeerToken(Kube(api), AgentIdentity(NS, "mac-a"), clock=clock)  # type: ignore[arg-type]
+    assert token.current() is None
+    await token.mint()
+    assert api.asked == [
+        (
+            paths.serviceaccount_token(NS, "orchardist-agent-mac-a"),
+            {"audiences": [AUDIENCE], "expirationSeconds": 3600},
+        )
+    ]
+    clock.now = NOW + 1199
+    assert token.current() == "t1"
+    clock.now = NOW + 1200  # the granted 20 minutes, not the hour asked
+    assert token.current() is None
