@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from structlog.testing import capture_logs
 
 from orchardist.oci import mediatypes as mt
 from orchardist.oci.errors import StoreFullError, StoreLockedError, UnsafePathError
@@ -89,6 +90,7 @@ class Work:
         assert self._outside() == self.before
         assert self.victim.read_bytes() == SECRET and self.victim.stat().st_nlink == 1
         assert sorted(p.name for p in (self.root / "models").iterdir()) == []  # no model, no staging
+        assert sorted(p.name for p in (self.root / "layers").iterdir()) == []  # no layer unpacked
         assert sorted(p.name for p in (self.root / "manifests" / "sha256").iterdir()) == []
 
 
@@ -124,7 +126,7 @@ TAR_CASES: dict[str, tuple[bytes, str]] = {
     # The published attack: hardlink through links that resolve outside, links then overwritten.
     "hardlink through a ladder of links, links overwritten after": (
         _tar(
-            *_ladder(5),  # the staging dir is work/a/b/store/models/.staging-*: 5 levels under work
+            *_ladder(5),  # the staging dir is work/a/b/store/layers/.staging-*: 5 levels under work
             ("hardlink", "weights.bin", "l5/up/victim.txt"),
             *[("file", f"l{n}/up", b"now a file") for n in range(6)],
         ),
@@ -235,7 +237,8 @@ async def test_second_process_cannot_open_the_store(tmp_path: Path) -> None:
 
 async def test_archive_larger_than_its_blob_gets_room_by_eviction(registry: str, tmp_path: Path) -> None:
     """The control case for the budget: a real archive expanding past the room made for its
-    compressed size evicts an unpinned model and extracts whole."""
+    compressed size evicts an unpinned model and extracts whole (unpacked while it downloads, so
+    the room it needs is its files alone: 6 + 6 MiB would fit 14, hence a budget of 11)."""
     old_repo, new_repo = f"test/old-{secrets.token_hex(3)}", f"test/new-{secrets.token_hex(3)}"
     await push_artifact(
         registry,
@@ -252,13 +255,17 @@ async def test_archive_larger_than_its_blob_gets_room_by_eviction(registry: str,
         [(TAR_GZIP, gzip.compress(_tar(("file", "model.safetensors", payload))), {})],
         artifact_type=mt.MODELPACK_MANIFEST,
     )
-    store = ContentStore(tmp_path / "store", 14 * MiB)
+    store = ContentStore(tmp_path / "store", 11 * MiB)
     try:
         old = await store.pull(f"oci://{registry}/{old_repo}:v1")
-        new = await store.pull(f"oci://{registry}/{new_repo}:v1")
+        with capture_logs() as logs:
+            new = await store.pull(f"oci://{registry}/{new_repo}:v1")
         assert (new.path / "model.safetensors").read_bytes() == payload
+        assert [e["event"] for e in logs if "GC" in e["event"]] == [
+            "layer expands past the room left; trying again after GC"
+        ]
         assert [d for d, _ in store.cached()] == [new.digest]  # the old model made the room
         assert not old.path.exists()
-        assert store.usage().used_bytes <= 14 * MiB
+        assert store.usage().used_bytes <= 11 * MiB
     finally:
         store.close()

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from orchardist.dev.registry import Registry
+from orchardist.oci import download as download_module
 from orchardist.oci import mediatypes as mt
-from orchardist.oci import pull as pull_module
 from orchardist.oci import transfer
 from orchardist.oci.errors import DigestMismatchError, TooLargeError, UnsafePathError
 from orchardist.oci.push import push
@@ -52,7 +52,7 @@ async def test_corrupted_blob_is_refused_and_discarded(
         readers.append((body := transfer.open_body(resp, fast=fast)).kind)
         return body
 
-    monkeypatch.setattr(pull_module, "open_body", watched)
+    monkeypatch.setattr(download_module, "open_body", watched)
     model = make_safetensors_model(tmp_path / "m", weight_bytes=4 << 20, seed=secrets.randbits(32))
     repo = _repo("corrupt")
     await push(model, f"oci://{registry}/{repo}:v1")

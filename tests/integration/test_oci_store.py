@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from orchardist.oci import download as download_module
 from orchardist.oci import pull as pull_module
 from orchardist.oci import transfer
 from orchardist.oci.auth import Credentials, from_dockerconfig
@@ -47,7 +48,7 @@ def _spy_readers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         kinds.append(body.kind)
         return body
 
-    monkeypatch.setattr(pull_module, "open_body", watched)
+    monkeypatch.setattr(download_module, "open_body", watched)
     return kinds
 
 
@@ -327,8 +328,8 @@ async def test_disk_work_of_a_pull_runs_off_the_event_loop(
         (index_module, "remove_tree"),  # evicting a model
         (index_module, "atomic_write"),  # the index
         (index_module, "fsync_path"),  # committing a blob
-        (pull_module, "fsync_path"),  # a finished download
-        (pull_module, "hash_prefix"),  # resuming a cut download
+        (download_module, "fsync_path"),  # a finished download
+        (download_module, "hash_prefix"),  # resuming a cut download
         (pull_module, "materialize"),
         (pull_module, "atomic_write"),  # the manifest
         (materialize_module, "link_or_copy"),
@@ -357,6 +358,42 @@ async def test_disk_work_of_a_pull_runs_off_the_event_loop(
     assert {name for name, threads in ran_in.items() if loop_thread in threads} == set()
 
 
+async def test_unpacking_a_tar_layer_runs_off_the_event_loop(
+    registry: str, registry_proxy: CuttingProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Extracting on the way, removing a cut try, placing, linking and dropping unpacked layers
+    all run in worker threads (recorded by wrappers around the real functions)."""
+    from orchardist.oci import materialize as materialize_module
+    from orchardist.oci import unpack as unpack_module
+
+    repo = _repo("tarthreads")
+    files = await _push_tar_model(registry, tmp_path, f"{repo}:v1", seed=7)
+    store = ContentStore(tmp_path / "store", GiB, max_parallel=1)
+    ran_in: dict[str, set[int]] = {}
+    spied = [
+        (unpack_module, "extract_tar"),
+        (unpack_module, "remove_tree"),  # the cut try's staging directory
+        (unpack_module, "_place"),  # a verified layer's directory into place
+        (pull_module, "materialize"),
+        (materialize_module, "link_or_copy"),  # unpacked files into the model
+        (pull_module, "remove_tree"),  # unpacked layers dropped once the model is built
+    ]
+    for module, name in spied:
+        real = getattr(module, name)
+
+        def watched(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            ran_in.setdefault(_name, set()).add(threading.get_ident())
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, watched)
+
+    registry_proxy.cut_after(3 * MiB)
+    got = await store.pull(f"oci://{registry_proxy.host}/{repo}:v1")
+    assert _files(got.path) == files and registry_proxy.cuts == 1
+    assert sorted(ran_in) == sorted({name for _, name in spied})  # every step ran
+    assert {name for name, threads in ran_in.items() if threading.get_ident() in threads} == set()
+
+
 def _disk_bytes(root: Path) -> int:
     """Bytes on disk under ``root``, each inode once (hardlinks share their data), as ``du`` counts."""
     seen: set[int] = set()
@@ -367,6 +404,31 @@ def _disk_bytes(root: Path) -> int:
             seen.add(st.st_ino)
             total += st.st_blocks * 512
     return total
+
+
+class _DiskWatcher:
+    """A thread that measures ``root`` with :func:`_disk_bytes` over and over while it runs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="disk-watcher", daemon=True)
+
+    def __enter__(self) -> _DiskWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append(_disk_bytes(self.root))
+            except OSError:  # a file went away while it was measured: measure again
+                continue
 
 
 async def _push_tar_model(registry: str, tmp_path: Path, repo_tag: str, seed: int) -> dict[str, bytes]:
@@ -438,20 +500,50 @@ async def test_tar_layers_are_stored_once(
     reopened.close()
 
 
-async def test_tar_layer_cut_mid_blob_resumes_then_is_stored_once(
+async def test_tar_layer_cut_mid_stream_starts_over_then_is_stored_once(
     registry: str, registry_proxy: CuttingProxy, tmp_path: Path
 ) -> None:
-    """A cut tar layer resumes from its partial compressed bytes (kept until verified)."""
-    repo = _repo("tarresume")
+    """A tar layer unpacked while it downloads cannot resume: a cut one starts over from byte 0
+    (no Range request), its progress taken back, and nothing of the cut try is left."""
+    repo = _repo("tarrestart")
     files = await _push_tar_model(registry, tmp_path, f"{repo}:v1", seed=4)
     registry_proxy.cut_after(3 * MiB)
+    events: list[PullProgress] = []
     store = ContentStore(tmp_path / "store", GiB, max_parallel=1)
-    got = await store.pull(f"oci://{registry_proxy.host}/{repo}:v1")
+    got = await store.pull(f"oci://{registry_proxy.host}/{repo}:v1", progress=events.append)
     assert registry_proxy.cuts == 1
-    assert registry_proxy.ranges and registry_proxy.ranges[-1] > 0
+    assert registry_proxy.ranges == []
+    assert len(registry_proxy.blob_gets) == len(set(registry_proxy.blob_gets)) + 1  # the cut one again
     assert _files(got.path) == files
+    assert events[-1].phase == "done" and events[-1].bytes_done == events[-1].bytes_total
     assert not list((tmp_path / "store" / "tmp").iterdir())
+    assert not list((tmp_path / "store" / "layers").iterdir())
     assert _disk_bytes(tmp_path / "store") <= 1.05 * sum(len(v) for v in files.values())
+
+
+async def test_tar_layer_pull_peaks_at_its_files_not_twice(registry: str, tmp_path: Path) -> None:
+    """Peak disk during the pull of a tar-layer model, sampled all along by a thread: ~1x its
+    extracted files. The control is the same pull through the blob path (a pull with a peer
+    source, empty here, keeps each layer a blob until the model is built): the watcher sees the
+    blob and its files at once there, though both end at ~1x."""
+    from orchardist.oci.peers import PeerSource
+
+    repo = _repo("tarpeak")
+    files = await _push_tar_model(registry, tmp_path, f"{repo}:v1", seed=6)
+    extracted = sum(len(v) for v in files.values())
+    peaks: dict[str, int] = {}
+    for way in ("unpacked on the way", "blob first"):
+        root = tmp_path / way.replace(" ", "-")
+        store = ContentStore(root, GiB)
+        peers = PeerSource([], None) if way == "blob first" else None
+        with _DiskWatcher(root) as watcher:
+            got = await store.pull(f"oci://{registry}/{repo}:v1", peers=peers)
+        store.close()
+        assert _files(got.path) == files
+        assert len(watcher.samples) >= 10 and _disk_bytes(root) <= 1.05 * extracted
+        peaks[way] = max(watcher.samples)
+    assert peaks["unpacked on the way"] <= 1.1 * extracted
+    assert peaks["blob first"] >= 1.5 * extracted
 
 
 async def test_keep_archives_keeps_the_layer_blobs(registry: str, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ class Case:
     pinned: frozenset[str] = frozenset()
     active: frozenset[str] = frozenset()
     partials: dict[str, tuple[str, int]] = field(default_factory=dict)
+    unpacking: int = 0
 
 
 THREE = {"old": model("c1", "w1", used=1), "mid": model("c2", "w2", used=2), "new": model("c3", "w3", used=3)}
@@ -99,6 +100,13 @@ CASES = {
         },
         want=Eviction((), (), ("bb.partial", "cc.small"), used_bytes=31, fits=True),
     ),
+    "layers being unpacked by pulls in flight count, and make room like any use": Case(
+        THREE,
+        THREE_BLOBS,
+        budget=45,
+        unpacking=20,
+        want=Eviction(("old",), ("c1", "w1"), (), used_bytes=40, fits=True),
+    ),
     "same last use: the order is by digest, so the plan is deterministic": Case(
         {"b": model("cb", used=5), "a": model("ca", used=5)},
         {"ca": 10, "cb": 10},
@@ -127,6 +135,7 @@ def test_plan_eviction(name: str) -> None:
         partials=case.partials,
         budget_bytes=case.budget,
         need_bytes=case.need,
+        unpacking_bytes=case.unpacking,
     )
     assert got == case.want
 

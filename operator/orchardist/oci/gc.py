@@ -10,6 +10,9 @@ a row in a table test. Rules, in order:
    fits ``budget_bytes``; each eviction frees the blobs only it used.
 3. A pinned model, and a blob a kept model or an active pull uses, is never evicted: when those
    alone exceed the budget the plan stops short and says so (``fits=False``).
+
+Tar layers that pulls in progress unpack while they download (``unpacking_bytes``) count as used
+and are never evicted: their pulls remove them.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def plan_eviction(
     partials: Mapping[str, tuple[str, int]],
     budget_bytes: int,
     need_bytes: int = 0,
+    unpacking_bytes: int = 0,
 ) -> Eviction:
     """Decide which models, blobs and partial downloads to delete (see the module docstring).
 
@@ -59,7 +63,7 @@ def plan_eviction(
     """
     kept = dict(models)
     stale = tuple(sorted(name for name, (digest, _) in partials.items() if digest not in active))
-    partial_bytes = sum(size for name, (_, size) in partials.items() if name not in stale)
+    partial_bytes = unpacking_bytes + sum(size for name, (_, size) in partials.items() if name not in stale)
 
     def referenced() -> set[str]:
         keep = set(active)

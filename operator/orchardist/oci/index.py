@@ -7,6 +7,9 @@ Layout under ``root``::
     models/<hex>/            a model directory, files linked from blobs (clone/hardlink/copy)
     tmp/<hex>.<src>.partial  a download in progress from one source (registry + repository):
                              kept after a cut so the next try from that source resumes
+    layers/<hex>.<random>/   a tar layer unpacked while it downloaded, verified, for the pulls in
+                             flight (linked into their models, then removed); ``.staging-*`` there
+                             while it arrives. Both are a pull's transient state: dropped on open
     .lock                    held (flock) by the one process that owns the root
     index.json               model records (reference, blobs, files, last use), written atomically
 
@@ -57,6 +60,19 @@ def stored_blobs(layout: Layout) -> list[str]:
     used only as an archive lives on as the files extracted from it, so it is on disk once."""
     raw = {layout.config.digest, *(e.layer.digest for e in layout.entries if e.archive is None)}
     return [b for b in blob_list(layout) if b in raw]
+
+
+def unpackable(layout: Layout) -> dict[str, str]:
+    """Layers a model never keeps as blobs (see :func:`stored_blobs`), digest -> archive kind: each
+    used only as one kind of tar. These can be unpacked while they download."""
+    kinds: dict[str, set[str | None]] = {}
+    for e in layout.entries:
+        kinds.setdefault(e.layer.digest, set()).add(e.archive)
+    return {
+        d: kind
+        for d, k in kinds.items()
+        if len(k) == 1 and (kind := next(iter(k))) is not None and d != layout.config.digest
+    }
 
 
 def _remove(p: Path) -> None:
@@ -122,6 +138,7 @@ class StoreIndex:
         self.manifest_dir = root / "manifests" / "sha256"
         self.model_dir = root / "models"
         self.tmp_dir = root / "tmp"
+        self.layers_dir = root / "layers"
         self.blobs: dict[str, int] = {}
         self.models: dict[str, ModelRecord] = {}
 
@@ -138,8 +155,10 @@ class StoreIndex:
 
     def open(self) -> None:
         """Create the layout, drop leftovers of a crash, load ``index.json`` and check it."""
-        for d in (self.blob_dir, self.manifest_dir, self.model_dir, self.tmp_dir):
+        for d in (self.blob_dir, self.manifest_dir, self.model_dir, self.tmp_dir, self.layers_dir):
             d.mkdir(parents=True, exist_ok=True)
+        for p in self.layers_dir.iterdir():  # only pulls in flight use these; none survives a restart
+            _remove(p)
         for p in self.blob_dir.iterdir():
             if valid_digest("sha256:" + p.name) and p.is_file() and not p.is_symlink():
                 self.blobs["sha256:" + p.name] = p.stat().st_size

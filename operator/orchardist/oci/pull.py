@@ -1,17 +1,23 @@
 """Pulling one model into the store: missing blobs fetched (verified, resumable), then materialized.
 
-:func:`download` is one blob: it streams into ``tmp/<hex>.partial`` through
-:mod:`orchardist.oci.transfer`, resumes with a Range request after a cut (retried by the project's
-one backoff policy, :mod:`orchardist.retry`), checks the sha256 and fsyncs. :class:`Puller` runs a
-whole model: room made by GC first, the config, then the layers a few at a time (each blob fetched
-once however many pulls want it), then the model directory. Disk work runs in threads so the
-event loop keeps serving other pulls and the agent meanwhile.
+One blob is :func:`orchardist.oci.download.download` (a partial file, resumed with Range after
+a cut, verified and fsynced). :class:`Puller` runs a whole model: room made by GC first, the
+config, then the layers a few at a time (each blob fetched once however many pulls want it), then
+the model directory. Disk work runs in threads so the event loop keeps serving other pulls and
+the agent meanwhile.
 
 Downloads are keyed by where the bytes come from (registry, repository, digest): a pull from a
 slow or hostile registry never holds up a pull of the same digest from another one, and the two
 never share a partial file. Once verified, a blob is shared by everything that names its digest
 (its bytes hash to that digest, whoever served them), and whoever finishes first wins; the
 model directory is built once per manifest digest under a lock that covers only local work.
+
+A tar layer the store would drop once the model is built (no ``keep_archives``, no peers who may
+want the blob, not also a raw file) is unpacked while it downloads instead
+(:mod:`orchardist.oci.unpack`): the model is on disk once during the pull too, not blob plus
+files. Such a layer does not resume mid-stream; a cut one starts over from byte 0. Its directory
+is shared like a blob by the pulls in flight that need it, linked into each model, and removed
+when the last of them ends.
 """
 
 from __future__ import annotations
@@ -21,133 +27,34 @@ import hashlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import tenacity
-
-from orchardist import log, retry
+from orchardist import log
 from orchardist.oci.client import CONFIG_LIMIT, Manifest, RegistryClient
-from orchardist.oci.errors import DigestMismatchError, RegistryUnreachableError, StoreFullError
-from orchardist.oci.fsutil import atomic_write, fsync_path
-from orchardist.oci.index import ModelRecord, StoreIndex, blob_list, hex_of, stored_blobs
+from orchardist.oci.download import download
+from orchardist.oci.errors import StoreFullError
+from orchardist.oci.fsutil import atomic_write, remove_tree
+from orchardist.oci.index import ModelRecord, StoreIndex, blob_list, hex_of, stored_blobs, unpackable
 from orchardist.oci.layouts import Layer, Layout, read_layout
 from orchardist.oci.materialize import materialize
 from orchardist.oci.peers import PeerSource
 from orchardist.oci.progress import Tracker
 from orchardist.oci.reference import Reference
-from orchardist.oci.transfer import (
-    DEFAULT_LIMITS,
-    INTERRUPTIONS,
-    BlobFile,
-    Pace,
-    TransferLimits,
-    hash_prefix,
-    open_body,
-    receive,
-)
+from orchardist.oci.transfer import DEFAULT_LIMITS, TransferLimits
+from orchardist.oci.unpack import Allowance, Unpacked, fetch_unpacked
 
 _log = log.get(__name__)
 
 
 @dataclass
-class _Received:
-    """Where a download stands: bytes in the partial file, and the hash over exactly those."""
+class _Unpacking:
+    """What the tar layers one pull unpacks on the way share: the room, widened at most once."""
 
-    offset: int
-    h: Any
-
-
-async def download(
-    client: RegistryClient,
-    repo: str,
-    layer: Layer,
-    partial: Path,
-    on_bytes: Callable[[int], None],
-    *,
-    attempts: int,
-    fast: bool = True,
-    on_request: Callable[[], None] = lambda: None,
-    limits: TransferLimits = DEFAULT_LIMITS,
-) -> None:
-    """Fetch ``layer`` into ``partial`` (verified and fsynced on return); resume whatever is there.
-
-    A digest mismatch discards the partial file and is not retried; interruptions (a slow body
-    included) are retried up to ``attempts`` requests in all, each resuming after the last byte
-    written; past ``limits.deadline`` the download is given up (:class:`DeadlineError`).
-    """
-    loop = asyncio.get_running_loop()
-    pace = Pace(limits, f"blob {layer.digest[:19]} of {client.registry}/{repo}", loop.time())
-    got = await asyncio.to_thread(_resume_point, partial, layer.size)
-    if got.offset:
-        on_bytes(got.offset)
-
-    async def one_request() -> None:
-        pace.check_deadline(loop.time())
-        on_request()
-        async with client.open_blob(repo, layer.digest, got.offset) as resp:
-            if resp.status == 200 and got.offset:
-                _log.info("registry ignored Range; restarting blob", digest=layer.digest)
-                on_bytes(-got.offset)
-                got.offset, got.h = 0, hashlib.sha256()
-            body = open_body(resp, fast=fast)
-            _log.debug("blob body", digest=layer.digest, offset=got.offset, reader=body.kind)
-            with BlobFile(partial, got.offset) as f:
-                got.offset = await receive(
-                    body,
-                    f,
-                    got.h,
-                    got.offset,
-                    size=layer.size,
-                    digest=layer.digest,
-                    on_bytes=on_bytes,
-                    pace=pace,
-                )
-        if got.offset < layer.size:
-            raise RegistryUnreachableError(f"blob {layer.digest}: connection closed at byte {got.offset}")
-
-    def resume_from_disk(state: tenacity.RetryCallState) -> None:
-        # Every byte in the partial file went through the hash too: resume right after it.
-        got.offset = partial.stat().st_size if partial.exists() else 0
-        outcome = state.outcome
-        _log.info(
-            "blob download interrupted; resuming",
-            digest=layer.digest,
-            offset=got.offset,
-            error=str(outcome.exception()) if outcome is not None else "",
-        )
-
-    try:
-        if got.offset < layer.size:
-            async for attempt in retry.retrying(
-                attempts=attempts, retry_on=INTERRUPTIONS, before_sleep=resume_from_disk
-            ):
-                with attempt:
-                    await one_request()
-    except INTERRUPTIONS as exc:
-        raise RegistryUnreachableError(
-            f"blob {layer.digest[:19]}: download interrupted {attempts} times, last: {exc}"
-        ) from exc
-    except DigestMismatchError:
-        await asyncio.to_thread(partial.unlink, missing_ok=True)
-        raise
-    digest = "sha256:" + got.h.hexdigest()
-    if digest != layer.digest:
-        await asyncio.to_thread(partial.unlink, missing_ok=True)
-        raise DigestMismatchError(f"blob {layer.digest}: received content hashes to {digest}; discarded")
-    await asyncio.to_thread(fsync_path, partial)
-
-
-def _resume_point(partial: Path, size: int) -> _Received:
-    """What an earlier try left in ``partial``: its length and hash (nothing when it is too long)."""
-    try:
-        have = partial.stat().st_size
-    except FileNotFoundError:
-        have = 0
-    if not have or have > size:
-        return _Received(0, hashlib.sha256())
-    return _Received(have, hash_prefix(partial, have))
+    allowance: Allowance
+    estimate: int  # the layers' compressed bytes: GC makes room for twice this, no more
+    raw: list[Layer]  # the pull's other downloads (their bytes are not in the room)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def source_tag(registry: str, repo: str) -> str:
@@ -188,6 +95,8 @@ class Puller:
         self.limits = limits
         self.keep_archives = keep_archives
         self.active: Counter[str] = Counter()
+        self.unpacked: dict[str, Unpacked] = {}  # tar layers unpacked for pulls in flight
+        self.allowances: set[Allowance] = set()  # their pulls' room: bytes still arriving count
         self.blob_gets = 0  # blob requests made (observability and tests)
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -211,26 +120,41 @@ class Puller:
         blobs = blob_list(layout)
         layers = list({e.layer.digest: e.layer for e in layout.entries}.values())
         total = sum(layer.size for layer in layers)
+        # peers may ask this Mac for the blob, so with peers every layer is fetched as one
+        streams = {} if self.keep_archives or peers is not None else unpackable(layout)
         extracted_estimate = sum(e.layer.size for e in layout.entries if e.archive)
+        need = total - sum(layer.size for layer in layers if layer.digest in streams) + extracted_estimate
         budget = self.budget_bytes()
-        if total + extracted_estimate > budget:
-            raise StoreFullError(
-                f"{r}: needs {total + extracted_estimate} bytes, more than the store budget of {budget}"
-            )
+        if need > budget:
+            raise StoreFullError(f"{r}: needs {need} bytes, more than the store budget of {budget}")
         self.active.update(blobs)
+        unpacking: _Unpacking | None = None
         try:
-            missing = [layer for layer in layers if layer.digest not in self.index.blobs]
-            await self.make_room(
-                sum(layer.size for layer in missing) + extracted_estimate + layout.config.size
-            )
+            missing = [
+                layer
+                for layer in layers
+                if layer.digest not in self.index.blobs and layer.digest not in self.unpacked
+            ]
+            raw = [layer for layer in missing if layer.digest not in streams]
+            await self.make_room(sum(layer.size for layer in raw) + extracted_estimate + layout.config.size)
             tracker.start(digest, total, len(layers))
             tracker.add(total - sum(layer.size for layer in missing))
             await self._ensure_small(client, r.repository, layout.config)
+            unpacking = _Unpacking(
+                Allowance(self._room(raw)), sum(x.size for x in missing if x.digest in streams), raw
+            )
+            self.allowances.add(unpacking.allowance)
             sem = asyncio.Semaphore(self.max_parallel)
             try:
                 async with asyncio.TaskGroup() as tg:
                     for layer in missing:
-                        tg.create_task(self._ensure_blob(client, r.repository, layer, tracker, sem, peers))
+                        if layer.digest in streams:
+                            job = self._ensure_unpacked(
+                                client, r.repository, layer, streams[layer.digest], tracker, sem, unpacking
+                            )
+                        else:
+                            job = self._ensure_blob(client, r.repository, layer, tracker, sem, peers)
+                        tg.create_task(job)
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
             async with self.lock("materialize:" + digest):  # local work only: no network inside
@@ -238,7 +162,7 @@ class Puller:
                 if record is not None and self.index.model_path(digest).is_dir():
                     return record  # a pull of the same manifest from another source built it
                 tracker.set_phase("materializing")
-                files, extracted = await self._materialize(layout, digest, extracted_estimate)
+                files, extracted = await self._materialize(layout, digest)
                 await asyncio.to_thread(atomic_write, self.index.manifest_path(digest), manifest.raw)
                 kept = blobs if self.keep_archives else stored_blobs(layout)
                 record = ModelRecord(
@@ -255,32 +179,53 @@ class Puller:
                 await self.save()
                 await self._drop_archives([b for b in blobs if b not in kept])
         finally:
+            if unpacking is not None:
+                self.allowances.discard(unpacking.allowance)
+            await self._drop_unpacked(list(streams))
             self.active.subtract(blobs)
             self.active += Counter()  # drop zero counts
         return record
 
-    async def _materialize(
-        self, layout: Layout, digest: str, estimate: int
-    ) -> tuple[list[tuple[str, int]], int]:
+    def unpacked_bytes(self) -> int:
+        """Disk used by tar layers unpacked for pulls in flight: done, and still arriving."""
+        return sum(u.size for u in self.unpacked.values()) + sum(a.staged for a in self.allowances)
+
+    def _room(self, raw: list[Layer]) -> int:
+        """Room for uncompressed bytes: the budget less what is used and the downloads to come."""
+        to_come = sum(layer.size for layer in raw if layer.digest not in self.index.blobs)
+        return self.budget_bytes() - self.used_bytes() - to_come
+
+    async def _materialize(self, layout: Layout, digest: str) -> tuple[list[tuple[str, int]], int]:
         """The model directory, archives limited to the room left in the budget (uncompressed).
 
         Room was made for the archives' compressed size; one that expands further gets one more
         try after GC makes room for twice that, so a near-full store evicts what a real archive
-        needs while a compression bomb still stops at a bounded size (and evicts little).
+        needs while a compression bomb still stops at a bounded size (and evicts little). Layers
+        unpacked on the way were counted then (:meth:`_unpack_with_room`) and are only linked.
         """
+        unpacked = {
+            e.layer.digest: self.unpacked[e.layer.digest]
+            for e in layout.entries
+            if e.layer.digest in self.unpacked
+        }
+        estimate = sum(e.layer.size for e in layout.entries if e.archive and e.layer.digest not in unpacked)
         budget = self.budget_bytes()
         limit = max(0, budget - self.used_bytes())
         try:
-            return await self._build(layout, digest, limit)
+            return await self._build(layout, digest, limit, unpacked)
         except StoreFullError:
             if limit >= 2 * estimate:
                 raise
         await self.make_room(2 * estimate)
-        return await self._build(layout, digest, max(0, budget - self.used_bytes()))
+        return await self._build(layout, digest, max(0, budget - self.used_bytes()), unpacked)
 
-    async def _build(self, layout: Layout, digest: str, limit: int) -> tuple[list[tuple[str, int]], int]:
+    async def _build(
+        self, layout: Layout, digest: str, limit: int, unpacked: dict[str, Unpacked]
+    ) -> tuple[list[tuple[str, int]], int]:
         path = self.index.model_path(digest)
-        return await asyncio.to_thread(materialize, layout, self.index.blob_path, path, extract_limit=limit)
+        return await asyncio.to_thread(
+            materialize, layout, self.index.blob_path, path, extract_limit=limit, unpacked=unpacked
+        )
 
     async def _ensure_small(self, client: RegistryClient, repo: str, layer: Layer) -> None:
         if layer.digest in self.index.blobs:
@@ -337,6 +282,76 @@ class Puller:
                         peers.claims.release(layer.digest)  # held until the blob is servable
         tracker.layer_done()
 
+    async def _ensure_unpacked(
+        self,
+        client: RegistryClient,
+        repo: str,
+        layer: Layer,
+        archive: str,
+        tracker: Tracker,
+        sem: asyncio.Semaphore,
+        unpacking: _Unpacking,
+    ) -> None:
+        """A tar layer unpacked while it downloads; shared with other pulls like a blob."""
+        tag = source_tag(client.registry, repo)
+        async with sem, self.lock(f"blob:{tag}:{layer.digest}"):
+            if layer.digest in self.unpacked or layer.digest in self.index.blobs:  # done meanwhile
+                tracker.add(layer.size)
+            else:
+                got = await self._unpack_with_room(client, repo, layer, archive, tracker, unpacking)
+                if layer.digest in self.unpacked:  # another source finished first: same files
+                    await asyncio.to_thread(remove_tree, got.path)
+                else:
+                    self.unpacked[layer.digest] = got
+        tracker.layer_done()
+
+    async def _unpack_with_room(
+        self,
+        client: RegistryClient,
+        repo: str,
+        layer: Layer,
+        archive: str,
+        tracker: Tracker,
+        unpacking: _Unpacking,
+    ) -> Unpacked:
+        """Within the pull's allowance; past it, the rule of :meth:`_materialize`: one more try
+        (from byte 0) once GC made room for twice the layers' compressed size, unless that much
+        room was there from the start (then it is a bomb)."""
+        wider = False
+        while True:
+            try:
+                return await fetch_unpacked(
+                    client,
+                    repo,
+                    layer,
+                    archive,
+                    self.index.layers_dir,
+                    unpacking.allowance,
+                    tracker.add,
+                    attempts=self.attempts,
+                    fast=self.fast,
+                    on_request=self._count_get,
+                    limits=self.limits,
+                )
+            except StoreFullError:
+                if wider:
+                    raise
+                async with unpacking.lock:
+                    if not unpacking.allowance.widened:
+                        if unpacking.allowance.room >= 2 * unpacking.estimate:
+                            raise
+                        await self.make_room(2 * unpacking.estimate)
+                        unpacking.allowance.widen(self._room(unpacking.raw))
+                wider = True
+                _log.info("layer expands past the room left; trying again after GC", digest=layer.digest)
+
+    async def _drop_unpacked(self, digests: list[str]) -> None:
+        """Unpacked layers live on as the model's files (linked): each directory goes when the last
+        pull in flight that needs it ends, built or failed (a failed one starts them over)."""
+        gone = [self.unpacked.pop(d) for d in digests if d in self.unpacked and self.active[d] <= 1]
+        for u in gone:
+            await asyncio.to_thread(remove_tree, u.path)
+
     def _count_get(self) -> None:
         self.blob_gets += 1
 
@@ -367,3 +382,6 @@ def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
         if not isinstance(exc, asyncio.CancelledError):
             return exc
     return group.exceptions[0]
+
+
+__all__ = ["Puller", "download", "first_error", "source_tag"]  # download: for peers' one-holder path

@@ -162,7 +162,7 @@ class ContentStore:
         return None if record is None else self._model_dir(digest, record)
 
     def usage(self) -> Usage:
-        partial = sum(size for _, size in self.index.partials().values())
+        partial = sum(size for _, size in self.index.partials().values()) + self._puller.unpacked_bytes()
         used = (
             sum(self.index.blobs.values())
             + sum(r.extracted_bytes for r in self.index.models.values())
@@ -200,6 +200,7 @@ class ContentStore:
             partials=self.index.partials(),
             budget_bytes=self.budget_bytes,
             need_bytes=need_bytes,
+            unpacking_bytes=self._puller.unpacked_bytes(),
         )
         for digest in plan.models:
             self.index.models.pop(digest, None)

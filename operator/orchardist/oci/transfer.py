@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -125,6 +125,13 @@ class Pace:
             f"{self.what}: no byte in {self.limits.window:g} s, below the minimum "
             f"{self.limits.min_rate} bytes/s; connection cut"
         )
+
+
+class Sink(Protocol):
+    """Where :func:`receive` puts each batch, in order, from one thread: a :class:`BlobFile`, or a
+    tar layer's unpacker (:mod:`orchardist.oci.unpack`). ``view`` is reused once this returns."""
+
+    def write_at(self, view: memoryview, offset: int) -> None: ...
 
 
 class BlobFile:
@@ -281,7 +288,7 @@ def _hash_all(h: Any, view: memoryview) -> None:
 
 async def receive(
     body: Body,
-    f: BlobFile,
+    f: Sink,
     h: Any,
     offset: int,
     *,
