@@ -372,11 +372,11 @@ async def test_unpacking_a_tar_layer_runs_off_the_event_loop(
     ran_in: dict[str, set[int]] = {}
     spied = [
         (unpack_module, "extract_tar"),
-        (unpack_module, "remove_tree"),  # the cut try's staging directory
+        (unpack_module, "remove_trees"),  # the cut try's staging directory
         (unpack_module, "_place"),  # a verified layer's directory into place
         (pull_module, "materialize"),
         (materialize_module, "link_or_copy"),  # unpacked files into the model
-        (pull_module, "remove_tree"),  # unpacked layers dropped once the model is built
+        (pull_module, "remove_trees"),  # unpacked layers dropped once the model is built
     ]
     for module, name in spied:
         real = getattr(module, name)

@@ -185,6 +185,34 @@ async def test_two_models_sharing_a_tar_layer_fetch_it_once(fake: FakeRegistry, 
     assert list(store.index.layers_dir.iterdir()) == []
 
 
+async def test_a_pull_with_peers_beside_one_unpacking_the_same_layer(
+    fake: FakeRegistry, tmp_path: Path
+) -> None:
+    """A pull with a peer source fetches the layer as a blob even while another pull unpacks it;
+    both models come out right, and neither the blob nor the unpacked layer outlives them."""
+    from orchardist.oci.peers import PeerSource
+
+    shared = tar_bytes({"model.safetensors": secrets.token_bytes(2 * MiB)}, "gzip")
+    layer, _ = _add(fake, "a", [(TAR_GZIP, shared), (TAR, tar_bytes({"config.json": b'{"a": 1}'}))])
+    _, b_own = _add(fake, "b", [(TAR_GZIP, shared), (TAR, tar_bytes({"config.json": b'{"b": 2}'}))])
+    started, gate = asyncio.Event(), asyncio.Event()
+    fake.send_blob = _held(layer, started, gate)
+    store = _store(tmp_path)
+    first = asyncio.create_task(store.pull(f"oci://{fake.host}/test/m:a"))
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+        second = asyncio.create_task(store.pull(f"oci://{fake.host}/test/m:b", peers=PeerSource([], None)))
+        await async_wait_for(lambda: fake.gets(b_own), timeout=30, message="the second pull started")
+    finally:
+        gate.set()
+    a, b = await first, await second
+    assert (a.path / "model.safetensors").read_bytes() == (b.path / "model.safetensors").read_bytes()
+    assert json.loads((b.path / "config.json").read_bytes()) == {"b": 2}
+    assert list(store.index.layers_dir.iterdir()) == []
+    assert sorted(store.index.blobs) == [sha256_digest(CONFIG)]  # the blob went with its pull
+    assert list(store.tmp_dir.iterdir()) == []
+
+
 async def test_a_cancelled_pull_leaves_no_staging(fake: FakeRegistry, tmp_path: Path) -> None:
     data = tar_bytes({"model.safetensors": secrets.token_bytes(2 * MiB)}, "gzip")
     (digest,) = _add(fake, "v1", [(TAR_GZIP, data)])

@@ -9,6 +9,7 @@ import errno
 import os
 import shutil
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -85,3 +86,9 @@ def remove_tree(path: Path) -> None:
                 p.unlink()
 
     shutil.rmtree(path, onerror=onerror)
+
+
+def remove_trees(paths: Iterable[Path]) -> None:
+    """:func:`remove_tree` of each (one thread call for an async caller: it ends even if cancelled)."""
+    for p in paths:
+        remove_tree(p)

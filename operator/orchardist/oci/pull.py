@@ -34,7 +34,7 @@ from orchardist import log
 from orchardist.oci.client import CONFIG_LIMIT, Manifest, RegistryClient
 from orchardist.oci.download import download
 from orchardist.oci.errors import StoreFullError
-from orchardist.oci.fsutil import atomic_write, remove_tree
+from orchardist.oci.fsutil import atomic_write, remove_trees
 from orchardist.oci.index import ModelRecord, StoreIndex, blob_list, hex_of, stored_blobs, unpackable
 from orchardist.oci.layouts import Layer, Layout, read_layout
 from orchardist.oci.materialize import materialize
@@ -95,7 +95,9 @@ class Puller:
         self.limits = limits
         self.keep_archives = keep_archives
         self.active: Counter[str] = Counter()
-        self.unpacked: dict[str, Unpacked] = {}  # tar layers unpacked for pulls in flight
+        # tar layers unpacked for pulls in flight, by digest and archive kind (the same bytes read
+        # as another kind are other files)
+        self.unpacked: dict[tuple[str, str], Unpacked] = {}
         self.allowances: set[Allowance] = set()  # their pulls' room: bytes still arriving count
         self.blob_gets = 0  # blob requests made (observability and tests)
         self._locks: dict[str, asyncio.Lock] = {}
@@ -120,8 +122,9 @@ class Puller:
         blobs = blob_list(layout)
         layers = list({e.layer.digest: e.layer for e in layout.entries}.values())
         total = sum(layer.size for layer in layers)
+        kinds = unpackable(layout)
         # peers may ask this Mac for the blob, so with peers every layer is fetched as one
-        streams = {} if self.keep_archives or peers is not None else unpackable(layout)
+        streams = {} if self.keep_archives or peers is not None else kinds
         extracted_estimate = sum(e.layer.size for e in layout.entries if e.archive)
         need = total - sum(layer.size for layer in layers if layer.digest in streams) + extracted_estimate
         budget = self.budget_bytes()
@@ -133,7 +136,8 @@ class Puller:
             missing = [
                 layer
                 for layer in layers
-                if layer.digest not in self.index.blobs and layer.digest not in self.unpacked
+                if layer.digest not in self.index.blobs
+                and (layer.digest, kinds.get(layer.digest)) not in self.unpacked
             ]
             raw = [layer for layer in missing if layer.digest not in streams]
             await self.make_room(sum(layer.size for layer in raw) + extracted_estimate + layout.config.size)
@@ -181,7 +185,7 @@ class Puller:
         finally:
             if unpacking is not None:
                 self.allowances.discard(unpacking.allowance)
-            await self._drop_unpacked(list(streams))
+            await self._drop_unpacked(blobs)
             self.active.subtract(blobs)
             self.active += Counter()  # drop zero counts
         return record
@@ -204,9 +208,9 @@ class Puller:
         unpacked on the way were counted then (:meth:`_unpack_with_room`) and are only linked.
         """
         unpacked = {
-            e.layer.digest: self.unpacked[e.layer.digest]
+            e.layer.digest: self.unpacked[(e.layer.digest, e.archive)]
             for e in layout.entries
-            if e.layer.digest in self.unpacked
+            if e.archive and (e.layer.digest, e.archive) in self.unpacked
         }
         estimate = sum(e.layer.size for e in layout.entries if e.archive and e.layer.digest not in unpacked)
         budget = self.budget_bytes()
@@ -295,14 +299,14 @@ class Puller:
         """A tar layer unpacked while it downloads; shared with other pulls like a blob."""
         tag = source_tag(client.registry, repo)
         async with sem, self.lock(f"blob:{tag}:{layer.digest}"):
-            if layer.digest in self.unpacked or layer.digest in self.index.blobs:  # done meanwhile
+            if (layer.digest, archive) in self.unpacked or layer.digest in self.index.blobs:  # meanwhile
                 tracker.add(layer.size)
             else:
                 got = await self._unpack_with_room(client, repo, layer, archive, tracker, unpacking)
-                if layer.digest in self.unpacked:  # another source finished first: same files
-                    await asyncio.to_thread(remove_tree, got.path)
+                if (layer.digest, archive) in self.unpacked:  # another source was first: same files
+                    await asyncio.to_thread(remove_trees, [got.path])
                 else:
-                    self.unpacked[layer.digest] = got
+                    self.unpacked[(layer.digest, archive)] = got
         tracker.layer_done()
 
     async def _unpack_with_room(
@@ -348,9 +352,13 @@ class Puller:
     async def _drop_unpacked(self, digests: list[str]) -> None:
         """Unpacked layers live on as the model's files (linked): each directory goes when the last
         pull in flight that needs it ends, built or failed (a failed one starts them over)."""
-        gone = [self.unpacked.pop(d) for d in digests if d in self.unpacked and self.active[d] <= 1]
-        for u in gone:
-            await asyncio.to_thread(remove_tree, u.path)
+        gone = [
+            self.unpacked.pop(k).path
+            for k in list(self.unpacked)
+            if k[0] in digests and self.active[k[0]] <= 1
+        ]
+        if gone:  # one thread call: it finishes even if this pull is being cancelled
+            await asyncio.to_thread(remove_trees, gone)
 
     def _count_get(self) -> None:
         self.blob_gets += 1

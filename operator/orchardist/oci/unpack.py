@@ -38,7 +38,7 @@ import tenacity
 from orchardist import log, retry
 from orchardist.oci.client import RegistryClient
 from orchardist.oci.errors import DigestMismatchError, OCIError, RegistryUnreachableError, StoreFullError
-from orchardist.oci.fsutil import fsync_path, remove_tree
+from orchardist.oci.fsutil import fsync_path, remove_trees
 from orchardist.oci.index import hex_of
 from orchardist.oci.layouts import Layer
 from orchardist.oci.safepath import extract_tar
@@ -215,11 +215,12 @@ def _place(staging: Path, final: Path) -> None:
     fsync_path(final.parent)
 
 
-async def _discard(pipe: Pipe, extractor: asyncio.Future[Any], staging: Path) -> BaseException | None:
-    """Stop the worker, wait for it, remove its staging directory; the worker's own error if any."""
+async def _discard(pipe: Pipe, extractor: asyncio.Future[Any], *dirs: Path) -> BaseException | None:
+    """Stop the worker, wait for it, remove what it wrote (staging, or placed when cancelled
+    just after); the worker's own error if any."""
     pipe.abort()
     await asyncio.wait([extractor])
-    await asyncio.to_thread(remove_tree, staging)
+    await asyncio.to_thread(remove_trees, dirs)
     error = extractor.exception()
     return None if error is None or isinstance(error, StoppedError) else error
 
@@ -253,6 +254,7 @@ async def fetch_unpacked(
         pace.check_deadline(loop.time())
         on_request()
         staging = layers_dir / f".staging-{hex_of(layer.digest)[:12]}-{uuid.uuid4().hex[:8]}"
+        final = layers_dir / f"{hex_of(layer.digest)}.{uuid.uuid4().hex[:8]}"
         await asyncio.to_thread(staging.mkdir)
         pipe = Pipe()
         counted = _Counted(_decompressed(pipe, archive), allowance, what)
@@ -281,10 +283,9 @@ async def fetch_unpacked(
                 raise DigestMismatchError(f"{what}: received content hashes to {digest}; discarded")
             pipe.finish()
             files = await asyncio.shield(extractor)  # a cancelled wait must not orphan the worker
-            final = layers_dir / f"{hex_of(layer.digest)}.{uuid.uuid4().hex[:8]}"
             await asyncio.to_thread(_place, staging, final)
         except BaseException as exc:
-            error = await asyncio.shield(_discard(pipe, extractor, staging))
+            error = await asyncio.shield(_discard(pipe, extractor, staging, final))
             allowance.give_back(counted.bytes)
             if reported:
                 on_bytes(-reported)
