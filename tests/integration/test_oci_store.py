@@ -484,6 +484,12 @@ async def test_tar_layers_are_stored_once(
     assert (await store.pull(ref)).path == got.path
     assert len(registry_proxy.blob_gets) == gets
 
+    # the stored model pushes as a directory (one layer per file) and comes back the same
+    await push(got.path, f"oci://{registry}/{repo}-copy:v1")
+    other = ContentStore(tmp_path / "copy", GiB)
+    assert _files((await other.pull(f"oci://{registry}/{repo}-copy:v1")).path) == files
+    other.close()
+
     # a torn index is rebuilt from the manifest without the archive blobs
     store.close()
     (root / "index.json").write_bytes(b"{")
