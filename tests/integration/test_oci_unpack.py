@@ -185,31 +185,56 @@ async def test_two_models_sharing_a_tar_layer_fetch_it_once(fake: FakeRegistry, 
     assert list(store.index.layers_dir.iterdir()) == []
 
 
-async def test_a_pull_with_peers_beside_one_unpacking_the_same_layer(
+async def test_a_pull_with_peers_takes_tar_layers_from_the_registry_unpacked_on_the_way(
     fake: FakeRegistry, tmp_path: Path
 ) -> None:
-    """A pull with a peer source fetches the layer as a blob even while another pull unpacks it;
-    both models come out right, and neither the blob nor the unpacked layer outlives them."""
+    """No Mac keeps a tar blob (without ``keep_archives``), so none could serve one: a pull with
+    peers never asks them for a tar layer (nor claims it, which would make them wait) and shares
+    the unpacking of another pull in flight; neither a blob nor the unpacked layer outlives them."""
+    from orchardist.oci.peering import Claims, Peer
     from orchardist.oci.peers import PeerSource
 
+    asked: list[str] = []
+
+    async def peer(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", peer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     shared = tar_bytes({"model.safetensors": secrets.token_bytes(2 * MiB)}, "gzip")
     layer, _ = _add(fake, "a", [(TAR_GZIP, shared), (TAR, tar_bytes({"config.json": b'{"a": 1}'}))])
     _, b_own = _add(fake, "b", [(TAR_GZIP, shared), (TAR, tar_bytes({"config.json": b'{"b": 2}'}))])
     started, gate = asyncio.Event(), asyncio.Event()
     fake.send_blob = _held(layer, started, gate)
     store = _store(tmp_path)
-    first = asyncio.create_task(store.pull(f"oci://{fake.host}/test/m:a"))
+    claims = Claims()
+    peers = PeerSource([Peer("mac-2", f"http://127.0.0.1:{port}")], "t", name="mac-1", claims=claims)
     try:
-        await asyncio.wait_for(started.wait(), 30)
-        second = asyncio.create_task(store.pull(f"oci://{fake.host}/test/m:b", peers=PeerSource([], None)))
-        await async_wait_for(lambda: fake.gets(b_own), timeout=30, message="the second pull started")
+        first = asyncio.create_task(store.pull(f"oci://{fake.host}/test/m:a"))
+        try:
+            await asyncio.wait_for(started.wait(), 30)
+            second = asyncio.create_task(store.pull(f"oci://{fake.host}/test/m:b", peers=peers))
+            await async_wait_for(lambda: fake.gets(b_own), timeout=30, message="the second pull started")
+        finally:
+            gate.set()
+        a, b = await first, await second
     finally:
-        gate.set()
-    a, b = await first, await second
+        await runner.cleanup()
+    assert [
+        p for p in asked if layer.removeprefix("sha256:") in p or b_own.removeprefix("sha256:") in p
+    ] == []
+    assert claims.header(layer) is None and claims.header(b_own) is None
     assert (a.path / "model.safetensors").read_bytes() == (b.path / "model.safetensors").read_bytes()
     assert json.loads((b.path / "config.json").read_bytes()) == {"b": 2}
+    assert fake.gets(layer) == 1  # one download, unpacked once for both pulls
     assert list(store.index.layers_dir.iterdir()) == []
-    assert sorted(store.index.blobs) == [sha256_digest(CONFIG)]  # the blob went with its pull
+    assert sorted(store.index.blobs) == [sha256_digest(CONFIG)]
     assert list(store.tmp_dir.iterdir()) == []
 
 

@@ -12,10 +12,12 @@ never share a partial file. Once verified, a blob is shared by everything that n
 (its bytes hash to that digest, whoever served them), and whoever finishes first wins; the
 model directory is built once per manifest digest under a lock that covers only local work.
 
-A tar layer the store would drop once the model is built (no ``keep_archives``, no peers who may
-want the blob, not also a raw file) is unpacked while it downloads instead
+A tar layer the store would drop once the model is built (no ``keep_archives``, not also a raw
+file) is unpacked while it downloads instead
 (:mod:`orchardist.oci.unpack`): the model is on disk once during the pull too, not blob plus
-files. Such a layer does not resume mid-stream; a cut one starts over from byte 0. Its directory
+files. Such a layer comes from the registry even when the pull has peers: no Mac keeps its blob,
+so none could serve it (``keep_archives`` keeps tar blobs, and with it peers serve them too). It
+does not resume mid-stream; a cut one starts over from byte 0. Its directory
 is shared like a blob by the pulls in flight that need it, linked into each model, and removed
 when the last of them ends.
 """
@@ -123,8 +125,9 @@ class Puller:
         layers = list({e.layer.digest: e.layer for e in layout.entries}.values())
         total = sum(layer.size for layer in layers)
         kinds = unpackable(layout)
-        # peers may ask this Mac for the blob, so with peers every layer is fetched as one
-        streams = {} if self.keep_archives or peers is not None else kinds
+        # Without keep_archives no Mac keeps a tar blob, so peers could not serve one (and a claim
+        # on it would only make the others wait): such layers stream from the registry.
+        streams = {} if self.keep_archives else kinds
         extracted_estimate = sum(e.layer.size for e in layout.entries if e.archive)
         need = total - sum(layer.size for layer in layers if layer.digest in streams) + extracted_estimate
         budget = self.budget_bytes()
