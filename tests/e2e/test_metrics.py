@@ -268,8 +268,13 @@ def test_agents_are_discovered_through_their_endpointslice(world: World) -> None
     wait_for(
         scraped, timeout=60, interval=1.0, message=lambda: f"Prometheus scraping {want}: {world.targets()}"
     )
-    jobs = {t["labels"]["job"]: t["health"] for t in world.targets()}
-    assert jobs == {"orchardist-agents": "up", "orchardist-controller": "up", "orchardist-gateway": "up"}
+    every = {"orchardist-agents": "up", "orchardist-controller": "up", "orchardist-gateway": "up"}
+
+    def jobs() -> dict[str, str]:
+        return {t["labels"]["job"]: t["health"] for t in world.targets()}
+
+    # A target found but not yet scraped is "unknown" until its first scrape: wait for that fact.
+    wait_for(lambda: jobs() == every, timeout=60, interval=1.0, message=lambda: f"every job up: {jobs()}")
 
 
 def test_every_documented_family_has_samples(world: World) -> None:
