@@ -313,22 +313,60 @@ def test_demand_lease_parse(body: dict[str, Any], expected: Any) -> None:
     assert parse(body) == expected
 
 
-async def test_demand_watch_is_unknown_until_listed_then_tracks_changes() -> None:
-    """Before the first list the demand is unknown; then changes name the deployments they move."""
+async def test_demand_watch_is_unknown_until_listed_then_tracks_each_lease() -> None:
+    """Before the first list the demand is unknown; then one entry per Lease, and changes name the
+    deployments they move (an old-form Lease and an instance's Lease side by side)."""
 
     async def changed(namespace: str, name: str) -> None:
         return None
 
+    seen = Demand(0, 1, ago(2).replace(microsecond=123456))
     watch = DemandWatch(cast(Api, None), changed)
     assert watch.get("team-a", "m") is None
     assert watch.apply((RELIST, [lease("m-demand", **{ANNOTATION_HELD: "1"})])) == {("team-a", "m")}
-    assert watch.get("team-a", "m") == Demand(0, 1, ago(2).replace(microsecond=123456))
-    assert watch.get("team-a", "other") == Demand()
+    assert watch.get("team-a", "m") == (seen,)
+    assert watch.get("team-a", "other") == ()
     assert watch.apply(("MODIFIED", lease("m-demand", **{ANNOTATION_HELD: "1"}))) == set()
-    assert watch.apply(("MODIFIED", lease("m-demand", **{ANNOTATION_IN_FLIGHT: "5"}))) == {("team-a", "m")}
+    assert watch.apply(("ADDED", lease("m-demand-0a1b2c3d", **{ANNOTATION_IN_FLIGHT: "5"}))) == {
+        ("team-a", "m")
+    }
+    assert watch.get("team-a", "m") == (seen, replace(seen, in_flight=5, held=0))
     assert watch.apply(("ADDED", lease("x-demand", ns="team-b", target="x"))) == {("team-b", "x")}
     assert watch.apply(("DELETED", lease("m-demand"))) == {("team-a", "m")}
-    assert watch.get("team-a", "m") == Demand()
+    assert watch.get("team-a", "m") == (replace(seen, in_flight=5, held=0),)
+    assert watch.apply(("MODIFIED", lease("m-demand-0a1b2c3d", target=None))) == {("team-a", "m")}
+    assert watch.get("team-a", "m") == ()
+
+
+def test_demand_watch_names_only_expired_leases_for_deletion() -> None:
+    """A Lease with no load and no request for 2x the idle timeout (at least 10 min) is named, with
+    the resourceVersion it was seen at; a fresh one and a loaded one are kept."""
+
+    async def changed(namespace: str, name: str) -> None:
+        return None
+
+    def at(name: str, when: datetime, version: str, **notes: str) -> dict[str, Any]:
+        body = lease(name, **notes)
+        body["spec"]["renewTime"] = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body["metadata"]["resourceVersion"] = version
+        return body
+
+    watch = DemandWatch(cast(Api, None), changed)
+    watch.apply(
+        (
+            RELIST,
+            [
+                at("m-demand", ago(700), "11"),  # old form, idle past 2x 300s and past 600s
+                at("m-demand-aaaaaaaa", ago(30), "12"),  # live instance, idle but recent
+                at("m-demand-bbbbbbbb", ago(700), "13", **{ANNOTATION_IN_FLIGHT: "2"}),  # still in flight
+                at("m-demand-cccccccc", ago(601), "14"),
+            ],
+        )
+    )
+    assert watch.stale("team-a", "m", scaling(), NOW) == [("m-demand", "11"), ("m-demand-cccccccc", "14")]
+    assert watch.stale("team-a", "m", scaling(idleTimeoutSeconds=400), NOW) == []  # 2x 400s
+    assert watch.stale("team-a", "m", None, NOW) == []  # without scaling: 2x the default 600s
+    assert watch.stale("team-b", "m", scaling(), NOW) == []
 
 
 def test_reconciles_with_32_held_create_one_replica_and_never_touch_spec() -> None:

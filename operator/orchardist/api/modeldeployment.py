@@ -27,12 +27,14 @@ from orchardist.api.scaling import (
     ANNOTATION_IN_FLIGHT,
     DEMAND_LEASE_SUFFIX,
     LABEL_DEMAND_FOR,
+    LABEL_GATEWAY_INSTANCE,
     SCALING_DESCRIPTION,
     Aliases,
     Autoscaling,
     Recommendation,
     Scaling,
     demand_lease_name,
+    instance_hash,
 )
 
 # oci://host[:port]/repo[:tag|@sha256:<64 hex>]; repository path components as in the OCI spec.
@@ -445,6 +447,7 @@ __all__ = [
     "DEMAND_LEASE_SUFFIX",
     "DIGEST",
     "LABEL_DEMAND_FOR",
+    "LABEL_GATEWAY_INSTANCE",
     "OCI_PINNED_REF",
     "OCI_REF",
     "Autoscaling",
@@ -462,4 +465,5 @@ __all__ = [
     "Service",
     "Toleration",
     "demand_lease_name",
+    "instance_hash",
 ]

@@ -6,6 +6,7 @@ controller (which reads it): both import them from here so the contract has one 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import datetime
 from typing import Annotated
@@ -46,19 +47,40 @@ Aliases = Annotated[
     ),
 ]
 
-# The demand signal: the gateway keeps one coordination.k8s.io/v1 Lease per deployment, in the
-# deployment's namespace, named `<deployment>-demand` and labelled LABEL_DEMAND_FOR=<deployment>;
-# spec.renewTime is the last request's time and the two annotations hold integer strings: the
-# requests in flight (held ones included) and those held, waiting for a ready replica.
+# The demand signal: each gateway instance keeps one coordination.k8s.io/v1 Lease per deployment, in
+# the deployment's namespace, named `<deployment>-demand-<instance hash>` and labelled
+# LABEL_DEMAND_FOR=<deployment> and LABEL_GATEWAY_INSTANCE=<instance hash>; spec.renewTime is the last
+# request's time and the two annotations hold integer strings: the requests in flight (held ones
+# included) and those held, waiting for a ready replica. The controller sums over every Lease with the
+# label, the older single `<deployment>-demand` included.
 LABEL_DEMAND_FOR = "orchardist.io/demand-for"
+LABEL_GATEWAY_INSTANCE = "orchardist.io/gateway-instance"
 ANNOTATION_IN_FLIGHT = "orchardist.io/in-flight"
 ANNOTATION_HELD = "orchardist.io/held"
 DEMAND_LEASE_SUFFIX = "-demand"
+_MAX_NAME = 253
 
 
-def demand_lease_name(deployment: str) -> str:
-    """The demand Lease's name for a deployment (same namespace)."""
-    return f"{deployment}{DEMAND_LEASE_SUFFIX}"
+def _hex8(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def instance_hash(instance: str) -> str:
+    """A gateway instance's short, label-safe name: 8 hex digits of its id's SHA-256."""
+    return _hex8(instance)
+
+
+def demand_lease_name(deployment: str, instance: str | None = None) -> str:
+    """The demand Lease's name for a deployment (same namespace) and gateway instance.
+
+    Without an instance: the older single-Lease name. A name that would pass 253 characters keeps a
+    prefix of the deployment's name plus a hash of all of it, so two long names never share a Lease.
+    """
+    tail = DEMAND_LEASE_SUFFIX if instance is None else f"{DEMAND_LEASE_SUFFIX}-{instance_hash(instance)}"
+    if len(deployment) + len(tail) <= _MAX_NAME:
+        return f"{deployment}{tail}"
+    keep = _MAX_NAME - len(tail) - 9
+    return f"{deployment[:keep].rstrip('.-')}-{_hex8(deployment)}{tail}"
 
 
 SCALING_DESCRIPTION = (

@@ -19,11 +19,16 @@ The shape follows the HorizontalPodAutoscaler's, for requests in flight instead 
 Demand that is not known yet (the demand watch has not listed) changes nothing; counts a dead
 gateway left behind expire (held after the hold timeout, in flight after an hour or the idle
 timeout, whichever is longer, since the last request).
+
+Each gateway instance writes its own demand Lease; :func:`combine` judges each one's counts on its
+own (a dead instance's stale count never rides on a live one's last request), then sums them and
+keeps the latest request. :func:`expired` names the Leases that can no longer change a decision.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,11 +40,13 @@ _CHANGES = frozenset({"Starting", "ScaleFromZero", "ScaleUp", "ScaleDown", "Idle
 STALE_IN_FLIGHT_S = 3600  # an in-flight count this long after the last request is a dead gateway's
 HOLD_SLACK_S = 10  # the gateway writes its Lease at most every few seconds
 MAX_HISTORY = 64  # recommendations kept at most (status.autoscaling.recommendations' maxItems)
+EXPIRE_MIN_S = 600  # a demand Lease with no load is deleted after 2x the idle timeout, at least this
+DEFAULT_HOLD_S, DEFAULT_IDLE_S = 300, 600  # spec.scaling's defaults, for deployments without it
 
 
 @dataclass(frozen=True)
 class Demand:
-    """What the gateway's demand Lease says about a deployment."""
+    """What a gateway's demand Lease says about a deployment (or, combined, all of them)."""
 
     in_flight: int = 0
     held: int = 0
@@ -136,6 +143,51 @@ def _live_load(demand: Demand, scaling: Scaling, since_request_s: float | None) 
     held = demand.held if since_request_s <= scaling.hold_timeout_seconds + HOLD_SLACK_S else 0
     fresh = since_request_s <= max(STALE_IN_FLIGHT_S, scaling.idle_timeout_seconds)
     return max(demand.in_flight if fresh else 0, held)
+
+
+def _timeouts(scaling: Scaling | None) -> tuple[int, int]:
+    if scaling is None:
+        return DEFAULT_HOLD_S, DEFAULT_IDLE_S
+    return scaling.hold_timeout_seconds, scaling.idle_timeout_seconds
+
+
+def live(demand: Demand, scaling: Scaling | None, now: datetime) -> Demand:
+    """What one gateway's Lease still counts at ``now`` (in flight includes held, as the gateway counts).
+
+    The counts of a Lease nobody renews expire as :func:`_live_load` says, judged by this Lease's own
+    last request; a Lease without one (never renewed) counts as written.
+    """
+    if demand.last_request is None:
+        return Demand(max(demand.in_flight, demand.held), demand.held, None)
+    hold_s, idle_s = _timeouts(scaling)
+    since = (now - demand.last_request).total_seconds()
+    held = demand.held if since <= hold_s + HOLD_SLACK_S else 0
+    in_flight = demand.in_flight if since <= max(STALE_IN_FLIGHT_S, idle_s) else 0
+    return Demand(max(in_flight, held), held, demand.last_request)
+
+
+def combine(demands: Iterable[Demand], scaling: Scaling | None, now: datetime) -> Demand:
+    """One deployment's demand over all its gateways' Leases: live counts summed, the latest request."""
+    lives = [live(d, scaling, now) for d in demands]
+    times = [d.last_request for d in lives if d.last_request is not None]
+    return Demand(
+        in_flight=sum(d.in_flight for d in lives),
+        held=sum(d.held for d in lives),
+        last_request=max(times) if times else None,
+    )
+
+
+def expired(demand: Demand, scaling: Scaling | None, now: datetime) -> bool:
+    """Whether a demand Lease can be deleted: no live load and its last request older than
+    2x the idle timeout (at least :data:`EXPIRE_MIN_S`). A Lease with no request time is kept
+    (its age is unknown)."""
+    if demand.last_request is None:
+        return False
+    bound = max(EXPIRE_MIN_S, 2 * _timeouts(scaling)[1])
+    if (now - demand.last_request).total_seconds() <= bound:
+        return False
+    gone = live(demand, scaling, now)
+    return gone.in_flight == 0 and gone.held == 0
 
 
 def _history(previous: Autoscaling | None) -> tuple[tuple[int, datetime], ...]:
@@ -267,4 +319,4 @@ def desired_replicas(md: ModelDeployment) -> int:
     return auto.desired_replicas
 
 
-__all__ = ["Decision", "Demand", "decide", "desired_replicas"]
+__all__ = ["Decision", "Demand", "combine", "decide", "desired_replicas", "expired", "live"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, cast
@@ -22,7 +22,7 @@ import kopf
 from orchardist import log
 from orchardist.api.constants import API_VERSION, MODEL_DEPLOYMENT
 from orchardist.api.macnode import MacNode
-from orchardist.api.modeldeployment import ModelDeployment, ModelDeploymentStatus
+from orchardist.api.modeldeployment import ModelDeployment, ModelDeploymentStatus, Scaling
 from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller import autoscale, plan, world
 from orchardist.controller import status as st
@@ -51,9 +51,11 @@ class Store(Protocol[V]):
 
 
 class DemandSource(Protocol):
-    """What :class:`orchardist.controller.demand.DemandWatch` offers: a deployment's demand, or None."""
+    """What :class:`orchardist.controller.demand.DemandWatch` offers: a deployment's demand per
+    gateway Lease (None: unknown), and the deletion of the Leases that expired."""
 
-    def get(self, namespace: str, name: str) -> autoscale.Demand | None: ...
+    def get(self, namespace: str, name: str) -> Sequence[autoscale.Demand] | None: ...
+    async def sweep(self, namespace: str, name: str, scaling: Scaling | None, now: datetime) -> None: ...
 
 
 @dataclass
@@ -194,6 +196,8 @@ class Controller:
             for c in decided.create:
                 if c["metadata"]["name"] in created:
                     bucket[c["metadata"]["name"]] = ModelReplica.model_validate(c)
+        if self.demand is not None:
+            await self.demand.sweep(namespace, name, md.spec.scaling, now)
         ref = deployment_ref(namespace, name, uid)
         try:
             await self.adapter.finish(namespace, name, uid, decided, service)
@@ -244,7 +248,8 @@ class Controller:
         """The autoscaler's count with spec.scaling (None without: spec.replicas is the count)."""
         if md.spec.scaling is None:
             return None
-        demand = self.demand.get(namespace, name) if self.demand is not None else None
+        leases = self.demand.get(namespace, name) if self.demand is not None else None
+        demand = None if leases is None else autoscale.combine(leases, md.spec.scaling, now)
         return autoscale.decide(md.spec.scaling, md.spec.replicas, current.autoscaling, demand, ready, now)
 
     async def _post(self, ref: kopf.Body, type_: str, reason: str, message: str) -> None:
