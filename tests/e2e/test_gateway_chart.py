@@ -72,7 +72,7 @@ def test_helm_install_grants_the_gateway_what_it_uses(bare: Cluster) -> None:
         (["watch", "macnodes.orchardist.io"], True),
         (["create", "leases.coordination.k8s.io", "-n", "default"], True),
         (["patch", "leases.coordination.k8s.io", "-n", "default"], True),
-        (["delete", "leases.coordination.k8s.io", "-n", "default"], False),
+        (["delete", "leases.coordination.k8s.io", "-n", "default"], True),  # its own, on a stop
         (["patch", "modeldeployments.orchardist.io", "-n", "default"], False),
         (["create", "modelreplicas.orchardist.io", "-n", "default"], False),
         (["create", "secrets", "-n", SYSTEM_NS], False),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchardist.gateway.limits import Bucket, Limiter, admit, charge, refill, wait_for
+from orchardist.gateway.limits import Bucket, Limiter, admit, charge, refill, share, wait_for
 
 
 @pytest.mark.parametrize(
@@ -53,3 +53,28 @@ def test_no_limits_admit_everything() -> None:
     limiter = Limiter()
     assert all(limiter.admit("k", None, None, 0.0) is None for _ in range(1000))
     assert charge(None, None, 10, 0.0) is None
+
+
+@pytest.mark.parametrize(
+    ("limit", "instances", "each"),
+    [
+        (None, 3, None),  # unlimited stays unlimited
+        (60, 1, 60),
+        (60, 2, 30),
+        (60, 7, 9),  # ceil(8.57): the key may get up to 63 in total, never less than 60
+        (2, 3, 1),  # every instance admits at least one
+        (1, 4, 1),
+        (1000, 0, 1000),  # a count below one is one instance
+    ],
+)
+def test_share(limit: float | None, instances: int, each: float | None) -> None:
+    """Each of N instances enforces ceil(limit / N) of a key's per-minute limit."""
+    assert share(limit, instances) == each
+
+
+def test_a_limiter_of_one_instance_among_three_enforces_its_share() -> None:
+    limiter = Limiter(instances=3)
+    assert [limiter.admit("k", 6, None, 0.0) for _ in range(3)] == [None, None, 30]  # 2 a minute here
+    assert limiter.admit("t", None, 300, 0.0) is None
+    limiter.charge("t", 300, 150, 0.0)  # 100 a minute here: 50 in debt
+    assert limiter.admit("t", None, 300, 0.0) == 31  # (1 - -50) * 60 / 100 = 30.6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 
@@ -60,6 +61,9 @@ def test_pinned_body() -> None:
     assert body == {"model": "chat"}
 
 
+GW1 = hashlib.sha256(b"gw-1").hexdigest()[:8]  # each instance's Lease is named by its id's hash
+
+
 def test_demand_board_asks_for_one_urgent_write_per_wave() -> None:
     board = DemandBoard()
     board.now = lambda: datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=UTC)
@@ -76,9 +80,9 @@ def test_demand_board_asks_for_one_urgent_write_per_wave() -> None:
     assert board.due() == {}
     body = lease_body(key, board.demand[key], "gw-1")
     assert body["metadata"] == {
-        "name": "chat-demand",
+        "name": f"chat-demand-{GW1}",
         "namespace": "ns",
-        "labels": {"orchardist.io/demand-for": "chat"},
+        "labels": {"orchardist.io/demand-for": "chat", "orchardist.io/gateway-instance": GW1},
         "annotations": {"orchardist.io/in-flight": "32", "orchardist.io/held": "33"},
     }
     assert body["spec"] == {"holderIdentity": "gw-1", "renewTime": "2026-01-02T03:04:05.600000Z"}

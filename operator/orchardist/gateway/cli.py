@@ -9,6 +9,13 @@ import socket
 from orchardist import log
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError("must be 1 to 1024")
+    return n
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)"
@@ -28,6 +35,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--instance",
         default=os.environ.get("POD_NAME") or socket.gethostname(),
         help="this gateway's name in the demand Leases (default: the pod's or host's name)",
+    )
+    parser.add_argument(
+        "--instances",
+        type=_positive,
+        default=1,
+        help="gateway instances behind one Service (the chart's gateway.replicas): each enforces "
+        "ceil(limit / N) of a key's rate limits, assuming the Service spreads requests evenly",
     )
     parser.add_argument(
         "--max-held", type=int, default=1024, help="requests held per model while none is ready"
@@ -56,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
         key_namespace=None if args.keys_in_all_namespaces else args.key_namespace,
         instance=args.instance,
         settings=Settings(
-            max_held=args.max_held, prefix_chars=args.prefix_chars, prefix_routing=not args.no_prefix_routing
+            max_held=args.max_held,
+            prefix_chars=args.prefix_chars,
+            prefix_routing=not args.no_prefix_routing,
+            instances=args.instances,
         ),
     )
     return server.run(options)

@@ -1,20 +1,24 @@
-"""The demand signal for the autoscaler: one Lease per deployment, ``<name>-demand``.
+"""The demand signal for the autoscaler: one Lease per deployment and gateway instance.
 
-The Lease (coordination.k8s.io/v1) in the deployment's namespace carries the label
-``orchardist.io/demand-for=<name>``, ``spec.holderIdentity`` = this gateway instance,
+Each instance writes only its own ``<name>-demand-<8 hex of its id's SHA-256>`` (so several
+instances never overwrite each other's counts; the controller sums them). The Lease
+(coordination.k8s.io/v1) in the deployment's namespace carries the labels
+``orchardist.io/demand-for=<name>`` and ``orchardist.io/gateway-instance=<the hash>``,
+``spec.holderIdentity`` = this gateway instance,
 ``spec.renewTime`` = the last request's arrival, and the annotations ``orchardist.io/in-flight``
 (requests in flight, held ones included) and ``orchardist.io/held`` (requests waiting for a replica).
 
 When a request finds no ready replica and nothing was held yet, the Lease is written at once (the
 one signal that starts a replica, however many requests pile up behind it); otherwise changed
-values are written at most every :data:`INTERVAL_S`.
+values are written at most every :data:`INTERVAL_S`. On a graceful stop the instance deletes its
+Leases (:func:`remove`); the controller deletes those a crashed instance left once they are old.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -23,7 +27,9 @@ from orchardist.api.modeldeployment import (
     ANNOTATION_HELD,
     ANNOTATION_IN_FLIGHT,
     LABEL_DEMAND_FOR,
+    LABEL_GATEWAY_INSTANCE,
     demand_lease_name,
+    instance_hash,
 )
 from orchardist.gateway.catalog import Key
 from orchardist.kube import JSON, Kube, paths
@@ -35,6 +41,7 @@ LABEL = LABEL_DEMAND_FOR
 IN_FLIGHT = ANNOTATION_IN_FLIGHT
 HELD = ANNOTATION_HELD
 INTERVAL_S = 2.0
+REMOVE_TIMEOUT_S = 5.0  # a stopping pod has a grace period to share with its requests
 
 
 @dataclass(frozen=True)
@@ -58,9 +65,9 @@ def lease_body(key: Key, demand: Demand, instance: str) -> JSON:
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
         "metadata": {
-            "name": demand_lease_name(name),
+            "name": demand_lease_name(name, instance),
             "namespace": namespace,
-            "labels": {LABEL: name},
+            "labels": {LABEL: name, LABEL_GATEWAY_INSTANCE: instance_hash(instance)},
             "annotations": {IN_FLIGHT: str(demand.in_flight), HELD: str(demand.held)},
         },
         "spec": spec,
@@ -112,7 +119,7 @@ class DemandBoard:
 async def write(kube: Kube, key: Key, demand: Demand, instance: str) -> None:
     """Create or update one demand Lease (a merge patch; created when missing)."""
     body = lease_body(key, demand, instance)
-    path = paths.lease(key[0], demand_lease_name(key[1]))
+    path = paths.lease(key[0], demand_lease_name(key[1], instance))
     if await kube.patch_existing(path, body) is None and not await kube.create(paths.lease(key[0]), body):
         await kube.merge_patch(path, body)  # created meanwhile by another writer
 
@@ -129,3 +136,25 @@ async def run(kube: Kube, board: DemandBoard, instance: str, interval: float = I
                 board.written[key] = demand
             except Exception as exc:  # the next round tries again; a lost write is only a late signal
                 LOG.warning("demand Lease not written", deployment="/".join(key), error=repr(exc))
+
+
+async def remove(kube: Kube, keys: Iterable[Key], instance: str, limit_s: float = REMOVE_TIMEOUT_S) -> int:
+    """Delete this instance's demand Leases (a graceful stop), within ``limit_s`` seconds; how many went.
+
+    Best effort: what is left (a timeout, an API error) the controller deletes once it is old.
+    """
+    done = 0
+
+    async def each(key: Key) -> None:
+        nonlocal done
+        await kube.delete(paths.lease(key[0], demand_lease_name(key[1], instance)))
+        done += 1
+
+    try:
+        async with asyncio.timeout(limit_s):
+            results = await asyncio.gather(*(each(k) for k in set(keys)), return_exceptions=True)
+    except TimeoutError:
+        results = []
+    errors = [repr(r) for r in results if isinstance(r, BaseException)]
+    LOG.info("demand Leases removed", removed=done, errors=errors[:3])
+    return done

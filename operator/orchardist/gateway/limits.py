@@ -5,12 +5,23 @@ are admitted. Tokens are known only once the engine answers, so a request is adm
 token bucket is not in debt and its usage is charged afterwards (the bucket may go below zero;
 the key then waits until it has paid the debt back). Retry-After is the time until the next
 admission could succeed.
+
+With several gateway instances each enforces its :func:`share` of a key's limits, ``ceil(limit /
+instances)``: the key's total holds when the Service spreads requests evenly over the instances (as
+Envoy's local rate limits assume); a client that lands on one instance only gets that share.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+
+def share(limit: float | None, instances: int) -> float | None:
+    """One instance's part of a per-minute limit: ``ceil(limit / instances)`` (None: unlimited)."""
+    if limit is None:
+        return None
+    return float(math.ceil(limit / max(1, instances)))
 
 
 @dataclass(frozen=True)
@@ -78,9 +89,13 @@ def charge(tokens: Bucket | None, tokens_per_minute: float | None, used: int, no
 
 
 class Limiter:
-    """The buckets of every key (the only state; decisions are the functions above)."""
+    """The buckets of every key (the only state; decisions are the functions above).
 
-    def __init__(self) -> None:
+    ``instances``: how many gateway instances share each key's limits (each enforces its share).
+    """
+
+    def __init__(self, instances: int = 1) -> None:
+        self.instances = max(1, instances)
         self._requests: dict[str, Bucket | None] = {}
         self._tokens: dict[str, Bucket | None] = {}
 
@@ -91,8 +106,8 @@ class Limiter:
         decision = admit(
             self._requests.get(key),
             self._tokens.get(key),
-            requests_per_minute=requests_per_minute,
-            tokens_per_minute=tokens_per_minute,
+            requests_per_minute=share(requests_per_minute, self.instances),
+            tokens_per_minute=share(tokens_per_minute, self.instances),
             now=now,
         )
         self._requests[key] = decision.requests
@@ -100,4 +115,5 @@ class Limiter:
         return decision.retry_after
 
     def charge(self, key: str, tokens_per_minute: float | None, used: int, now: float) -> None:
-        self._tokens[key] = charge(self._tokens.get(key), tokens_per_minute, used, now)
+        per_minute = share(tokens_per_minute, self.instances)
+        self._tokens[key] = charge(self._tokens.get(key), per_minute, used, now)

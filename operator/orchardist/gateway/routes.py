@@ -44,6 +44,8 @@ class Settings:
     retry_after_s: int = 5
     #: Route by prefix (False: least outstanding requests only; the benchmark's baseline).
     prefix_routing: bool = True
+    #: Gateway instances sharing each key's rate limits (each enforces ceil(limit / instances)).
+    instances: int = 1
 
 
 class Gateway:
@@ -52,7 +54,7 @@ class Gateway:
         self.session = session
         self.settings = settings
         self.metrics = Metrics()
-        self.limiter = Limiter()
+        self.limiter = Limiter(settings.instances)
         self.board = DemandBoard()
         self.outstanding: Counter[str] = Counter()
 

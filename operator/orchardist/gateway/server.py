@@ -56,6 +56,8 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+            # Before the requests still running drain: a stopping pod's grace period may not outlast them.
+            await demand.remove(state.kube, gateway.board.demand, options.instance)
             await runner.cleanup()
             state.stop()
             client.close()  # type: ignore[no-untyped-call]
