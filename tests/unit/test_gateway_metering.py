@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from orchardist.api.modeldeployment import demand_lease_name
 from orchardist.gateway.catalog import Served
 from orchardist.gateway.demand import DemandBoard, lease_body
 from orchardist.gateway.metering import StreamMeter
@@ -130,3 +131,23 @@ def test_stream_meter_passthrough_only_when_no_line_needs_reading(
     meter.first_token = first_token
     assert meter.passthrough(data) == expected
     assert meter.usage is None  # passing through never meters: usage is read on the line path
+
+
+@pytest.mark.parametrize(
+    ("deployment", "instance", "expected"),
+    [
+        ("chat", None, "chat-demand"),  # the older single-Lease form
+        ("chat", "gw-1", f"chat-demand-{GW1}"),
+        ("a" * 237, "gw-1", f"{'a' * 237}-demand-{GW1}"),  # exactly 253
+    ],
+)
+def test_demand_lease_name(deployment: str, instance: str | None, expected: str) -> None:
+    assert demand_lease_name(deployment, instance) == expected
+
+
+def test_long_demand_lease_names_stay_valid_and_distinct() -> None:
+    """Past 253 characters a prefix plus a hash of the whole name: two long names never share one."""
+    one, two = demand_lease_name("a" * 250 + "x", "gw-1"), demand_lease_name("a" * 250 + "y", "gw-1")
+    assert len(one) <= 253 and len(two) <= 253 and one != two
+    assert one.endswith(f"-demand-{GW1}") and one[0] == "a"
+    assert demand_lease_name("a" * 250 + "x", "gw-2") != one  # and per instance
