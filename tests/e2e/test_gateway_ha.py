@@ -230,6 +230,7 @@ def test_two_gateways_holding_start_one_replica_and_clean_up_their_leases(
         return all("tiny" in [m.id for m in g.client().models.list()] for g in scene.gateways)
 
     wait_for(listed, timeout=30, interval=0.5, message="tiny listed by both gateways")
+    md_uid = (kget(scene.cluster, "modeldeployment", "-n", scene.ns, "tiny") or {})["metadata"]["uid"]
     assert scene.replicas() == []
     wait_for(lambda: "" not in scene.leases(), timeout=30, interval=0.5, message="the old Lease deleted")
     want = {g.hash for g in scene.gateways}
@@ -269,6 +270,9 @@ def test_two_gateways_holding_start_one_replica_and_clean_up_their_leases(
         lease = leases[gw.hash]
         assert lease["metadata"]["name"] == f"tiny-demand-{gw.hash}"
         assert lease["spec"]["holderIdentity"] == gw.name
+        assert [(o["kind"], o["name"], o["uid"]) for o in lease["metadata"]["ownerReferences"]] == [
+            ("ModelDeployment", "tiny", md_uid)
+        ]
 
     wait_for(
         lambda: scene.replicas() == [] and scene.autoscaling().get("desiredReplicas") == 0,
@@ -282,6 +286,9 @@ def test_two_gateways_holding_start_one_replica_and_clean_up_their_leases(
     first.proc.terminate()
     assert first.proc.wait(20) == 0, first.log.read_text(errors="replace")[-3000:]
     assert set(scene.leases()) == {second.hash}  # its own gone at once, the other's untouched
+    # Deleting the deployment takes the Leases it owns with it (no reconcile runs for a deleted one).
+    scene.cluster.kubectl("delete", "modeldeployment", "tiny", "-n", scene.ns, "--wait=false")
+    wait_for(lambda: scene.leases() == {}, timeout=60, interval=0.5, message="the owned Lease collected")
     second.proc.terminate()
     assert second.proc.wait(20) == 0, second.log.read_text(errors="replace")[-3000:]
     assert scene.leases() == {}

@@ -87,6 +87,10 @@ def test_demand_board_asks_for_one_urgent_write_per_wave() -> None:
         "annotations": {"orchardist.io/in-flight": "32", "orchardist.io/held": "33"},
     }
     assert body["spec"] == {"holderIdentity": "gw-1", "renewTime": "2026-01-02T03:04:05.600000Z"}
+    owned = lease_body(key, board.demand[key], "gw-1", "6f1c-uid")["metadata"]["ownerReferences"]
+    assert owned == [
+        {"apiVersion": "orchardist.io/v1alpha1", "kind": "ModelDeployment", "name": "chat", "uid": "6f1c-uid"}
+    ]
     for _ in range(33):
         board.release(key)
     board.hold(key)  # a new wave after the last one drained

@@ -37,6 +37,8 @@ class Served:
     hold_timeout_s: float = DEFAULT_HOLD_S
     #: (Secret name, key) of the key the replicas' proxies expect, in the deployment's namespace.
     api_key_ref: tuple[str, str] | None = None
+    #: The object's uid: the owner of its demand Leases, so they go when it goes.
+    uid: str = ""
 
     @property
     def key(self) -> Key:
@@ -83,6 +85,7 @@ def parse_deployment(obj: Mapping[str, Any]) -> Served | None:
         aliases=tuple(getattr(spec, "aliases", None) or ()),
         hold_timeout_s=float(hold) if hold else DEFAULT_HOLD_S,
         api_key_ref=(ref.name, ref.key) if ref is not None else None,
+        uid=str((obj.get("metadata") or {}).get("uid") or ""),
     )
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from orchardist import log
+from orchardist.api.constants import API_VERSION
 from orchardist.api.modeldeployment import (
     ANNOTATION_HELD,
     ANNOTATION_IN_FLIGHT,
@@ -56,22 +57,24 @@ def micro_time(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def lease_body(key: Key, demand: Demand, instance: str) -> JSON:
+def lease_body(key: Key, demand: Demand, instance: str, owner_uid: str = "") -> JSON:
+    """The Lease; owned by its ModelDeployment (when its uid is known), so deleting the deployment
+    deletes its demand Leases too (the garbage collector; no reconcile runs for a deleted one)."""
     namespace, name = key
     spec: JSON = {"holderIdentity": instance}
     if demand.last_request is not None:
         spec["renewTime"] = micro_time(demand.last_request)
-    return {
-        "apiVersion": "coordination.k8s.io/v1",
-        "kind": "Lease",
-        "metadata": {
-            "name": demand_lease_name(name, instance),
-            "namespace": namespace,
-            "labels": {LABEL: name, LABEL_GATEWAY_INSTANCE: instance_hash(instance)},
-            "annotations": {IN_FLIGHT: str(demand.in_flight), HELD: str(demand.held)},
-        },
-        "spec": spec,
+    meta: JSON = {
+        "name": demand_lease_name(name, instance),
+        "namespace": namespace,
+        "labels": {LABEL: name, LABEL_GATEWAY_INSTANCE: instance_hash(instance)},
+        "annotations": {IN_FLIGHT: str(demand.in_flight), HELD: str(demand.held)},
     }
+    if owner_uid:
+        meta["ownerReferences"] = [
+            {"apiVersion": API_VERSION, "kind": "ModelDeployment", "name": name, "uid": owner_uid}
+        ]
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta, "spec": spec}
 
 
 class DemandBoard:
@@ -116,23 +119,30 @@ class DemandBoard:
         return {k: d for k, d in self.demand.items() if self.written.get(k) != d}
 
 
-async def write(kube: Kube, key: Key, demand: Demand, instance: str) -> None:
+async def write(kube: Kube, key: Key, demand: Demand, instance: str, owner_uid: str = "") -> None:
     """Create or update one demand Lease (a merge patch; created when missing)."""
-    body = lease_body(key, demand, instance)
+    body = lease_body(key, demand, instance, owner_uid)
     path = paths.lease(key[0], demand_lease_name(key[1], instance))
     if await kube.patch_existing(path, body) is None and not await kube.create(paths.lease(key[0]), body):
         await kube.merge_patch(path, body)  # created meanwhile by another writer
 
 
-async def run(kube: Kube, board: DemandBoard, instance: str, interval: float = INTERVAL_S) -> None:
-    """Write due demand until cancelled: at once when urgent, else every ``interval``."""
+async def run(
+    kube: Kube,
+    board: DemandBoard,
+    instance: str,
+    interval: float = INTERVAL_S,
+    owner: Callable[[Key], str] = lambda key: "",
+) -> None:
+    """Write due demand until cancelled: at once when urgent, else every ``interval``.
+    ``owner``: the uid of a deployment (empty when unknown), the owner of its Leases."""
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(board.urgent.wait(), interval)
         board.urgent.clear()
         for key, demand in board.due().items():
             try:
-                await write(kube, key, demand, instance)
+                await write(kube, key, demand, instance, owner(key))
                 board.written[key] = demand
             except Exception as exc:  # the next round tries again; a lost write is only a late signal
                 LOG.warning("demand Lease not written", deployment="/".join(key), error=repr(exc))

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from orchardist import log
 from orchardist.gateway import demand
+from orchardist.gateway.catalog import Key
 from orchardist.gateway.routes import Gateway, Settings
 from orchardist.gateway.state import State
 from orchardist.kube import Kube, RawApi, api_client
@@ -46,7 +47,12 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
         await runner.setup()
         site = web.TCPSite(runner, options.host, options.port)
         await site.start()
-        writer = asyncio.create_task(demand.run(state.kube, gateway.board, options.instance))
+
+        def owner(key: Key) -> str:
+            served = state.catalog.deployments.get(key)
+            return served.uid if served is not None else ""
+
+        writer = asyncio.create_task(demand.run(state.kube, gateway.board, options.instance, owner=owner))
         LOG.info(
             "gateway serving", host=options.host, port=options.port, keys_in=options.key_namespace or "*"
         )
