@@ -90,6 +90,7 @@ def test_subresources() -> None:
             [
                 ("Node", ".spec.nodeName"),
                 ("Status", ".status.phase"),
+                ("Restarts", ".status.restarts"),
                 ("Progress", ".status.progress.percent"),
                 ("Endpoint", ".status.endpoint"),
                 ("Age", ".metadata.creationTimestamp"),

@@ -119,13 +119,15 @@ KINDS: tuple[Kind, ...] = (
             _column(
                 "Status",
                 ".status.phase",
-                description="Pending, Pulling, Starting, Ready, Failed, Terminating",
+                description="Pending, Pulling, Starting, Ready, CrashLoopBackOff, Failed, Terminating, "
+                "Unknown",
             ),
+            _column("Restarts", ".status.restarts", "integer", description="Engine restarts"),
             _column("Progress", ".status.progress.percent", description="Download progress"),
             _column("Endpoint", ".status.endpoint", description="Where the engine serves"),
             _AGE,
             _column("Deployment", ".spec.deployment", description="The owning ModelDeployment", priority=1),
-            _column("Restarts", ".status.restarts", "integer", description="Engine restarts", priority=1),
+            _column("Message", ".status.message", description="Why it is not Ready, in one line", priority=1),
         ),
     ),
 )

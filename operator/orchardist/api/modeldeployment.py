@@ -332,7 +332,10 @@ class ReplicaProgress(ApiModel):
     )
 
 
-ReplicaPhase = Literal["Pending", "Pulling", "Starting", "Ready", "Failed", "Terminating"]
+# ModelReplica's status.phase (defined here: modelreplica.py imports this module, not the reverse).
+ReplicaPhase = Literal[
+    "Pending", "Pulling", "Starting", "Ready", "CrashLoopBackOff", "Failed", "Terminating", "Unknown"
+]
 
 
 class ReplicaSummary(ApiModel):

@@ -22,7 +22,7 @@ from orchardist.api.common import (
     SecretRef,
 )
 from orchardist.api.constants import MODEL_REPLICA
-from orchardist.api.modeldeployment import OCI_PINNED_REF, BlockSize, ReplicaProgress
+from orchardist.api.modeldeployment import OCI_PINNED_REF, BlockSize, ReplicaPhase, ReplicaProgress
 from orchardist.api.rules import ApiModel, Rule
 
 __all__ = ["Condition", "MemoryPlan", "ModelReplica", "ModelReplicaSpec", "ModelReplicaStatus"]
@@ -166,13 +166,28 @@ class Measured(ApiModel):
     num_blocks: int | None = Field(None, ge=0, description="The KV-cache blocks the engine allocated.")
 
 
+# status.phase (ReplicaPhase, beside ReplicaSummary): CrashLoopBackOff, the engine crashed and waits to
+# be restarted; Unknown, written by the controller while the Mac's Lease is expired.
+
+
 class ModelReplicaStatus(ApiModel):
-    """What the agent of spec.nodeName observed (written only by it)."""
+    """What the agent of spec.nodeName observed; the controller marks it Unknown while the Mac is NotReady."""
 
     observed_generation: int | None = Field(None, ge=0, description="The metadata.generation described.")
-    phase: Literal["Pending", "Pulling", "Starting", "Ready", "Failed", "Terminating"] | None = Field(
+    phase: ReplicaPhase | None = Field(
         None,
-        description="A one-word summary for display: Pending, Pulling, Starting, Ready, Failed, Terminating.",
+        description="A one-word summary for display: Pending, Pulling, Starting, Ready, CrashLoopBackOff "
+        "(waiting to restart a crashed engine), Failed, Terminating, Unknown (the Mac is NotReady: its "
+        "agent's Lease expired; set by the controller until the agent reports again).",
+    )
+    message: str | None = Field(
+        None,
+        max_length=1024,
+        description="One line for display: why the replica is not Ready (the exit and the next try "
+        "during a backoff, the Mac's Lease age while Unknown).",
+    )
+    next_restart_time: datetime | None = Field(
+        None, description="During CrashLoopBackOff: when the engine is started again (RFC 3339)."
     )
     conditions: Conditions = Field(default_factory=list, description="Scheduled, Pulled, Started and Ready.")
     progress: ReplicaProgress | None = Field(None, description="Download progress while pulling.")

@@ -18,7 +18,7 @@ import asyncio
 import ipaddress
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from orchardist import log
 from orchardist.api.macnode import MacNode
+from orchardist.api.modeldeployment import ReplicaPhase
 from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller.world import LABEL_MANAGED_BY, MANAGED_BY, SLICE_MANAGED_BY, Refused
 from orchardist.kube import JSON, SYSTEM_NAMESPACE, Kube, paths
@@ -47,7 +48,7 @@ STALLED_REASONS = (
     "InvalidSpec",
 )
 OTHER = "Other"
-PHASES = ("Pending", "Pulling", "Starting", "Ready", "Failed", "Terminating")
+PHASES: tuple[str, ...] = get_args(ReplicaPhase)
 
 AGENTS_SERVICE = "orchardist-agents-metrics"
 AGENTS_PORT_NAME = "metrics"
