@@ -254,7 +254,7 @@ async def register_node(node: NodeAgent, host: dict[str, Any], stop: asyncio.Eve
 
 
 async def main(cfg: AgentConfig) -> int:
-    from orchardist.kube import Kube, RawApi, api_client
+    from orchardist.kube import AGENT, Kube, RawApi, api_client
 
     from .metrics import AgentMetrics
     from .node import NodeAgent, discover_address
@@ -271,7 +271,7 @@ async def main(cfg: AgentConfig) -> int:
         port = await metrics.start(cfg.bind_address or address, cfg.metrics_port)
         facts = with_metrics_port(facts, port)
         first["metricsPort"] = port
-    kube = Kube(RawApi(api_client(cfg.kubeconfig)))
+    kube = Kube(RawApi(api_client(cfg.kubeconfig, manager=AGENT)))
     node = NodeAgent(kube, cfg.node_name, facts, address=address, heartbeat_interval=cfg.heartbeat_interval)
     metrics.collector.attach(node)
     stop = asyncio.Event()

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         resync_seconds=resync,
         health_port=0 if args.liveness else args.health_port,
     )
-    api = kube_setup.api_client(args.kubeconfig)
+    api = kube_setup.api_client(args.kubeconfig, manager=kube_setup.CONTROLLER)
     metrics = ControllerMetrics()
     ctl = Controller(Adapter(Kube(api)), Config(lease_grace=args.lease_grace), metrics=metrics)
     metrics.watch_fleet(lambda: (ctl.deployments, ctl.replicas))

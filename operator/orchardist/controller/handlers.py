@@ -94,13 +94,22 @@ def settings(opts: Options, identity: str) -> kopf.OperatorSettings:
     return s
 
 
+class NamedConnection(kopf.ConnectionInfo):
+    """kopf's credentials that also name the controller: kopf's own writes (finalizers, its
+    annotations, peering) carry no fieldManager, so the API server names them after the
+    User-Agent; kopf keeps a User-Agent its session was given (else it sends ``kopf/<version>``)."""
+
+    def as_http_headers(self) -> dict[str, str]:
+        return {**super().as_http_headers(), "User-Agent": kube_setup.user_agent(kube_setup.CONTROLLER)}
+
+
 def connection_info(kubeconfig: str | Path | None) -> kopf.ConnectionInfo:
     """kopf's credentials from the same place every Orchardist process reads them (orchardist.kube)."""
-    cfg = kube_setup.api_client(kubeconfig).configuration
+    cfg = kube_setup.api_client(kubeconfig, manager=kube_setup.CONTROLLER).configuration
     keys = dict(cfg.api_key or {})
     auth = keys.get("authorization") or keys.get("BearerToken")
     token = auth.split(" ", 1)[1] if auth and " " in auth else auth
-    return kopf.ConnectionInfo(
+    return NamedConnection(
         server=str(cfg.host),
         ca_path=cfg.ssl_ca_cert or None,
         insecure=not cfg.verify_ssl,

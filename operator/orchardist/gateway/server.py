@@ -15,7 +15,7 @@ from orchardist.gateway import demand
 from orchardist.gateway.catalog import Key
 from orchardist.gateway.routes import Gateway, Settings
 from orchardist.gateway.state import State
-from orchardist.kube import Kube, RawApi, api_client
+from orchardist.kube import GATEWAY, Kube, RawApi, api_client
 
 LOG = log.get(__name__)
 
@@ -33,7 +33,7 @@ class Options:
 
 
 async def serve(options: Options, stop: asyncio.Event) -> None:
-    client = api_client(options.kubeconfig)
+    client = api_client(options.kubeconfig, manager=GATEWAY)
     raw = RawApi(client)
     state = State(raw, Kube(raw), options.key_namespace)
     state.start()

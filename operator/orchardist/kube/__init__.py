@@ -1,9 +1,10 @@
 """The Kubernetes API adapter shared by the controller, the agent and the dev tools.
 
 Here: where credentials come from (an explicit kubeconfig, then ``$KUBECONFIG``/``~/.kube/config``,
-then the in-cluster service account) and :class:`RawApi`, blocking raw-JSON calls over the official
-client's connection. Beside it: :mod:`.paths` (every URL), :mod:`.aio` (:class:`Kube`, the async and
-idempotent calls), :mod:`.informer` (list + watch) and :mod:`.events` (core/v1 Events).
+then the in-cluster service account), the field manager each process writes as, and
+:class:`RawApi`, blocking raw-JSON calls over the official client's connection. Beside it:
+:mod:`.paths` (every URL), :mod:`.aio` (:class:`Kube`, the async and idempotent calls),
+:mod:`.informer` (list + watch) and :mod:`.events` (core/v1 Events).
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
+from orchardist import __version__
 from orchardist.api.constants import API_VERSION, GROUP, VERSION
 
 __all__ = [
+    "AGENT",
     "API_VERSION",
+    "CONTROLLER",
+    "DEV",
+    "GATEWAY",
     "GROUP",
     "JSON",
     "MERGE_PATCH",
@@ -31,30 +37,49 @@ __all__ = [
     "Kube",
     "RawApi",
     "api_client",
+    "user_agent",
 ]
 
 SYSTEM_NAMESPACE = "orchardist-system"
 MERGE_PATCH = "application/merge-patch+json"
 JSON = dict[str, Any]
 
+# Field managers (docs/architecture.md, "Who writes what"). The API server names a write that
+# carries no fieldManager after its User-Agent up to the first '/', so each process's client sends
+# `<manager>/<version>` and managedFields tell the operator, the agents and the gateway apart
+# (the official client would send `OpenAPI-Generator/...` for all of them).
+CONTROLLER = "orchardist-controller"
+AGENT = "orchardist-agent"
+GATEWAY = "orchardist-gateway"
+DEV = "orchardist-dev"  # dev tools, `orchardist plan`, tests
 
-def api_client(kubeconfig: str | Path | None = None, context: str | None = None) -> client.ApiClient:
-    """An ApiClient for the given kubeconfig, else the usual kubeconfig, else in-cluster."""
+
+def user_agent(manager: str) -> str:
+    """The User-Agent a process of ``manager`` sends: the manager, then '/' and the version."""
+    return f"{manager}/{__version__}"
+
+
+def api_client(
+    kubeconfig: str | Path | None = None, context: str | None = None, *, manager: str = DEV
+) -> client.ApiClient:
+    """An ApiClient for the given kubeconfig, else the usual kubeconfig, else in-cluster; its
+    writes are made under the field manager ``manager`` (the caller says who it is)."""
+    cfg = client.Configuration()
     path = str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG")
     if path or Path("~/.kube/config").expanduser().exists():
-        cfg = client.Configuration()
         config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=path, context=context, client_configuration=cfg
         )
-        return client.ApiClient(cfg)
-    try:
-        cfg = client.Configuration()
-        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-    except ConfigException as exc:
-        raise ConfigException(
-            "no Kubernetes credentials: pass --kubeconfig, set KUBECONFIG, or run inside a cluster"
-        ) from exc
-    return client.ApiClient(cfg)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        except ConfigException as exc:
+            raise ConfigException(
+                "no Kubernetes credentials: pass --kubeconfig, set KUBECONFIG, or run inside a cluster"
+            ) from exc
+    api = client.ApiClient(cfg)
+    api.user_agent = user_agent(manager)
+    return api
 
 
 class Api(Protocol):
