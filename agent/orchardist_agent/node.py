@@ -5,7 +5,10 @@ client's connection; the typed APIs would cost the Mac ~20 MB of RSS). Bodies th
 are read through :class:`orchardist.api.macnode.MacNode`.
 
 Ownership (docs/architecture.md): the agent writes only its MacNode's status (never spec or
-labels, which are the user's), its Lease, and the status of replicas bound to it.
+labels, which are the user's), its Lease, and the status of replicas bound to it. It creates its
+MacNode with no spec, so it owns no spec field a user's server-side apply could conflict with, and
+writes the status by server-side apply as ``orchardist-agent``: the API server records no owner
+for later writes to an object whose creator owned nothing, until one of them is an apply.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pydantic import ValidationError
 from orchardist import __version__, log
 from orchardist.api.constants import API_VERSION
 from orchardist.api.macnode import MacNode
-from orchardist.kube import SYSTEM_NAMESPACE, Kube, paths
+from orchardist.kube import AGENT, SYSTEM_NAMESPACE, Kube, paths
 
 from .host.facts import display_gi
 from .reconcile import JSON, merge_conditions, node_conditions, now_iso
@@ -156,17 +159,20 @@ class NodeAgent:
         status = self.compose_status(self._status, now_iso())
         if not force and _without_times(status) == _without_times(self._sent):
             return
-        patch = dict(status)
-        # Fields set before and absent now are removed (merge patch: null).
-        for key in self._status:
-            if key not in patch:
-                patch[key] = None
+        # The whole status, applied: fields this agent applied before and left out now are removed.
+        # Forced: the status is the agent's alone (the controller marks a dead Mac's Ready only).
+        body = {
+            "apiVersion": API_VERSION,
+            "kind": "MacNode",
+            "metadata": {"name": self.name},
+            "status": status,
+        }
         path = paths.macnode(self.name, status=True)
-        node = await self.kube.patch_existing(path, {"status": patch})
+        node = await self.kube.apply_existing(path, body, manager=AGENT, force=True)
         if node is None:
             LOG.warning("macnode vanished; registering it again", node=self.name)
             await self._ensure_macnode()
-            node = await self.kube.merge_patch(path, {"status": status})
+            node = await self.kube.apply(path, body, manager=AGENT, force=True)
         self._status = status_of(node) or status
         self._sent = status
 

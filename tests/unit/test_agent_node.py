@@ -10,7 +10,8 @@ from kubernetes.client import ApiClient, Configuration
 from kubernetes.client.exceptions import ApiException
 
 from orchardist import __version__
-from orchardist.kube import JSON, MERGE_PATCH, Kube, RawApi
+from orchardist.kube import AGENT, JSON, MERGE_PATCH, Kube, RawApi
+from orchardist.kube.aio import APPLY_PATCH
 from orchardist_agent.node import NodeAgent, micro_time, status_of
 
 GiB = 2**30
@@ -87,13 +88,16 @@ def test_micro_time_is_rfc3339_with_microseconds() -> None:
 
 
 class ObjectsApi:
-    """Objects by path: GET, POST (409 when taken), PATCH as a merge patch (404 when missing)."""
+    """Objects by path: GET, POST (409 when taken), PATCH as a merge patch or as the sole manager's
+    apply of a subresource, which replaces it whole (404 when missing)."""
 
     def __init__(self) -> None:
         self.objects: dict[str, JSON] = {}
         self.calls: list[tuple[str, str]] = []
 
-    def request(self, method: str, path: str, *, body: Any = None, content_type: str = "", **_: Any) -> JSON:
+    def request(
+        self, method: str, path: str, *, body: Any = None, content_type: str = "", query: Any = None, **_: Any
+    ) -> JSON:
         self.calls.append((method, path))
         target = path.removesuffix("/status")
         if method == "GET":
@@ -107,10 +111,19 @@ class ObjectsApi:
             self.objects[full] = copy.deepcopy(body)
             return body
         if method == "PATCH":
-            assert content_type == MERGE_PATCH
             if target not in self.objects:
                 raise ApiException(status=404, reason="NotFound")
             obj = self.objects[target]
+            if content_type == APPLY_PATCH:
+                assert path.endswith("/status") and query == {"fieldManager": AGENT, "force": "true"}
+                assert (body["apiVersion"], body["kind"], body["metadata"]) == (
+                    obj["apiVersion"],
+                    obj["kind"],
+                    {"name": obj["metadata"]["name"]},
+                )
+                obj["status"] = copy.deepcopy(body["status"])
+                return copy.deepcopy(obj)
+            assert content_type == MERGE_PATCH
             for field, value in body.items():
                 part = dict(obj.get(field) or {})
                 for k, v in value.items():

@@ -13,6 +13,7 @@ import yaml
 from orchardist.api import crds as crds_module
 from orchardist.api.cli import default_dir, drift
 from orchardist.api.crds import KINDS, all_crds, rendered
+from orchardist.api.macnode import MacNode
 from orchardist.cli import main
 from tests.unit.test_api_cel import walk
 
@@ -82,6 +83,8 @@ def test_subresources() -> None:
                 ("Allocated", ".status.memory.allocated"),
                 ("Free", ".status.memory.free"),
                 ("Ready", '.status.conditions[?(@.type=="Ready")].status'),
+                ("Cordoned", ".spec.unschedulable"),
+                ("Taints", ".spec.taints[*].key"),
                 ("Age", ".metadata.creationTimestamp"),
             ],
         ),
@@ -106,6 +109,26 @@ def test_printer_columns(kind: str, columns: list[tuple[str, str]]) -> None:
     assert shown == columns
 
 
+def test_a_macnode_spec_has_no_default_its_creator_would_own() -> None:
+    """The agent creates its MacNode without a spec; a schema default would be filled in then and
+    owned by the agent, so a user's server-side apply of spec.unschedulable would conflict."""
+    spec = version("MacNode")["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert "default" not in spec
+    assert {k: "default" in v for k, v in spec["properties"].items()} == {
+        "unschedulable": False,
+        "taints": False,
+    }
+
+
+@pytest.mark.parametrize("spec", [None, {}, {"taints": []}])
+def test_a_macnode_without_unschedulable_reads_schedulable(spec: dict[str, Any] | None) -> None:
+    """The CRD has no default for it (the agent creates its MacNode with no spec): missing, an empty
+    spec, or the null a server-side apply can leave all read False through the model."""
+    assert MacNode.model_validate({"metadata": {"name": "m"}}).spec.unschedulable is False
+    body: dict[str, Any] = {"metadata": {"name": "m"}, "spec": spec}
+    assert MacNode.model_validate(body).spec.unschedulable is False
+
+
 def test_replicas_are_selectable_by_node() -> None:
     """Agents list only their own replicas with a server-side field selector on spec.nodeName."""
     assert version("ModelReplica")["selectableFields"] == [{"jsonPath": ".spec.nodeName"}]
@@ -122,9 +145,12 @@ def _nodes() -> list[tuple[str, str, dict[str, Any]]]:
 def test_schemas_are_structural() -> None:
     """Every node has a type; nothing a structural schema forbids or an OpenAPI 3.0 reader misreads."""
     forbidden = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "not", "const", "title", "nullable"}
+    # Null only where it means something: a MacNode spec a server-side apply emptied (read as {}).
+    nullable = {("MacNode", ".spec")}
     for kind, path, node in _nodes():
         assert "type" in node, f"{kind}{path} has no type"
-        assert not forbidden & node.keys(), f"{kind}{path} uses {forbidden & node.keys()}"
+        allowed = {"nullable"} if (kind, path) in nullable else set()
+        assert not (forbidden - allowed) & node.keys(), f"{kind}{path} uses {forbidden & node.keys()}"
         for key in ("exclusiveMinimum", "exclusiveMaximum"):
             assert isinstance(node.get(key, True), bool), (
                 f"{kind}{path}: {key} must be a boolean in OpenAPI 3.0"

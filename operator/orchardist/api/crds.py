@@ -102,6 +102,11 @@ KINDS: tuple[Kind, ...] = (
             _column(
                 "Ready", '.status.conditions[?(@.type=="Ready")].status', description="Heartbeat is fresh"
             ),
+            # The user's spec, so a cordoned or tainted Mac shows without -o wide (missing: blank).
+            _column(
+                "Cordoned", ".spec.unschedulable", "boolean", description="No new replicas are placed here"
+            ),
+            _column("Taints", ".spec.taints[*].key", description="Keys of the taints on this Mac"),
             _AGE,
             _column("Address", ".status.address", description="Where replicas on this Mac serve", priority=1),
             _column("Agent", ".status.agentVersion", description="The agent's version", priority=1),
@@ -153,7 +158,9 @@ def root_schema(kind: Kind) -> Schema:
     if kind.spec_required:
         schema["required"] = ["spec"]
     else:
-        schema["properties"]["spec"]["default"] = {}
+        # No default (whoever creates the object would own what was filled in), and null allowed:
+        # a server-side apply of `spec: {}` that gives up the last field leaves null behind.
+        schema["properties"]["spec"]["nullable"] = True
     if kind.model.__rules__:
         schema[VALIDATIONS] = [rule.cel() for rule in kind.model.__rules__]
     return schema

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic.config import JsonDict
 
 from orchardist.api.common import DIGEST, Conditions
 from orchardist.api.constants import MAC_NODE
@@ -51,10 +52,20 @@ class Taint(ApiModel):
     )
 
 
-class MacNodeSpec(ApiModel):
-    """What the user decides about this Mac."""
+def _no_schema_default(schema: JsonDict) -> None:
+    """Missing means false, read through the model; a default in the CRD would be filled in when the
+    agent creates its MacNode and owned by the agent, so a user's apply of the field would conflict."""
+    schema.pop("default", None)
 
-    unschedulable: bool = Field(False, description="When true, no new replicas are placed on this Mac.")
+
+class MacNodeSpec(ApiModel):
+    """What the user decides about this Mac (the agent creates its MacNode without a spec)."""
+
+    unschedulable: bool = Field(
+        False,
+        description="When true, no new replicas are placed on this Mac; missing means false.",
+        json_schema_extra=_no_schema_default,
+    )
     taints: list[Taint] = Field(
         default_factory=list,
         max_length=32,
@@ -205,3 +216,10 @@ class MacNode(ApiModel):
         default_factory=MacNodeSpec, description="What the user decides about this Mac."
     )
     status: MacNodeStatus = Field(default_factory=MacNodeStatus, description="What the Mac's agent observed.")
+
+    @field_validator("spec", mode="before")
+    @classmethod
+    def _null_spec(cls, value: Any) -> Any:
+        """A server-side apply of ``spec: {}`` that drops the last field leaves a null spec (the
+        CRD lets it be null): read as the empty spec."""
+        return {} if value is None else value

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from orchardist.kube import JSON, Api
 
 
+APPLY_PATCH = "application/apply-patch+yaml"  # JSON is YAML: the body is sent as JSON
+
+
 class Kube:
     """``get``/``create``/``delete``/``merge_patch`` on raw JSON, tolerant of repeats."""
 
@@ -73,6 +76,24 @@ class Kube:
         from orchardist.kube import MERGE_PATCH
 
         return await self.call("PATCH", path, body, content_type=MERGE_PATCH)
+
+    async def apply(self, path: str, body: JSON, *, manager: str, force: bool = False) -> JSON:
+        """Server-side apply under the field manager ``manager``: the fields in ``body`` become its
+        own and those it applied before and leaves out now are removed. ``force`` takes fields
+        another manager set, for fields only ``manager`` may own (docs/architecture.md)."""
+        query = {"fieldManager": manager, **({"force": "true"} if force else {})}
+        return await self.call("PATCH", path, body, content_type=APPLY_PATCH, query=query)
+
+    async def apply_existing(
+        self, path: str, body: JSON, *, manager: str, force: bool = False
+    ) -> JSON | None:
+        """:meth:`apply` to a subresource, or None when the object is gone."""
+        try:
+            return await self.apply(path, body, manager=manager, force=force)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     async def patch_existing(self, path: str, body: JSON) -> JSON | None:
         """:meth:`merge_patch`, or None when the object is gone (a patch must not recreate it)."""
