@@ -2,12 +2,14 @@
 
 The agent creates its MacNode without a spec, so a GitOps tool can own the spec by server-side
 apply with no conflict, and the controller honours what it applied. Each process writes under its
-own field manager (orchardist-controller, orchardist-agent), never the client library's default.
+own field manager (orchardist-controller, -agent, -gateway), never the client library's default.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,15 +17,18 @@ from typing import Any
 import pytest
 
 from orchardist.dev.cluster import Cluster
+from orchardist.dev.procs import free_port
 from orchardist.oci.push import push
-from orchardist_agent.engines.runtimes import Runtime
+from orchardist_agent.engines import Runtime
 from tests.fixtures.agents import (
+    ORCHARDIST,
     Agent,
     Operator,
     condition,
     kget,
     make_agent,
     registered,
+    stop_process,
     stop_recorded_engines,
 )
 from tests.fixtures.wait import wait_for
@@ -31,7 +36,8 @@ from tests.fixtures.wait import wait_for
 pytestmark = [pytest.mark.cluster, pytest.mark.registry]
 
 SYSTEM = "orchardist-system"
-CONTROLLER, AGENT = "orchardist-controller", "orchardist-agent"
+CONTROLLER, AGENT, GATEWAY = "orchardist-controller", "orchardist-agent", "orchardist-gateway"
+TOKEN = "sk-ownership-test"
 LIBRARY_DEFAULT = "OpenAPI-Generator"
 
 
@@ -151,16 +157,14 @@ async def test_gitops_owns_the_macnode_spec_the_agent_created_and_the_controller
         assert (row["CORDONED"], row["TAINTS"]) == ("true", "example.com/maintenance"), row
 
         deploy(cluster, namespace, "held", tiny_tag)
+
+        def unschedulable() -> dict[str, Any] | None:
+            md = kget(cluster, "md", "held", "-n", namespace)
+            stalled = condition(md.get("status") or {}, "Stalled")
+            return stalled if stalled.get("reason") == "Unschedulable" else None
+
         stalled = wait_for(
-            lambda: (
-                (
-                    c := condition(
-                        kget(cluster, "md", "held", "-n", namespace).get("status") or {}, "Stalled"
-                    )
-                ).get("reason")
-                == "Unschedulable"
-                and c
-            ),
+            unschedulable,
             timeout=60,
             message="Stalled=Unschedulable while the only matching Mac is cordoned",
         )
@@ -180,13 +184,42 @@ async def test_gitops_owns_the_macnode_spec_the_agent_created_and_the_controller
         forget(cluster, agent)
 
 
+def start_gateway(cluster: Cluster, namespace: str, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A gateway taking the key Secret of ``namespace`` (made here); its process and port."""
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "k", "namespace": namespace, "labels": {"orchardist.io/gateway-key": "true"}},
+        "stringData": {"key": TOKEN, "namespaces": namespace},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(secret))
+    port = free_port()
+    argv = [str(ORCHARDIST), "gateway", "--kubeconfig", str(cluster.kubeconfig), "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--key-namespace", namespace, "--instance", f"gw-{namespace}"]
+    with (workdir / "gateway.log").open("ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT), port
+
+
+def chat_through(port: int, model: str) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        answer: dict[str, Any] = json.loads(resp.read())
+    return answer
+
+
 @pytest.mark.engine
-async def test_managed_fields_name_the_operator_and_the_agent(
+async def test_managed_fields_name_the_operator_the_agent_and_the_gateway(
     cluster: Cluster, namespace: str, tmp_path: Path, operator: Operator, tiny_tag: str, mlx_runtime: Runtime
 ) -> None:
-    """After a deployment is Ready on a real agent: the controller owns no spec of the
-    ModelDeployment, the agent no spec of its MacNode; the controller owns the replica's spec and
-    the agent its status; no write anywhere is named after the client library."""
+    """After a deployment is Ready on a real agent and served through a gateway: the controller owns
+    no spec of the ModelDeployment, the agent no spec of its MacNode; the controller owns the
+    replica's spec and the agent its status; the gateway its demand Lease; no write anywhere is
+    named after the client library."""
     agent = start_agent(cluster, tmp_path / "agent", "--runtime", f"mlx-lm={mlx_runtime.prefix}")
     try:
         registered(cluster, agent)
@@ -196,6 +229,28 @@ async def test_managed_fields_name_the_operator_and_the_agent(
             cluster.kubectl("wait", "--for=condition=Ready", "md/tiny", "-n", namespace, "--timeout=240s")
         except Exception as exc:
             raise AssertionError(f"{exc}\nagent:\n{agent.tail(40)}") from None
+
+        gateway, port = start_gateway(cluster, namespace, tmp_path)
+        try:
+            answer = wait_for(
+                lambda: chat_through(port, "tiny"),
+                timeout=60,
+                interval=0.5,
+                message=lambda: (
+                    "an answer through the gateway:\n"
+                    + (tmp_path / "gateway.log").read_text(errors="replace")[-2000:]
+                ),
+            )
+            assert answer["choices"], answer
+            (demand,) = wait_for(  # read while the gateway runs: it deletes its Leases on SIGTERM
+                lambda: full(cluster, "lease", "-n", namespace, "-l", "orchardist.io/demand-for=tiny")[
+                    "items"
+                ],
+                timeout=30,
+                message="the gateway's demand Lease",
+            )
+        finally:
+            stop_process(gateway)
 
         md = managers(full(cluster, "md", "tiny", "-n", namespace))
         assert not owns(md[CONTROLLER], "f:spec"), md[CONTROLLER]
@@ -214,9 +269,10 @@ async def test_managed_fields_name_the_operator_and_the_agent(
             *full(cluster, "md,mr,svc,endpointslices,events,leases", "-n", namespace)["items"],
             full(cluster, "macnode", agent.node),
             full(cluster, "lease", agent.node, "-n", SYSTEM),
+            demand,
         ]
         named = {(o["kind"], m) for o in everything for m in managers(o)}
         assert not {n for n in named if n[1].startswith(LIBRARY_DEFAULT)}, sorted(named)
-        assert ("Lease", AGENT) in named and ("Service", CONTROLLER) in named, sorted(named)
+        assert {("Lease", AGENT), ("Lease", GATEWAY), ("Service", CONTROLLER)} <= named, sorted(named)
     finally:
         forget(cluster, agent)
