@@ -7,10 +7,11 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from kubernetes.client.exceptions import ApiException
 
 from orchardist.kube import JSON, MERGE_PATCH, Kube
-from orchardist.kube.events import EventRecorder, involved
+from orchardist.kube.events import MAX_LINE, EventRecorder, involved, one_line
 
 T0 = datetime(2026, 12, 2, 1, 0, 0, tzinfo=UTC)
 
@@ -178,7 +179,7 @@ async def test_long_messages_are_cut_and_failures_never_reach_the_caller() -> No
     api, clock = EventsApi(), Clock()
     rec = recorder(api, clock)
     await rec.record(REPLICA, "Warning", "CrashLoop", "x" * 5000)
-    assert len(only(api)["message"]) == 1024
+    assert len(only(api)["message"]) == MAX_LINE
     api.fail = ApiException(status=403, reason="Forbidden")
     await rec.record(REPLICA, "Normal", "Started", "ok")  # logged, not raised
     assert len(api.events) == 1
@@ -187,3 +188,31 @@ async def test_long_messages_are_cut_and_failures_never_reach_the_caller() -> No
 def test_involved_object_is_taken_from_the_object_as_returned() -> None:
     ref: Mapping[str, Any] = involved(REPLICA)
     assert ref["uid"] == "u-1" and ref["resourceVersion"] == "77" and ref["kind"] == "ModelReplica"
+
+
+ONE_LINE = [
+    ("a single line is kept", "registry said 401", "registry said 401"),
+    ("whitespace is collapsed", "  pull   failed\tat 42% ", "pull failed at 42%"),
+    (
+        "a log tail is left to status",
+        "engine exited with code 1\n--- last log lines ---\nTraceback (most recent call last):\n  boom",
+        "engine exited with code 1 (more in status)",
+    ),
+    ("blank lines before the first are skipped", "\n\n  no Mac fits\n", "no Mac fits"),
+    ("nothing stays nothing", "", ""),
+    ("a long line is cut with an ellipsis", "x" * 600, "x" * 511 + "\u2026"),
+]
+
+
+@pytest.mark.parametrize(("case", "message", "expected"), ONE_LINE, ids=[t[0] for t in ONE_LINE])
+def test_one_line(case: str, message: str, expected: str) -> None:
+    """An Event's message is one bounded line: the first, with a mark when lines were left out."""
+    assert one_line(message) == expected
+
+
+async def test_the_writer_posts_one_line_for_every_caller() -> None:
+    """A multi-line message (an engine's log tail) becomes one line in the Event itself."""
+    api, clock = EventsApi(), Clock()
+    tail = "engine exited with code 1\n--- last log lines ---\nline 1\nline 2"
+    await recorder(api, clock).record(REPLICA, "Warning", "CrashLoop", tail)
+    assert only(api)["message"] == "engine exited with code 1 (more in status)"

@@ -119,6 +119,17 @@ EVENTS = [
         ("Warning", "CrashLoop"),
     ),
     ("no change", "Ready", replica("Ready"), None),
+    # An engine restarting after a crash: the deployment's Degraded (CrashLoopBackOff) says it once.
+    ("crashed, restarting", "Ready", replica("Starting", restarts=1), None),
+    ("back after a crash", "Starting", replica("Ready", restarts=1, endpoint="10.0.0.5:8001"), None),
+    (
+        "given up after crashes: one line",
+        "Starting",
+        replica(
+            "Failed", restarts=5, lastError={"reason": "CrashLoop", "message": "exit 1\n--- log ---\nboom"}
+        ),
+        ("Warning", "CrashLoop"),
+    ),
 ]
 
 
@@ -133,7 +144,7 @@ def test_replica_phase_events(
     got = c.replica_phase_event(body, initial=False)
     assert (got[:2] if got else None) == expected
     if got is not None:
-        assert got[2].startswith("r0 on studio-1: ")
+        assert got[2].startswith("r0 on studio-1: ") and "\n" not in got[2]
 
 
 def test_the_initial_listing_posts_nothing() -> None:

@@ -402,7 +402,9 @@ class ModelDeploymentStatus(ApiModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     endpoint: str | None = Field(
-        None, max_length=512, description="The Service's address: name.namespace.svc:port."
+        None,
+        max_length=512,
+        description="The Service's address, name.namespace.svc:port, while a replica is ready (else absent).",
     )
     autoscaling: Autoscaling | None = Field(
         None, description="The autoscaler's desired count and why (only when spec.scaling is set)."

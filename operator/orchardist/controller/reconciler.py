@@ -32,7 +32,7 @@ from orchardist.controller.pinning import Pins
 from orchardist.controller.scheduler import Mac
 from orchardist.controller.world import RE_RESOLVE, Refused
 from orchardist.kube import paths
-from orchardist.kube.events import EventRecorder
+from orchardist.kube.events import EventRecorder, one_line
 
 LOG = log.get(__name__)
 WRITE_MEMORY = 2.0  # seconds our own status/Service/slice writes stand in for the (lagging) watch
@@ -225,7 +225,7 @@ class Controller:
         if pin is not None and RE_RESOLVE in annotations:
             await self.adapter.forget_annotation(namespace, name, RE_RESOLVE)
         for ev in decided.events:
-            await self._post(ref, ev.type, ev.reason, ev.message[:1024])
+            await self._post(ref, ev.type, ev.reason, ev.message)
         if not decided.empty:
             LOG.info(
                 "reconciled",
@@ -253,8 +253,9 @@ class Controller:
         return autoscale.decide(md.spec.scaling, md.spec.replicas, current.autoscaling, demand, ready, now)
 
     async def _post(self, ref: kopf.Body, type_: str, reason: str, message: str) -> None:
-        """An Event through kopf's poster; a reconcile kopf did not start (the demand watch's) has no
-        poster in its context, so its Events go through the shared writer instead."""
+        """An Event (one line) through kopf's poster; a reconcile kopf did not start (the demand
+        watch's) has no poster in its context, so its Events go through the shared writer instead."""
+        message = one_line(message)
         try:
             kopf.event(ref, type=type_, reason=reason, message=message)
         except LookupError:
@@ -290,7 +291,7 @@ class Controller:
                 deployment_ref(md.namespace, md.name, md.uid),
                 type="Warning",
                 reason="InvalidSpec",
-                message=md.message[:1024],
+                message=one_line(md.message),
             )
 
     def _status_of(self, namespace: str, name: str, md: ModelDeployment) -> ModelDeploymentStatus:
@@ -369,6 +370,8 @@ class Controller:
         self.phases[uid] = phase
         if initial or before == phase or (before == "unseen" and phase in (None, "Pending")):
             return None
+        if st_.restarts and phase in ("Starting", "Ready"):
+            return None  # an engine restarting after a crash: the deployment's Degraded says so, once
         spec = replica.spec
         who = f"{replica.metadata.get('name')} on {spec.node_name}"
         if phase == "Pulling":
@@ -382,7 +385,7 @@ class Controller:
         if phase == "Failed":
             err = st_.last_error
             reason = (err.reason if err else None) or "Failed"
-            return "Warning", reason, f"{who}: {(err.message if err else None) or 'failed'}"
+            return "Warning", reason, one_line(f"{who}: {(err.message if err else None) or 'failed'}")
         return None
 
     def indexed_replica(self, namespace: str, deployment: str, name: str) -> ModelReplica | None:

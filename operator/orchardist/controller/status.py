@@ -2,11 +2,16 @@
 
 Conditions follow kstatus: ``Ready`` is what ``kubectl wait --for=condition=Ready`` waits on;
 ``Reconciling`` is True while the controller is still moving towards the spec; ``Stalled`` is True
-when it cannot get there without a person (no Mac fits, the tag does not resolve, a pull or engine
-fails); ``Degraded`` is True while it serves less than it should (replicas down or on NotReady Macs,
-ready replicas the Service cannot reach). Every condition carries the ``observedGeneration`` it
-describes and keeps its ``lastTransitionTime`` while its status holds. ``phase`` is a display word
-derived from the conditions; nothing decides on it.
+when it cannot get there without a person (no Mac fits, the tag does not resolve, a pull fails, an
+agent gave a replica up); ``Degraded`` is True while it serves less than it should (replicas down or
+on NotReady Macs, ready replicas the Service cannot reach, engines restarting after crashes). Every
+condition carries the ``observedGeneration`` it describes and keeps its ``lastTransitionTime`` while
+its status holds. ``phase`` is a display word derived from the conditions; nothing decides on it.
+
+A crashing engine is restarted by its agent with a backoff, so a crash is not Stalled (no person is
+needed yet): the deployment is Degraded with reason ``CrashLoopBackOff`` from the first crash until
+the replica has stayed Ready for ``SETTLE_S``. One Warning when the loop starts, one clear when it
+ends, however many crashes (and recoveries) lie between; Ready going True mid-loop posts nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from orchardist.controller.world import Observed, Replica, selector, service_nam
 
 AS_EXPECTED = "AsExpected"
 CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Degraded")
+CRASH_LOOP = "CrashLoopBackOff"
+#: Seconds a restarted replica must stay Ready before its crash loop counts as over.
+SETTLE_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +61,7 @@ class Facts:
     resolve_error: str | None = None  # and no pin to fall back on
     unschedulable: str | None = None
     failures: Sequence[tuple[str, str]] = field(default_factory=tuple)  # (reason, message) of failed replicas
+    looping: Sequence[str] = field(default_factory=tuple)  # "name on node: error" of crash-looping replicas
     unroutable: Sequence[str] = field(default_factory=tuple)  # ready replicas' endpoints a Service cannot use
 
 
@@ -74,6 +83,8 @@ def conditions(f: Facts) -> dict[str, Cond]:
         ready = Cond(True, "Ready", f"{f.updated_ready}/{f.desired} replicas ready at {short}")
     elif stalled is not None:
         ready = Cond(False, stalled.reason, stalled.message)
+    elif f.looping:
+        ready = Cond(False, CRASH_LOOP, _looping(f))
     else:
         ready = Cond(False, *_progress(f))
 
@@ -94,6 +105,8 @@ def conditions(f: Facts) -> dict[str, Cond]:
         degraded = Cond(
             True, "NodeNotReady", f"{f.lost} replica(s) on Macs that stopped renewing their Lease; {tail}"
         )
+    elif f.desired > 0 and f.looping:
+        degraded = Cond(True, CRASH_LOOP, _looping(f))
     elif f.desired > 0 and 0 < f.ready < f.desired and f.failures:
         degraded = Cond(True, f.failures[0][0], f"{f.ready}/{f.desired} ready: {f.failures[0][1]}")
     elif f.desired > 0 and 0 < f.ready < min(f.desired, f.existing):
@@ -116,7 +129,14 @@ def conditions(f: Facts) -> dict[str, Cond]:
     }
 
 
+def _looping(f: Facts) -> str:
+    more = f" (and {len(f.looping) - 1} more)" if len(f.looping) > 1 else ""
+    return f"{f.ready}/{f.desired} ready; engine restarting after crashes: {f.looping[0]}{more}"
+
+
 def _progress(f: Facts) -> tuple[str, str]:
+    if f.looping and not f.old:
+        return CRASH_LOOP, _looping(f)
     if f.old:
         return "RollingOut", (
             f"rolling out {(f.digest or 'a new revision')[:19]}: {f.updated}/{f.desired} updated, "
@@ -201,12 +221,32 @@ def render(
 
 
 def _failure(r: Replica) -> tuple[str, str] | None:
+    """(reason, message) of a replica its agent gave up on (phase Failed): a person must act."""
     err = r.last_error
-    if r.phase == "Failed" or (r.restarts and err and not r.ready):
-        reason = (err.reason if err else None) or ("CrashLoop" if r.restarts else "Failed")
+    if r.phase == "Failed":
+        reason = (err.reason if err else None) or "Failed"
         message = (err.message if err else None) or f"replica {r.name} failed"
-        return reason, f"{r.name} on {r.node}: {message}"[:1024]
+        return reason, f"{r.name} on {r.node}: {first_line(message)}"
     return None
+
+
+def _loop_of(r: Replica, now: datetime | None) -> str | None:
+    """Why a replica is in a crash loop: restarted after a crash, and not back (or back for less than
+    ``SETTLE_S``; a replica whose Ready time is unknown counts as settled). None when it is not."""
+    err = r.last_error
+    if r.phase == "Failed" or not r.restarts or err is None:
+        return None
+    since = r.ready_since
+    if r.ready and (since is None or now is None or (now - since).total_seconds() >= SETTLE_S):
+        return None
+    why = first_line(err.message or err.reason or "exited")
+    return f"{r.name} on {r.node}, {r.restarts} restart(s): {why}"
+
+
+def first_line(text: str, limit: int = 256) -> str:
+    """The first non-blank line of a message (a log tail belongs in status, not in one-line displays)."""
+    line = next((" ".join(ln.split()) for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
 
 
 def _percent(replicas: Sequence[Replica]) -> str | None:
@@ -236,6 +276,8 @@ def report(
     spec = obs.spec
     updated = [r for r in live if rev is not None and r.revision == rev]
     failures = [f for f in (_failure(r) for r in updated) if f is not None]
+    when = _parse(obs.now)
+    looping = [m for m in (_loop_of(r, when) for r in updated) if m is not None]
     facts = Facts(
         desired=spec.replicas,
         existing=len(live) + len(lost) + len(creates),
@@ -252,6 +294,7 @@ def report(
         resolve_error=obs.resolve_error if obs.pin is None else None,
         unschedulable=unsched.message if unsched else None,
         failures=tuple(failures),
+        looping=tuple(looping),
         unroutable=tuple(
             f"{r.name} at {r.endpoint}" for r in updated if r.ready and split_endpoint(r.endpoint) is None
         ),
@@ -287,8 +330,11 @@ def report(
         "ready": f"{facts.ready}/{spec.replicas}",
         "selector": selector(obs.name),
         "replicaStatuses": sorted(summaries, key=lambda s: s["name"]),
-        "endpoint": f"{service_name(obs)}.{obs.namespace}.svc:{spec.service.port}",
     }
+    if facts.ready:  # the Service serves only while a replica is ready: name it only then
+        new["endpoint"] = f"{service_name(obs)}.{obs.namespace}.svc:{spec.service.port}"
+    elif obs.status.endpoint is not None:
+        new["endpoint"] = None  # a merge patch with null deletes it
     if obs.pin is not None:
         new["resolvedDigest"] = obs.pin.digest
         new["resolvedModel"] = obs.pin.model
@@ -307,8 +353,18 @@ def report(
     return (None if _same(obs.status, new) else new), events
 
 
+def _parse(now: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(now.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
 def _condition_events(conds: Mapping[str, Cond], previous: Sequence[Condition]) -> list[Event]:
-    """One Event per condition that changed: Ready in Normal, Stalled/Degraded as Warnings and clears."""
+    """One Event per condition that changed: Ready in Normal, Stalled/Degraded as Warnings and clears.
+
+    Ready coming back inside a crash loop says nothing: Degraded's clear tells when the loop ended.
+    Messages are one line (the full text stays in the conditions)."""
     before = {c.type: c for c in previous}
     events: list[Event] = []
     for ctype in ("Ready", "Stalled", "Degraded"):
@@ -317,11 +373,13 @@ def _condition_events(conds: Mapping[str, Cond], previous: Sequence[Condition]) 
         if ("True" if c.status else "False", c.reason) == was:
             continue
         if ctype == "Ready" and c.status:
-            events.append(Event("Normal", c.reason, c.message))
+            if not (conds["Degraded"].status and conds["Degraded"].reason == CRASH_LOOP):
+                events.append(Event("Normal", c.reason, first_line(c.message, 1024)))
         elif ctype != "Ready" and c.status:
-            events.append(Event("Warning", c.reason, c.message))
+            events.append(Event("Warning", c.reason, first_line(c.message, 1024)))
         elif ctype != "Ready" and was[0] == "True":
-            events.append(Event("Normal", f"{ctype}Cleared", f"{ctype} cleared: {conds['Ready'].message}"))
+            line = first_line(conds["Ready"].message, 1024)
+            events.append(Event("Normal", f"{ctype}Cleared", f"{ctype} cleared: {line}"))
     return events
 
 

@@ -128,6 +128,7 @@ class Replica:
     last_error: LastError | None = None
     restarts: int = 0
     lost_mark: bool = False  # annotation orchardist.io/lost: replaced while its Mac was NotReady
+    ready_since: datetime | None = None  # its Ready condition's last transition (else its engine's start)
 
     @property
     def ready(self) -> bool:
@@ -201,6 +202,10 @@ def replica_from(r: ModelReplica) -> Replica:
         last_error=st.last_error,
         restarts=st.restarts or 0,
         lost_mark=LOST in (meta.get("annotations") or {}),
+        ready_since=next(
+            (c.last_transition_time for c in st.conditions if c.type == "Ready" and c.status == "True"),
+            st.start_time,
+        ),
     )
 
 

@@ -5,6 +5,9 @@ Events use the fields kubectl reads for its table (type, reason, "3x over 5m" fr
 (object, type, reason, message) seen again within ``window_s`` bumps the existing Event's count
 instead of adding one more object, as the kubelet's event correlator does. Events are best effort:
 the object's status is the record, so a failed write is logged and dropped.
+
+A message is one line (kubectl's table and most log pipelines break on more): the writer keeps the
+first non-blank line of what it is given, bounded; a log tail belongs in the object's status.
 """
 
 from __future__ import annotations
@@ -23,8 +26,20 @@ LOG = log.get(__name__)
 
 #: kubectl and the API server show at most this much of a message.
 MAX_MESSAGE = 1024
+#: An Event's message is one line of at most this many characters.
+MAX_LINE = 512
 #: Events of cluster-scoped objects (a MacNode) live here, as kubectl looks for them.
 CLUSTER_SCOPED_NAMESPACE = "default"
+
+
+def one_line(message: str, limit: int = MAX_LINE) -> str:
+    """The first non-blank line of ``message``, whitespace collapsed, at most ``limit`` characters;
+    `` (more in status)`` marks lines left out."""
+    lines = [ln for ln in message.splitlines() if ln.strip()]
+    line = " ".join(lines[0].split()) if lines else ""
+    if len(lines) > 1:
+        line = line.rstrip(":") + " (more in status)"
+    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
 
 
 def timestamp(now: datetime) -> str:
@@ -80,7 +95,7 @@ class EventRecorder:
     async def record(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """An Event about ``obj`` (``type_`` is Normal or Warning); never raises."""
         try:
-            await self._record(obj, type_, reason, message[:MAX_MESSAGE])
+            await self._record(obj, type_, reason, one_line(message))
         except Exception as exc:
             LOG.debug("event not recorded", reason=reason, error=str(exc))
 
