@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -453,6 +455,73 @@ def test_two_operators_one_leader(world: World) -> None:
     world.deploy("tiny", replicas=3)
     wait_for(lambda: len(world.replicas("tiny")) == 3, timeout=60, message="the standby to take over")
     assert first.events("reconciled"), world.logs()
+
+
+def test_takeover_mid_scale_up_acts_on_what_is(world: World) -> None:
+    """The standby had been active (its indexes hold the deployment at 1 replica); the leader dies
+    right after creating replicas 2 and 3, and one becomes Ready meanwhile. The standby takes over
+    from a fresh list: never more than 3 replicas, one Scheduled Event per replica, no status or
+    Event counting fewer replicas or fewer ready ones than there were, and it converges."""
+    for i in range(3):
+        world.mac(f"m{i}")
+    first = world.start_operator("--peering", "orchardist", "--priority", "1", "--peering-lifetime", "10")
+    world.deploy("tiny", replicas=1)
+    wait_for(lambda: world.count("tiny", 1), timeout=60, message="1 replica by the first operator")
+    world.make_ready("tiny")
+    wait_for(lambda: settled(world, "tiny"), timeout=60, message="the deployment to settle at 1")
+    second = world.start_operator("--peering", "orchardist", "--priority", "2", "--peering-lifetime", "10")
+    wait_for(lambda: first.said("Pausing operations in favour of"), timeout=60, message="the first to pause")
+
+    seen: list[tuple[int, int, int]] = []  # (replicas existing, status.replicas, status.readyReplicas)
+    watching = threading.Event()
+
+    def poll() -> None:
+        while not watching.wait(0.2):
+            with contextlib.suppress(Exception):
+                reps = [r for r in world.replicas("tiny") if not r["metadata"].get("deletionTimestamp")]
+                st = world.md("tiny").get("status") or {}
+                seen.append((len(reps), st.get("replicas", 0), st.get("readyReplicas", 0)))
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        world.deploy("tiny", replicas=3)
+        made = wait_for(lambda: world.count("tiny", 3), timeout=60, message="the leader to create 2 more")
+        second.kill()  # mid scale-up: the new replicas exist, none serves yet
+        newer = sorted(r["metadata"]["name"] for r in made if (r.get("status") or {}).get("phase") != "Ready")
+        world.set_replica(
+            next(r for r in made if r["metadata"]["name"] == newer[0]), "Ready", "192.0.2.40:8001"
+        )
+        wait_for(
+            lambda: first.said("Resuming operations after the pause"),
+            timeout=60,
+            message="the standby to resume",
+        )
+        wait_for(
+            lambda: world.md("tiny")["status"].get("readyReplicas") == 2,
+            timeout=60,
+            message=lambda: "the standby to count 2 ready\n" + world.logs(),
+        )
+        world.make_ready("tiny")
+        wait_for(lambda: settled(world, "tiny"), timeout=60, message=lambda: "convergence\n" + world.logs())
+    finally:
+        watching.set()
+        poller.join(5)
+    assert len(world.replicas("tiny")) == 3
+    assert max(n for n, _, _ in seen) <= 3, seen
+    # Once the status counted 3 replicas it never counts fewer; the ready count never goes back.
+    first_three = next(i for i, (_, st, _) in enumerate(seen) if st == 3)
+    assert all(st == 3 for _, st, _ in seen[first_three:]), seen
+    ready = [r for _, _, r in seen]
+    assert all(a <= b for a, b in itertools.pairwise(ready)), seen
+    events = (world.get("events", "-n", world.ns, "--field-selector=involvedObject.name=tiny") or {})["items"]
+    scheduled = [e["message"].split(" ", 1)[0] for e in events if e["reason"] == "Scheduled"]
+    assert sorted(scheduled) == sorted(r["metadata"]["name"] for r in world.replicas("tiny")), events
+    assert all(e.get("count", 1) == 1 for e in events if e["reason"] == "Scheduled"), events
+    # After the takeover 2 of 3 were ready: the new leader (identity host/pid/priority) says no less.
+    after = [e for e in events if str(e.get("reportingInstance", "")).endswith("/1")]
+    counts = [int(m.group(1)) for e in after if (m := re.search(r"\b(\d+)/3 ", e["message"]))]
+    assert all(n >= 2 for n in counts), after
 
 
 async def test_re_resolve_annotation_pins_the_moved_tag(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from orchardist.api.constants import GROUP, LABEL_DEPLOYMENT, VERSION
 from orchardist.api.macnode import MacNode
 from orchardist.api.modelreplica import ModelReplica
 from orchardist.controller import world
+from orchardist.controller.activity import Activity
 from orchardist.controller.demand import DemandWatch
 from orchardist.controller.kube import ensure_peering
 from orchardist.controller.metrics import AgentsExposure
@@ -144,6 +145,10 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         SYSTEM_NAMESPACE,
     )
     background: list[asyncio.Task[None]] = []
+    acting: list[asyncio.Task[None]] = []  # the loops that run only while active (see follow)
+    # Whether this operator is the active one of its peering (kopf says so only in its log).
+    activity = ctl.activity = Activity(peering=bool(opts.peering))
+    activity.install()
     # Macs whose Lease expired are shown NotReady (the dead agent cannot say so itself).
     health = NodeHealth(ctl.adapter.kube, lambda: ctl.macnodes, lambda: ctl.leases, ctl.config.lease_grace)
     mr = (GROUP, VERSION, "modelreplicas")
@@ -194,13 +199,32 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         ctl.deployments, ctl.replicas = kwargs["md_index"], kwargs["mr_index"]
         ctl.macnodes, ctl.leases = kwargs["mn_index"], kwargs["lease_index"]
         ctl.services, ctl.slices = kwargs["svc_index"], kwargs["slice_index"]
-        background.append(asyncio.create_task(projector.run(opts.resync_seconds)))
-        background.append(asyncio.create_task(health.run(opts.resync_seconds)))
         if opts.health_port:
             background.append(asyncio.create_task(Probes(opts.health_port, health.listed.is_set).run()))
         # The agents' metrics endpoints, for Prometheus (a selector-less Service + EndpointSlice).
         agents = AgentsExposure(ctl.adapter.kube, lambda: ctl.macnodes)
-        background.append(asyncio.create_task(agents.run(opts.resync_seconds)))
+
+        def follow(active: bool) -> None:
+            """The loops beside kopf's handlers act only while this operator is the active one: a
+            standby's indexes are not watched, so it would mark live Macs NotReady and take Secret
+            copies away. Back from a pause (not from the start, when kopf lists first), the indexes
+            may hold what was deleted meanwhile: reconciles read live, Macs are judged after a grace."""
+            for task in acting:
+                task.cancel()
+            acting.clear()
+            if not active:
+                return
+            back = activity.resumes > 1
+            if back:
+                ctl.relisted()
+            settle = opts.resync_seconds if back else 0.0
+            grace = ctl.config.lease_grace if back else 0.0
+            acting.append(asyncio.create_task(_later(settle, projector.run(opts.resync_seconds))))
+            acting.append(asyncio.create_task(_later(grace, health.run(opts.resync_seconds))))
+            acting.append(asyncio.create_task(_later(settle, agents.run(opts.resync_seconds))))
+
+        activity.on_change.append(follow)
+        follow(activity.active)
         # The gateway's demand Leases live in the deployments' namespaces: a watch of their own.
         ctl.demand = watch = DemandWatch(ctl.adapter.kube.raw, lambda ns, n: _quietly(ctl.trigger(ns, n)))
         background.append(asyncio.create_task(watch.run()))
@@ -222,7 +246,9 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        for task in background:
+        activity.uninstall()
+        activity.on_change.clear()
+        for task in [*background, *acting]:
             task.cancel()
 
     @kopf.on.resume(*md, id="reconcile-resume", when=serves, backoff=2, registry=registry)
@@ -260,8 +286,9 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
             if ev is not None:
                 uid = next((o.get("uid") for o in replica.metadata.get("ownerReferences") or ()), None)
                 kopf.event(deployment_ref(namespace, owner, uid), type=ev[0], reason=ev[1], message=ev[2])
-        if etype is None:
-            return  # the initial listing: resume handlers reconcile every deployment anyway
+        if etype is None:  # a listing: at start, or again after a pause (a takeover) or an expiry
+            ctl.relisted()  # the index may still hold replicas deleted meanwhile
+            return  # resume handlers (at start) and the resync timer reconcile every deployment anyway
         unreported = replica is not None and replica.status.phase is None
         if etype == "ADDED" and unreported and ctl.created_here(namespace, owner, name):
             return  # our own create coming back: the reconcile that made it already counted it
@@ -279,6 +306,16 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
         else:
             keys = ctl.needs_placement()
         await asyncio.gather(*(_quietly(ctl.trigger(ns, name)) for ns, name in keys))
+
+
+async def _later(delay: float, coro: Coroutine[Any, Any, None]) -> None:
+    """``coro`` after ``delay`` seconds (closed unstarted when cancelled before)."""
+    try:
+        await asyncio.sleep(delay)
+    except asyncio.CancelledError:
+        coro.close()
+        raise
+    await coro
 
 
 async def _quietly(coro: Any) -> None:

@@ -11,6 +11,7 @@ Deterministic replica names make a forgotten overlay harmless: a second create i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ from orchardist.api.constants import API_VERSION, MODEL_DEPLOYMENT
 from orchardist.api.macnode import MacNode
 from orchardist.api.modeldeployment import ModelDeployment, ModelDeploymentStatus, Scaling
 from orchardist.api.modelreplica import ModelReplica
-from orchardist.controller import autoscale, plan, world
+from orchardist.controller import autoscale, live, plan, world
 from orchardist.controller import status as st
+from orchardist.controller.activity import Activity
 from orchardist.controller.kube import Adapter, ServiceConflictError
 from orchardist.controller.metrics import ControllerMetrics
 from orchardist.controller.pinning import Pins
@@ -84,10 +86,14 @@ class Controller:
     slices: Store[JSON] | None = None  # (namespace, service name) -> our EndpointSlices
     demand: DemandSource | None = None  # the gateway's demand per deployment (None: never known)
     recorder: EventRecorder | None = None  # Events outside kopf's handlers (see _post)
+    activity: Activity | None = None  # whether this operator is its peering's active one (None: always)
     metrics: ControllerMetrics | None = None  # reconciles and placements counted (metrics.py)
     assumed: dict[Key, dict[str, ModelReplica]] = field(default_factory=dict)  # (ns, deployment) -> name ->
     forgotten: set[Key] = field(default_factory=set)  # (ns, replica name) deleted by us
     phases: dict[str, str | None] = field(default_factory=dict)  # replica uid -> last phase seen
+    verified: set[Key] = field(default_factory=set)  # deployments read live since the last relist
+    phantoms: set[str] = field(default_factory=set)  # uids the index holds but a live list did not
+    renewals: dict[str, datetime | None] = field(default_factory=dict)  # Leases read live after a pause
     _written: dict[Key, tuple[float, JSON | None, list[JSON]]] = field(default_factory=dict)
     _status_written: dict[Key, tuple[float, ModelDeploymentStatus]] = field(default_factory=dict)
     place_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -107,7 +113,10 @@ class Controller:
     async def trigger(
         self, namespace: str, name: str, body: Mapping[str, Any] | None = None, *, force_resolve: bool = False
     ) -> None:
-        """Reconcile ``namespace/name`` soon; joins a reconcile that is queued but not started yet."""
+        """Reconcile ``namespace/name`` soon; joins a reconcile that is queued but not started yet.
+        Nothing while this operator stands by (a trigger from outside kopf, the demand watch)."""
+        if self.activity is not None and not self.activity.active:
+            return
         key = (namespace, name)
         pending = self._pending.get(key)
         if pending is not None:
@@ -189,6 +198,22 @@ class Controller:
                 slices=slices,
             )
             decided = plan.decide(obs, scaled)
+            if not decided.empty or decided.events or (namespace, name) not in self.verified:
+                # Act only on what is: the watch may lag, or have missed deletions while this
+                # process stood by (a takeover), so the deployment and its replicas are read live.
+                live = await self._live(namespace, name, obs.generation)
+                if live is None:
+                    return  # gone, or a newer spec whose own event reconciles it
+                current, live_replicas = live
+                everything = [r for r in everything if not world.belongs_to(r, namespace, name)]
+                everything += live_replicas
+                mine = [world.replica_from(r) for r in live_replicas]
+                scaled = self._autoscale(namespace, name, md, current, sum(r.ready for r in mine), now)
+                obs = dataclasses.replace(
+                    obs, status=current, replicas=mine, macs=self._macs(now, everything)
+                )
+                decided = plan.decide(obs, scaled)
+                self.verified.add((namespace, name))
             created = await self.adapter.create_replicas(namespace, decided)
             if self.metrics is not None:
                 self.metrics.placed(len(created))
@@ -235,6 +260,39 @@ class Controller:
                 deleted=len(decided.delete),
                 status=decided.status is not None,
             )
+
+    async def _live(
+        self, namespace: str, name: str, generation: int
+    ) -> tuple[ModelDeploymentStatus, list[ModelReplica]] | None:
+        """The deployment's status and replicas read live (see live.py); replicas the index holds
+        but the list does not were deleted while the watch was not looking: left out from now on."""
+        got = await live.read(
+            self.adapter.kube, namespace, name, generation, leases=self._lease_index_may_lag()
+        )
+        if got is None:
+            return None
+        self.renewals = got.renewals
+        uids = {str(r.metadata.get("uid")) for r in got.replicas}
+        names = {str(r.metadata.get("name")) for r in got.replicas}
+        if self.replicas is not None:
+            for r in self.replicas.get((namespace, name), ()):
+                if str(r.metadata.get("uid")) not in uids:
+                    self.phantoms.add(str(r.metadata.get("uid")))
+        bucket = self.assumed.get((namespace, name), {})
+        for gone in [n for n in bucket if n not in names]:
+            del bucket[gone]
+        return got.status, got.replicas
+
+    def _lease_index_may_lag(self) -> bool:
+        """Back from a pause, until a lease grace has passed (every live Mac renewed through the
+        watch since), the index may hold renewals from before the pause."""
+        a = self.activity
+        return a is not None and a.resumes > 1 and a.active_for() < self.config.lease_grace
+
+    def relisted(self) -> None:
+        """A watch listed again (start, expiry, or resuming after standing by): what the index holds
+        may include objects deleted meanwhile, so each deployment's next reconcile reads live."""
+        self.verified.clear()
 
     def _autoscale(
         self,
@@ -328,16 +386,21 @@ class Controller:
         out: list[ModelReplica] = []
         seen: set[Key] = set()
         indexed: set[Key] = set()
+        uids: set[str] = set()
         if self.replicas is not None:
             for _, replicas in self.replicas.items():
                 for r in replicas:
                     key = (str(r.metadata.get("namespace")), str(r.metadata.get("name")))
                     indexed.add(key)
-                    if key in self.forgotten:
+                    uid = str(r.metadata.get("uid"))
+                    uids.add(uid)
+                    if key in self.forgotten or uid in self.phantoms:
                         continue
                     seen.add(key)
                     out.append(r)
         self.forgotten &= indexed  # deleted ones the watch no longer shows need no memory
+        if self.replicas is not None:
+            self.phantoms &= uids
         for (ns, _), bucket in list(self.assumed.items()):
             for rname, r in list(bucket.items()):
                 if (ns, rname) in indexed:
@@ -354,6 +417,9 @@ class Controller:
         for name, nodes in self.macnodes.items():
             for node in nodes:
                 renewed = next(iter(self.leases.get(name, ()) if self.leases is not None else ()), None)
+                listed = self.renewals.get(str(name))
+                if listed is not None and (renewed is None or listed > renewed):
+                    renewed = listed  # read live after a pause; the watch has not caught up yet
                 ready = world.lease_ready(renewed, now, self.config.lease_grace)
                 macs.append(world.mac_from(node, ready, reserved.get(str(name), 0)))
                 break
