@@ -122,6 +122,8 @@ class EngineAdapter:
             else None,
             measured=measured,
             warnings=tuple(st.warnings) + self._exposure_warnings(key),
+            retry_in=st.backoff_seconds,
+            retry_at=st.next_try.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if st.next_try else None,
         )
 
     def _exposure_warnings(self, key: Key) -> tuple[str, ...]:

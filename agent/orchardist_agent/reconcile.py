@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from .supervisor.policy import backoff_message, one_line
+
 JSON = dict[str, Any]
 
 #: Replica condition types in the order they are written (the life of a replica).
@@ -109,6 +111,8 @@ class EngineView:
     measured: Mapping[str, int] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()  # what the driver could not honour (e.g. no --api-key)
     reason: str = ""  # why it FAILED when not a crash (e.g. EngineArgsRefused); default CrashLoop
+    retry_in: float | None = None  # BACKOFF: seconds the supervisor waits before the next start
+    retry_at: str | None = None  # ... and when that wait ends (RFC 3339)
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,7 @@ def desired_status(replica: ReplicaView, observed: Observed) -> tuple[str, list[
     (merge-patch for "remove").
     """
     scheduled = Cond("Scheduled", True, "Scheduled", f"bound to {replica.node_name}")
-    extra: JSON = {"endpoint": None, "lastError": None, "progress": None}
+    extra: JSON = dict.fromkeys(("endpoint", "lastError", "progress", "message", "nextRestartTime"))
     if replica.deleting:
         return (
             "Terminating",
@@ -244,6 +248,7 @@ def desired_status(replica: ReplicaView, observed: Observed) -> tuple[str, list[
     if not observed.engine_installed:
         msg = f"engine {replica.engine!r} is not installed on {replica.node_name} (--runtime)"
         extra["lastError"] = {"reason": "EngineNotInstalled", "message": msg}
+        extra["message"] = one_line(msg)
         return (
             "Failed",
             [
@@ -258,6 +263,7 @@ def desired_status(replica: ReplicaView, observed: Observed) -> tuple[str, list[
             f"{replica.node_name} has {_gib(max(observed.free_bytes, 0))} free"
         )
         extra["lastError"] = {"reason": "DoesNotFit", "message": msg}
+        extra["message"] = one_line(msg)
         return (
             "Failed",
             [
@@ -272,6 +278,7 @@ def desired_status(replica: ReplicaView, observed: Observed) -> tuple[str, list[
         if pull is not None and pull.error is not None:
             err = clip(pull.error)
             extra["lastError"] = {"reason": "PullFailed", "message": err}
+            extra["message"] = one_line(err)
             conds += [Cond("Pulled", False, "PullFailed", err)]
             conds += [Cond("Ready", False, "PullFailed", err)]
             return "Pulling", conds, extra
@@ -293,9 +300,13 @@ def desired_status(replica: ReplicaView, observed: Observed) -> tuple[str, list[
     if engine.state in (EngineState.BACKOFF, EngineState.FAILED):
         msg = clip(engine.message or f"{replica.engine} exited")
         why = engine.reason or "CrashLoop"
-        extra["lastError"] = {"reason": why, "message": msg}
-        conds += [Cond("Started", False, why, msg), Cond("Ready", False, why, msg)]
-        return ("Failed" if engine.state == EngineState.FAILED else "Starting"), conds, extra
+        extra["lastError"] = {"reason": why, "message": msg}  # the log tail is kept here only
+        failed = engine.state == EngineState.FAILED
+        retry = (engine.restarts, engine.retry_in, engine.retry_at)
+        line = one_line(msg) if failed else backoff_message(msg, *retry)
+        extra["message"], extra["nextRestartTime"] = line, None if failed else engine.retry_at
+        conds += [Cond("Started", False, why, line), Cond("Ready", False, why, line)]
+        return ("Failed" if failed else "CrashLoopBackOff"), conds, extra
     known = (("pid", engine.pid), ("port", engine.port))  # the pid is unknown until the process runs
     started = replica.engine + "".join(f" {k} {v}" for k, v in known if v is not None)
     if engine.warnings:

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from orchardist.dev.cluster import Cluster
 from orchardist.oci.auth import Credentials
 from orchardist.oci.push import push
 from orchardist_agent.engines import Runtime
+from tests.e2e.test_day2_status import table
 from tests.fixtures.agents import (
     Agent,
     alive,
@@ -225,6 +227,30 @@ def test_engine_that_exits_reports_crash_loop_with_its_last_log_lines(
     assert st["lastError"]["reason"] == "CrashLoop"
     assert "--max-tokens" in st["lastError"]["message"]  # argparse's complaint, from the engine log
     assert st["restarts"] >= 1
+
+    # While it waits, the default columns say so: CrashLoopBackOff and the restarts; the message
+    # (one line, as the conditions and their Events) names the exit and the next try.
+    def backing_off() -> tuple[dict[str, str], dict[str, Any], datetime] | None:
+        rows = [r for r in table(cluster, "mr", "-n", namespace) if r["NAME"] == "bad"]
+        if not rows or rows[0]["STATUS"] != "CrashLoopBackOff":
+            return None
+        seen = datetime.now(UTC)
+        st = status_of(cluster, namespace, "bad")
+        return (
+            (rows[0], st, seen)
+            if st.get("phase") == "CrashLoopBackOff" and st.get("nextRestartTime")
+            else None
+        )
+
+    row, st, seen = wait_for("CrashLoopBackOff with the next try", backing_off, timeout=120)
+    assert int(row["RESTARTS"]) >= 1 and int(row["RESTARTS"]) == st["restarts"]
+    line = r"engine exited with code \d+; restarting in \d+ s \(at (\S+)\); (\d+) restarts?"
+    m = re.fullmatch(line, st["message"])
+    assert m is not None, st["message"]
+    assert (m.group(1), int(m.group(2))) == (st["nextRestartTime"], st["restarts"])
+    next_try = datetime.fromisoformat(st["nextRestartTime"].replace("Z", "+00:00"))
+    assert next_try >= seen - timedelta(seconds=2)  # a try still ahead when the column said so
+    assert {condition(st, t)["message"] for t in ("Started", "Ready")} == {st["message"]}
     cluster.kubectl("delete", "modelreplica", "-n", namespace, "bad", "--wait=true")
     wait_for(
         "the engine record removed",

@@ -165,7 +165,7 @@ STATUS = [
         "crash loop",
         R,
         obs(reserved=True, cached=True, engine=CRASHED),
-        "Starting",
+        "CrashLoopBackOff",
         {"Started": (False, "CrashLoop"), "Ready": (False, "CrashLoop")},
         None,
     ),
@@ -212,7 +212,35 @@ def test_crash_loop_carries_the_last_log_lines() -> None:
     _, conds, extra = desired_status(R, obs(reserved=True, cached=True, engine=CRASHED))
     assert extra["lastError"] == {"reason": "CrashLoop", "message": "Traceback: boom"}
     assert extra["restarts"] == 2
-    assert [c.message for c in conds if c.type == "Started"] == ["Traceback: boom"]
+    assert [c.message for c in conds if c.type == "Started"] == ["Traceback: boom; 2 restarts"]
+
+
+def test_a_backoff_says_the_exit_the_wait_and_the_restarts_in_one_line() -> None:
+    """The log tail stays in lastError; conditions (and so Events) and status.message are one line."""
+    tail = "engine exited with code 1\n--- last log lines ---\nTraceback\nValueError: boom"
+    waiting = replace(CRASHED, restarts=3, message=tail, retry_in=40.2, retry_at="2026-01-01T00:00:40Z")
+    phase, conds, extra = desired_status(R, obs(reserved=True, cached=True, engine=waiting))
+    line = "engine exited with code 1; restarting in 40 s (at 2026-01-01T00:00:40Z); 3 restarts"
+    assert (phase, extra["message"], extra["nextRestartTime"]) == (
+        "CrashLoopBackOff",
+        line,
+        "2026-01-01T00:00:40Z",
+    )
+    assert extra["lastError"] == {"reason": "CrashLoop", "message": tail}
+    assert {c.type: c.message for c in conds if not c.status} == {"Started": line, "Ready": line}
+
+
+def test_ready_again_clears_the_message_and_the_next_restart() -> None:
+    """Merge-patch nulls: a replica back to Ready shows no stale backoff (nor a controller's Unknown)."""
+    current = {
+        "phase": "Unknown",
+        "message": "Mac mac-1 is NotReady",
+        "nextRestartTime": "2026-01-01T00:00:40Z",
+    }
+    ready = EngineView(EngineState.READY, port=8001, pid=7)
+    patch = status_patch(R, obs(reserved=True, cached=True, engine=ready), current, "2026-01-01T00:01:00Z")
+    assert patch is not None
+    assert (patch["phase"], patch["message"], patch["nextRestartTime"]) == ("Ready", None, None)
 
 
 def test_does_not_fit_message_names_both_sizes() -> None:

@@ -347,6 +347,7 @@ async def test_status_patch_content_for_a_replica_that_does_not_fit(rig: Rig) ->
                 },
             ],
             "lastError": {"reason": "DoesNotFit", "message": message},
+            "message": message,
         },
     )
     assert rig.loop.reservations == {} and rig.store.pulls == [] and rig.engines.ensured == []

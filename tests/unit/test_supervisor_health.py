@@ -30,11 +30,13 @@ from orchardist_agent.supervisor.health import (
     step,
 )
 
-T = Timing(ready_timeout=100, probe_interval=10, liveness_failures=3, stable_after=600, tick=0.5)
+T = Timing(ready_timeout=100, probe_interval=10, liveness_failures=3, decay=60, tick=0.5)
 
 NEW = EngineState()
 STARTING = EngineState(stage="starting", phase="Starting", started=1000, deadline=1100, next_probe=1000)
-READY = EngineState(stage="ready", phase="Ready", failures=2, restarts=2, started=1000, next_probe=1050)
+READY = EngineState(
+    stage="ready", phase="Ready", failures=2, restarts=2, started=1000, ready_at=1000, next_probe=1050
+)
 EXITED = "engine exited with code 1"
 STOPPING = replace(READY, stage="stopping", why=EXITED)
 CRASHED = replace(
@@ -76,11 +78,12 @@ ROWS: dict[str, Row] = {
     ),
     "a token: Ready, the Starting error cleared": (
         replace(STARTING, error=NOT_GENERATING), CompletionAnswered(None), 1004,
-        replace(STARTING, stage="ready", phase="Ready", next_probe=1014), (),
+        replace(STARTING, stage="ready", phase="Ready", next_probe=1014, ready_at=1004), (),
     ),
     "a token: Ready, an earlier crash still reported": (
         replace(STARTING, error=CRASHED.error), CompletionAnswered(None), 1004,
-        replace(STARTING, stage="ready", phase="Ready", next_probe=1014, error=CRASHED.error), (),
+        replace(STARTING, stage="ready", phase="Ready", next_probe=1014, ready_at=1004, error=CRASHED.error),
+        (),
     ),
     "not ready by the deadline: terminate": (
         STARTING, Tick(), 1100.5,
@@ -92,20 +95,44 @@ ROWS: dict[str, Row] = {
     # -- liveness
     "ready: nothing due yet": (READY, Tick(), 1049, READY, ()),
     "ready: probe every interval": (READY, Tick(), 1050, replace(READY, next_probe=1060), (ProbeHealth(),)),
-    "healthy soon after a crash: the backoff is kept": (
+    "a healthy answer clears the misses; failures are counted at the next failure": (
         replace(READY, misses=2), HealthAnswered(ok=True), 1300, READY, (),
-    ),
-    "healthy for long: the backoff starts over": (
-        READY, HealthAnswered(ok=True), 1601, replace(READY, failures=0), (),
     ),
     "one missed probe": (READY, HealthAnswered(ok=False), 1100, replace(READY, misses=1), ()),
     "three missed probes in a row: terminate": (
-        replace(READY, misses=2), HealthAnswered(ok=False, path="/healthz"), 1100,
+        replace(READY, misses=2), HealthAnswered(ok=False, path="/healthz"), 1050,
         replace(READY, misses=3, stage="stopping", why="/healthz failed 3 times in a row"), (Terminate(),),
     ),
     "killed while ready: terminate the group": (
-        READY, Failed("engine killed by signal 9"), 1100,
+        READY, Failed("engine killed by signal 9"), 1059,
         replace(READY, stage="stopping", why="engine killed by signal 9"), (Terminate(),),
+    ),
+    # -- service forgives: each full minute of Ready forgives one failure (the delay halves)
+    "failed after 59 s of service: nothing forgiven": (
+        READY, Failed(EXITED), 1059, replace(READY, stage="stopping", why=EXITED), (Terminate(),),
+    ),
+    "failed after 60 s of service: one failure forgiven": (
+        READY, Failed(EXITED), 1060, replace(READY, failures=1, stage="stopping", why=EXITED), (Terminate(),),
+    ),
+    "three crashes, then 5 min of service: all forgiven, the next delay is the base": (
+        replace(READY, failures=3, restarts=3), Failed(EXITED), 1300,
+        replace(READY, failures=0, restarts=3, stage="stopping", why=EXITED), (Terminate(),),
+    ),
+    "... so its crash backs off once (Backoff(1): 10 s, not 80 s)": (
+        replace(READY, failures=0, restarts=3, stage="stopping", why=EXITED), Terminated(()), 1301,
+        replace(READY, stage="waiting", phase="CrashLoop", failures=1, restarts=4, why=EXITED,
+                error=LastError("CrashLoop", f"{EXITED}\n--- last log lines ---")),
+        (Backoff(1),),
+    ),
+    "liveness fails after 2 min of service: two forgiven": (
+        replace(READY, failures=5, misses=2), HealthAnswered(ok=False), 1120,
+        replace(READY, failures=3, misses=3, stage="stopping", why="/health failed 3 times in a row"),
+        (Terminate(),),
+    ),
+    "adopted after 5 min of service: its run counts too": (
+        replace(NEW, failures=4), Adopted(healthy=True, uptime=300), 1000,
+        replace(NEW, failures=4, stage="ready", phase="Ready", started=700, ready_at=700, next_probe=1000),
+        (),
     ),
     # -- crash loop
     "terminated: CrashLoop with the log tail, back off": (
@@ -121,7 +148,7 @@ ROWS: dict[str, Row] = {
     # -- adoption after an agent restart
     "adopted and healthy: Ready at once": (
         NEW, Adopted(healthy=True, uptime=300), 1000,
-        replace(NEW, stage="ready", phase="Ready", started=700, next_probe=1000), (),
+        replace(NEW, stage="ready", phase="Ready", started=700, ready_at=700, next_probe=1000), (),
     ),
     "adopted, not answering: Starting with a fresh deadline": (
         NEW, Adopted(healthy=False, uptime=300), 1000,
@@ -152,7 +179,7 @@ def test_step(
 
 
 def test_a_crash_loop_backs_off_further_each_time_until_it_stays_up() -> None:
-    """Three quick crashes ask for backoffs 1, 2, 3; a long healthy run resets the count."""
+    """Three quick crashes ask for backoffs 1, 2, 3; after 5 min of service the next asks for 1."""
     state = NEW
     backoffs = []
     t = 0.0
@@ -165,11 +192,14 @@ def test_a_crash_loop_backs_off_further_each_time_until_it_stays_up() -> None:
     assert backoffs == [1, 2, 3] and (state.phase, state.restarts) == ("CrashLoop", 3)
     script: list[tuple[Observation, float]] = [
         (Due(), t), (Spawned(), t), (Tick(), t), (HealthAnswered(ok=True), t), (CompletionAnswered(None), t),
-        (Tick(), t + 10), (HealthAnswered(ok=True), t + 700),
+        (Tick(), t + 10), (HealthAnswered(ok=True), t + 10), (Failed(EXITED), t + 300),
+        (Terminated(), t + 301),
     ]  # fmt: skip
-    phases = []
+    phases, asked = [], []
     for obs, now in script:
-        state, _ = step(state, obs, now, T)
+        state, actions = step(state, obs, now, T)
         phases.append(state.phase)
-    assert phases == ["CrashLoop", "Starting", "Starting", "Starting", "Ready", "Ready", "Ready"]
-    assert (state.failures, state.restarts) == (0, 3)  # the next crash waits the base delay again
+        asked += [a.failures for a in actions if isinstance(a, Backoff)]
+    assert phases == ["CrashLoop", "Starting", "Starting", "Starting", "Ready", "Ready", "Ready", "Ready",
+                      "CrashLoop"]  # fmt: skip
+    assert asked == [1] and (state.failures, state.restarts) == (1, 4)  # the base delay, not 80 s

@@ -9,7 +9,7 @@ import pytest
 from orchardist.retry import ENGINE_RESTART
 from orchardist_agent.engines.base import Launch, Measured, Probe
 from orchardist_agent.supervisor import SupervisorConfig, logs, records
-from orchardist_agent.supervisor.policy import failures_after_uptime, tail_message
+from orchardist_agent.supervisor.policy import forgiven, tail_message
 
 
 @pytest.mark.parametrize(
@@ -32,10 +32,19 @@ def test_restart_base_and_cap_are_configurable_with_the_same_jitter() -> None:
 
 
 @pytest.mark.parametrize(
-    ("failures", "up", "after"), [(0, 5.0, 0), (4, 5.0, 4), (4, 600.0, 4), (4, 600.1, 0), (9, 86400.0, 0)]
-)
-def test_backoff_starts_over_after_a_stable_run(failures: int, up: float, after: int) -> None:
-    assert failures_after_uptime(failures, up, stable_after=600.0) == after
+    ("failures", "served", "after"),
+    [(0, 5.0, 0), (4, 5.0, 4), (4, 59.9, 4), (4, 60.0, 3), (4, 179.0, 2), (3, 300.0, 0), (9, 86400.0, 0),
+     (2, -5.0, 2)],
+)  # fmt: skip
+def test_service_forgives_one_failure_per_full_decay(failures: int, served: float, after: int) -> None:
+    """Each full minute of Ready forgives one failure: the next delay halves per minute served."""
+    assert forgiven(failures, served, decay=60.0) == after
+
+
+def test_three_crashes_then_five_minutes_of_service_wait_the_base_delay_next() -> None:
+    restart = SupervisorConfig().restart
+    assert restart.nominal(forgiven(3, 300.0, decay=60.0) + 1) == restart.base
+    assert restart.nominal(3 + 1) == 80.0  # what it waited before: a reset only after 10 min
 
 
 def test_tail_message_keeps_the_end() -> None:

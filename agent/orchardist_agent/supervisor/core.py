@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
 
@@ -229,7 +229,10 @@ class Supervisor:
         if isinstance(action, health.Terminate):
             await self._terminate(entry)
             return health.Terminated(tuple(logs.tail(entry.log_path, cfg.tail_lines)))
-        await asyncio.sleep(cfg.restart.delay(action.failures, cfg.rng))
+        wait = cfg.restart.delay(action.failures, cfg.rng)
+        # Said in the replica's status while it waits: CrashLoopBackOff names the next try.
+        self._set(entry, backoff_seconds=wait, next_try=datetime.now(UTC) + timedelta(seconds=wait))
+        await asyncio.sleep(wait)
         return health.Due()
 
     async def _observe(self, entry: _Entry) -> Observation:
@@ -367,6 +370,8 @@ class Supervisor:
         changes: dict[str, object] = {}
         if state.phase != st.phase:
             changes["phase"] = state.phase
+            if state.phase != "CrashLoop":
+                changes.update(backoff_seconds=None, next_try=None)  # the wait is over
         if state.restarts != st.restarts:
             changes["restarts"] = state.restarts
         if state.error != st.last_error:

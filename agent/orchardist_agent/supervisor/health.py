@@ -11,6 +11,7 @@ about readiness, liveness, crash loops and backoff is decided here, without I/O,
     starting --CompletionAnswered-> ready              (one token generated)
     ready    --Tick-->              [ProbeHealth]      (every probe interval; N misses in a row fail)
     starting|ready --Failed(why)--> stopping [Terminate] --Terminated--> waiting [Backoff(failures)]
+    ready    --Failed-->            each full ``decay`` of the run forgives one earlier failure first
     any      --StopRequested-->     stopped  [Terminate]
 
 ``now`` is the event loop's clock (monotonic seconds); wall-clock times stay in the supervisor.
@@ -21,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from orchardist_agent.supervisor.policy import failures_after_uptime, tail_message
+from orchardist_agent.supervisor.policy import forgiven, tail_message
 
 Phase = Literal["Starting", "Ready", "CrashLoop", "Stopped"]
 Stage = Literal["waiting", "starting", "ready", "stopping", "stopped"]
@@ -40,7 +41,7 @@ class Timing:
     ready_timeout: float = 900.0
     probe_interval: float = 10.0
     liveness_failures: int = 3
-    stable_after: float = 600.0  # Ready this long -> the backoff starts over
+    decay: float = 60.0  # each full interval of Ready forgives one crash (the delay halves)
     tick: float = 0.5  # a starting engine's health route is asked this often
     completion_retry: float = 1.0  # healthy but not generating: ask for a token again after this
 
@@ -52,6 +53,7 @@ class EngineState:
     failures: int = 0  # consecutive failures: the backoff's exponent
     restarts: int = 0  # processes that failed after starting (ModelReplica.status.restarts)
     started: float = 0.0  # when the current process started (an adopted one: now minus its uptime)
+    ready_at: float = 0.0  # when it turned Ready (the run that forgives earlier failures)
     deadline: float = 0.0  # a starting engine must be ready by then
     next_probe: float = 0.0
     misses: int = 0  # liveness probes failed in a row
@@ -209,7 +211,7 @@ def _waiting(state: EngineState, obs: Observation, now: float, timing: Timing) -
     if isinstance(obs, Adopted):
         if obs.healthy:
             ready = replace(state, stage="ready", phase="Ready", misses=0, next_probe=now)
-            return replace(ready, started=now - obs.uptime), ()
+            return replace(ready, started=now - obs.uptime, ready_at=now - obs.uptime), ()
         return replace(_start(state, now, timing), started=now - obs.uptime), ()
     return state, ()
 
@@ -237,7 +239,13 @@ def _starting(state: EngineState, obs: Observation, now: float, timing: Timing) 
             return replace(state, error=problem, next_probe=now + timing.completion_retry), ()
         kept = None if state.error is not None and state.error.reason == "Starting" else state.error
         ready = replace(
-            state, stage="ready", phase="Ready", error=kept, misses=0, next_probe=now + timing.probe_interval
+            state,
+            stage="ready",
+            phase="Ready",
+            error=kept,
+            misses=0,
+            next_probe=now + timing.probe_interval,
+            ready_at=now,
         )
         return ready, ()
     return state, ()
@@ -245,22 +253,25 @@ def _starting(state: EngineState, obs: Observation, now: float, timing: Timing) 
 
 def _ready(state: EngineState, obs: Observation, now: float, timing: Timing) -> Step:
     if isinstance(obs, Failed):
-        return _fail(state, obs.why)
+        return _fail(_forgive(state, now, timing), obs.why)
     if isinstance(obs, Tick):
         if now < state.next_probe:
             return state, ()
         return replace(state, next_probe=now + timing.probe_interval), (ProbeHealth(),)
     if isinstance(obs, HealthAnswered):
         if obs.ok:
-            failures = failures_after_uptime(
-                state.failures, now - state.started, stable_after=timing.stable_after
-            )
-            return replace(state, misses=0, failures=failures), ()
+            return replace(state, misses=0), ()
         misses = state.misses + 1
         if misses >= timing.liveness_failures:
-            return _fail(replace(state, misses=misses), f"{obs.path} failed {misses} times in a row")
+            failing = _forgive(replace(state, misses=misses), now, timing)
+            return _fail(failing, f"{obs.path} failed {misses} times in a row")
         return replace(state, misses=misses), ()
     return state, ()
+
+
+def _forgive(state: EngineState, now: float, timing: Timing) -> EngineState:
+    """A Ready engine that fails: its run of service first forgives earlier failures."""
+    return replace(state, failures=forgiven(state.failures, now - state.ready_at, decay=timing.decay))
 
 
 def _fail(state: EngineState, why: str) -> Step:

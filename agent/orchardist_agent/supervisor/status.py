@@ -36,6 +36,8 @@ class EngineStatus:
     measured: Measured | None = None
     start_time: datetime | None = None
     adopted: bool = False
+    backoff_seconds: float | None = None  # during a CrashLoop: the wait before the next start
+    next_try: datetime | None = None  # ... and when it ends (wall clock)
     warnings: tuple[str, ...] = ()
 
 
@@ -50,7 +52,7 @@ class SupervisorConfig:
     completion_timeout: float = 120.0
     liveness_failures: int = 3
     stop_timeout: float = 30.0
-    stable_after: float = 600.0  # Ready this long -> the backoff starts over
+    backoff_decay: float = 60.0  # each full interval of Ready forgives one crash (health.forgiven)
     tick: float = 0.5  # how often a process's existence and its log are checked
     log_max_bytes: int = 32 << 20
     log_backups: int = 3
@@ -68,6 +70,6 @@ class SupervisorConfig:
             ready_timeout=self.ready_timeout,
             probe_interval=self.probe_interval,
             liveness_failures=self.liveness_failures,
-            stable_after=self.stable_after,
+            decay=self.backoff_decay,
             tick=self.tick,
         )
