@@ -207,9 +207,11 @@ def test_rbac_is_least_privilege(bare: Cluster) -> None:
         for r in rule["resources"]
         if {"create", "patch", "update"} & set(rule["verbs"])
     }
-    # The controller patches a MacNode's status only to mark a Mac whose Lease expired NotReady.
-    assert "macnodes" not in writes and "modelreplicas/status" not in writes
+    # The controller patches a MacNode's and a ModelReplica's status only to mark a Mac whose Lease
+    # expired NotReady and its replicas Unknown.
+    assert "macnodes" not in writes
     assert [r["verbs"] for r in operator if "macnodes/status" in r["resources"]] == [["patch"]]
+    assert [r["verbs"] for r in operator if "modelreplicas/status" in r["resources"]] == [["patch"]]
     agent = _rules(docs, "ClusterRole", "-agent")
     assert not [r for r in agent if "delete" in r["verbs"]]
     agent_writes = {
@@ -260,7 +262,9 @@ def test_helm_install_on_the_real_apiserver(bare: Cluster) -> None:
         (op, ["update", "leases.coordination.k8s.io", "-n", SYSTEM_NS], False),
         (op, ["patch", "macnodes.orchardist.io", "--subresource=status"], True),  # NotReady on Lease expiry
         (op, ["patch", "macnodes.orchardist.io"], False),
-        (op, ["patch", "modelreplicas.orchardist.io", "--subresource=status", "-n", "default"], False),
+        # Unknown on the replicas of a Mac whose Lease expired; a patch, never a whole-status update.
+        (op, ["patch", "modelreplicas.orchardist.io", "--subresource=status", "-n", "default"], True),
+        (op, ["update", "modelreplicas.orchardist.io", "--subresource=status", "-n", "default"], False),
         (op, ["create", "pods", "-n", "default"], False),
         (agent, ["patch", "macnodes.orchardist.io", "--subresource=status"], True),
         (agent, ["create", "tokenreviews.authentication.k8s.io"], True),  # peers' tokens

@@ -150,7 +150,13 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller, opts: Options) ->
     activity = ctl.activity = Activity(peering=bool(opts.peering))
     activity.install()
     # Macs whose Lease expired are shown NotReady (the dead agent cannot say so itself).
-    health = NodeHealth(ctl.adapter.kube, lambda: ctl.macnodes, lambda: ctl.leases, ctl.config.lease_grace)
+    health = NodeHealth(
+        ctl.adapter.kube,
+        lambda: ctl.macnodes,
+        lambda: ctl.leases,
+        ctl.config.lease_grace,
+        replicas=lambda: ctl.replicas,  # ... and their replicas Unknown
+    )
     mr = (GROUP, VERSION, "modelreplicas")
     mn = (GROUP, VERSION, "macnodes")
 
