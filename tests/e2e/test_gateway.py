@@ -41,6 +41,7 @@ from tests.fixtures.agents import (
     Operator,
     alive,
     engine_pid,
+    gateway_argv,
     kget,
     make_agent,
     registered,
@@ -199,20 +200,7 @@ def world(
         apply(cluster, deployment("other", ns_b, model, tag, replicas=1))
         with log.open("ab") as out:
             gateway = subprocess.Popen(
-                [
-                    str(ORCHARDIST),
-                    "gateway",
-                    "--kubeconfig",
-                    str(cluster.kubeconfig),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--key-namespace",
-                    ns_keys,
-                    "--instance",
-                    "gw-test",
-                ],
+                gateway_argv(cluster, port, ns_keys, "--instance", "gw-test"),
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

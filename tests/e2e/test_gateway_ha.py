@@ -28,7 +28,15 @@ from orchardist.dev.cluster import Cluster
 from orchardist.dev.procs import free_port
 from orchardist.oci.push import push
 from orchardist_agent.engines import Runtime
-from tests.fixtures.agents import ORCHARDIST, Agent, Operator, kget, make_agent, registered, stop_process
+from tests.fixtures.agents import (
+    Agent,
+    Operator,
+    gateway_argv,
+    kget,
+    make_agent,
+    registered,
+    stop_process,
+)
 from tests.fixtures.wait import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.registry, pytest.mark.engine]
@@ -109,22 +117,7 @@ def start_gateway(cluster: Cluster, ns: str, name: str, work: Path) -> Gateway:
     port, log = free_port(), work / f"{name}.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [
-                str(ORCHARDIST),
-                "gateway",
-                "--kubeconfig",
-                str(cluster.kubeconfig),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--key-namespace",
-                ns,
-                "--instance",
-                name,
-                "--instances",
-                "2",
-            ],
+            gateway_argv(cluster, port, ns, "--instance", name, "--instances", "2"),
             stdout=out,
             stderr=subprocess.STDOUT,
         )

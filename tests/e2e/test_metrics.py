@@ -34,7 +34,7 @@ from orchardist.dev.prometheus import start as start_prometheus
 from orchardist.dev.registry import Registry, make_tls
 from orchardist_agent.engines import Runtime
 from tests.e2e.fleet_helpers import Fleet, push_cli
-from tests.fixtures.agents import ORCHARDIST, Operator, kget, stop_process
+from tests.fixtures.agents import Operator, gateway_argv, kget, stop_process
 from tests.fixtures.wait import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.registry, pytest.mark.engine, pytest.mark.timeout(1200)]
@@ -176,20 +176,7 @@ def world(
         log = work / "gateway.log"
         with log.open("ab") as out:
             gateway = subprocess.Popen(
-                [
-                    str(ORCHARDIST),
-                    "gateway",
-                    "--kubeconfig",
-                    str(cluster.kubeconfig),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--key-namespace",
-                    keys_ns,
-                    "--instance",
-                    f"metrics-{tag}",
-                ],
+                gateway_argv(cluster, port, keys_ns, "--instance", f"metrics-{tag}"),
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
