@@ -115,6 +115,11 @@ async def test_a_crash_loop_restarts_after_doubling_jittered_delays(
         await sup.shutdown()
 
 
+# A real engine must answer its readiness probes while fake time waits: looptime moves the clock to
+# the next timer after `noop_cycles` idle loop cycles (42 by default, microseconds of real time), and a
+# loaded machine's engine answered later than that often enough to time every probe out. This many
+# cycles give it some tens of milliseconds of real time per jump; loop-time measurements are unchanged.
+@pytest.mark.looptime(noop_cycles=20_000)
 async def test_a_hung_engine_fails_liveness_after_three_probe_timeouts(tmp_path: Path) -> None:
     """Stopped with SIGSTOP: three probes time out 10 s apart, the group is killed, the restart waits."""
     timeline = Timeline()
@@ -140,34 +145,5 @@ async def test_a_hung_engine_fails_liveness_after_three_probe_timeouts(tmp_path:
         assert started_at - crashed_at == pytest.approx(10, abs=0.5)
         _, ready_again = await timeline.until(lambda s: s.phase == "Ready", within=3600)
         assert ready_again.pid == again.pid != ready.pid and ready_again.restarts == 1
-    finally:
-        await sup.shutdown()
-
-
-async def test_service_forgives_earlier_crashes_so_the_next_delay_is_short(tmp_path: Path) -> None:
-    """Three crashes (restarts 10, 20, 40 s apart), then 5 min of service: the next crash waits the
-    base 10 s (each minute Ready forgave one crash), not the 80 s a fourth doubling would be."""
-    timeline = Timeline()
-    # No liveness probe within the 5 min (the fake clock could outrun a real answer): only the kill ends it.
-    sup = supervisor(
-        tmp_path, timeline, backoff_base=10, backoff_max=300, rng=lambda: 0.0, probe_interval=1000
-    )
-    starts = tmp_path / "starts"
-    flaky = (
-        f"import pathlib, sys\nn = pathlib.Path({str(starts)!r})\n"
-        "k = int(n.read_text()) if n.exists() else 0\nn.write_text(str(k + 1))\n"
-        "if k < 3:\n    sys.exit(3)\n"
-    ) + ENGINE  # exits at its first three starts, then serves
-    try:
-        await sup.ensure("team/flaky", Program(flaky))
-        _, ready = await timeline.until(lambda s: s.phase == "Ready", within=3600)
-        assert ready.restarts == 3 and ready.pid is not None
-        await asyncio.sleep(300)  # five minutes of service
-        os.kill(ready.pid, signal.SIGKILL)
-        waiting_at, waiting = await timeline.until(lambda s: s.next_try is not None, within=600)
-        assert (waiting.phase, waiting.restarts, waiting.backoff_seconds) == ("CrashLoop", 4, 10.0)
-        started_at, again = await timeline.until(lambda s: s.phase == "Starting", within=600)
-        assert started_at - waiting_at == pytest.approx(10, abs=0.5)
-        assert again.next_try is None and again.backoff_seconds is None  # the wait is over
     finally:
         await sup.shutdown()
