@@ -9,7 +9,7 @@ between two calls and run them again (docs/architecture.md: idempotent by rule).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kubernetes.client import ApiClient
@@ -88,18 +88,18 @@ class Kube:
         self, path: str, body: JSON, *, manager: str, force: bool = False
     ) -> JSON | None:
         """:meth:`apply` to a subresource, or None when the object is gone."""
-        try:
-            return await self.apply(path, body, manager=manager, force=force)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await _unless_gone(self.apply(path, body, manager=manager, force=force))
 
     async def patch_existing(self, path: str, body: JSON) -> JSON | None:
         """:meth:`merge_patch`, or None when the object is gone (a patch must not recreate it)."""
-        try:
-            return await self.merge_patch(path, body)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await _unless_gone(self.merge_patch(path, body))
+
+
+async def _unless_gone(call: Awaitable[JSON]) -> JSON | None:
+    """What ``call`` returns, or None when it answers 404 (the object is gone)."""
+    try:
+        return await call
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise

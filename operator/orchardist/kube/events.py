@@ -24,8 +24,6 @@ from orchardist.kube.aio import Kube
 
 LOG = log.get(__name__)
 
-#: kubectl and the API server show at most this much of a message.
-MAX_MESSAGE = 1024
 #: An Event's message is one line of at most this many characters.
 MAX_LINE = 512
 #: Events of cluster-scoped objects (a MacNode) live here, as kubectl looks for them.
